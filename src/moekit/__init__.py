@@ -1,0 +1,19 @@
+"""moekit: Mixture-of-Experts layers, kernels, models, training and serving on PyTorch."""
+
+from moekit import reference
+from moekit.config import ExpertConfig, MoEConfig, RouterConfig
+from moekit.layer import MoE, MoEInfo
+from moekit.routing import Routing, register_router
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExpertConfig",
+    "MoE",
+    "MoEConfig",
+    "MoEInfo",
+    "RouterConfig",
+    "Routing",
+    "reference",
+    "register_router",
+]

@@ -1,0 +1,66 @@
+"""`torch._grouped_mm` backend: two grouped GEMMs over the expert-sorted rows, no host sync.
+
+Rows past the last kept slot are computed over garbage and masked out with `where`, so the
+sizes stay static (graph-capturable). Shape legend as in `moekit.backends.torch`.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from torch import Tensor
+
+from moekit.dispatch import Plan
+from moekit.experts import activate
+
+
+@cache
+def _probe(device_type: str, device_index: int | None, dtype: torch.dtype) -> str | None:
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    device = (
+        torch.device(device_type, device_index)
+        if device_index is not None
+        else torch.device(device_type)
+    )
+    try:
+        a = torch.randn(16, 16, device=device, dtype=dtype)
+        b = torch.randn(2, 16, 16, device=device, dtype=dtype)
+        torch._grouped_mm(a, b, offs=torch.tensor([8, 16], device=device, dtype=torch.int32))
+    except (RuntimeError, NotImplementedError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return f"torch._grouped_mm does not support {dtype} on {device_type} here ({first})"
+    return None
+
+
+def supported(device: torch.device, dtype: torch.dtype) -> str | None:
+    return _probe(device.type, device.index, dtype)
+
+
+def experts_forward(
+    x_TD: Tensor,
+    plan: Plan,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Tensor | None,
+    b2: Tensor | None,
+    activation: str,
+) -> Tensor:
+    E = plan.n_experts
+    ends_E = plan.offsets_E1[1:].to(torch.int32)
+    kept_S = plan.expert_S < E
+    expert_S = plan.expert_S.clamp_max(E - 1)
+    # rows past the kept ones are zeroed so their (unspecified) grouped_mm gradients never
+    # flow back into x through the gather
+    x_SD = torch.where(kept_S.unsqueeze(-1), x_TD.index_select(0, plan.token_S), 0.0)
+    h = torch._grouped_mm(x_SD, w1.to(x_TD.dtype), offs=ends_E)  # [S, H1]
+    if b1 is not None:
+        h = h + b1.to(h.dtype).index_select(0, expert_S)
+    out_SD = torch._grouped_mm(activate(h, activation), w2.to(x_TD.dtype), offs=ends_E)
+    if b2 is not None:
+        out_SD = out_SD + b2.to(out_SD.dtype).index_select(0, expert_S)
+    scale_S = plan.weight_S.unsqueeze(-1)
+    contrib_SD = torch.where(kept_S.unsqueeze(-1), out_SD.to(scale_S.dtype) * scale_S, 0.0)
+    y_TD = torch.zeros(x_TD.shape, dtype=contrib_SD.dtype, device=x_TD.device)
+    return y_TD.index_add(0, plan.token_S, contrib_SD).to(x_TD.dtype)

@@ -1,0 +1,173 @@
+"""Dataclass configs for the MoE layer, validated at construction.
+
+Every field that can be wrong raises ``ValueError`` naming the field and, for
+choices, the allowed values, so a bad config fails before any tensor is made.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+ACTIVATIONS = ("gelu", "relu", "silu", "swiglu", "geglu", "reglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu")
+NOISES = ("none", "gaussian", "gumbel", "jitter")
+INITS = ("normal", "xavier", "depth_scaled")
+FALLBACKS = ("zero", "dense")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}={value!r} must be finite and {bound}")
+
+
+@dataclass
+class RouterConfig:
+    """How tokens pick experts, and the auxiliary losses every router reports."""
+
+    kind: str = "topk"
+    temperature: float = 1.0  # logits / temperature before scoring
+    noise: str = "none"  # training-only: none | gaussian | gumbel (on logits) | jitter (on x)
+    noise_std: float = 1.0
+    renormalize: bool = True  # selected weights sum to 1 (Mixtral/Qwen); False keeps raw scores
+    # loss weights; components are reported unweighted in metrics whatever these are
+    load_balance_weight: float = 0.01  # Switch Transformer eq. 4
+    z_loss_weight: float = 1e-3  # ST-MoE router z-loss
+    entropy_weight: float = 0.0
+    seq_balance_weight: float = 0.0  # DeepSeek-V3 sequence-wise balance loss
+    # group-limited selection (DeepSeek-V2/V3): experts in n_groups groups, keep topk_groups
+    n_groups: int = 1
+    topk_groups: int = 1
+    # sigmoid router (DeepSeek-V3 aux-loss-free balancing)
+    bias_update_rate: float = 1e-3  # 0 disables the per-expert bias update
+    scaling_factor: float = 1.0  # multiplies the final weights (DeepSeek routed_scaling_factor)
+    # expert choice: per-expert capacity factor when MoEConfig.capacity_factor is None
+    expert_choice_capacity: float = 1.0
+    # sinkhorn
+    sinkhorn_iters: int = 50
+    sinkhorn_tau: float = 0.05  # entropic temperature: smaller = closer to a hard balanced plan
+    sinkhorn_candidates: int | None = None  # restrict each token to its top-n experts by logit
+
+    def __post_init__(self) -> None:
+        from moekit.routing import available_routers
+
+        _choice("router.kind", self.kind, available_routers())
+        _choice("router.noise", self.noise, NOISES)
+        _positive("router.temperature", self.temperature)
+        _positive("router.noise_std", self.noise_std, allow_zero=True)
+        for name in (
+            "load_balance_weight",
+            "z_loss_weight",
+            "entropy_weight",
+            "seq_balance_weight",
+        ):
+            _positive(f"router.{name}", getattr(self, name), allow_zero=True)
+        _positive("router.bias_update_rate", self.bias_update_rate, allow_zero=True)
+        _positive("router.scaling_factor", self.scaling_factor)
+        _positive("router.expert_choice_capacity", self.expert_choice_capacity)
+        _positive("router.sinkhorn_tau", self.sinkhorn_tau)
+        if self.n_groups < 1:
+            raise ValueError(f"router.n_groups={self.n_groups} must be >= 1")
+        if not 1 <= self.topk_groups <= self.n_groups:
+            raise ValueError(
+                f"router.topk_groups={self.topk_groups} must be in [1, n_groups={self.n_groups}]"
+            )
+        if self.sinkhorn_iters < 1:
+            raise ValueError(f"router.sinkhorn_iters={self.sinkhorn_iters} must be >= 1")
+        if self.sinkhorn_candidates is not None and self.sinkhorn_candidates < 1:
+            raise ValueError(f"router.sinkhorn_candidates={self.sinkhorn_candidates} must be >= 1")
+
+
+@dataclass
+class ExpertConfig:
+    """The expert MLP: activation, biases and initialisation."""
+
+    activation: str = "swiglu"
+    bias: bool = False
+    init: str = "normal"  # normal(std) | xavier | depth_scaled: std / sqrt(2 * n_layers) on w2
+    init_std: float = 0.02
+    n_layers: int = 1  # depth used by depth_scaled init
+
+    def __post_init__(self) -> None:
+        _choice("expert.activation", self.activation, ACTIVATIONS)
+        _choice("expert.init", self.init, INITS)
+        _positive("expert.init_std", self.init_std)
+        if self.n_layers < 1:
+            raise ValueError(f"expert.n_layers={self.n_layers} must be >= 1")
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+
+@dataclass
+class MoEConfig:
+    """One MoE layer: sizes, routing, capacity, experts and the compute backend."""
+
+    d_model: int = 512
+    d_hidden: int = 1024
+    n_experts: int = 8
+    k: int = 2
+    capacity_factor: float | None = None  # None = dropless; C = ceil(cf * T * k / E)
+    n_shared_experts: int = 0  # always-on experts added to the routed output (DeepSeek/Qwen)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    backend: str = "auto"
+    fallback: str = "zero"  # tokens that lost every expert: zero output, or a small dense FFN
+    renormalize_after_drop: bool = False  # rescale a token's surviving weights to its pre-drop sum
+    debug: bool = False  # NaN/inf checks on inputs (host sync; never on by default)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.router, dict):
+            self.router = RouterConfig(**self.router)
+        if isinstance(self.expert, dict):
+            self.expert = ExpertConfig(**self.expert)
+        from moekit.backends import available_backends
+
+        for name in ("d_model", "d_hidden", "n_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if not isinstance(self.k, int) or not 1 <= self.k <= self.n_experts:
+            raise ValueError(f"k={self.k!r} must be an integer in [1, n_experts={self.n_experts}]")
+        if self.capacity_factor is not None:
+            _positive("capacity_factor", self.capacity_factor)
+        if self.n_shared_experts < 0:
+            raise ValueError(f"n_shared_experts={self.n_shared_experts} must be >= 0")
+        _choice("backend", self.backend, ("auto", *available_backends()))
+        _choice("fallback", self.fallback, FALLBACKS)
+        if self.n_experts % self.router.n_groups:
+            raise ValueError(
+                f"router.n_groups={self.router.n_groups} must divide n_experts={self.n_experts}"
+            )
+        experts_per_group = self.n_experts // self.router.n_groups
+        if self.k > self.router.topk_groups * experts_per_group:
+            raise ValueError(
+                f"k={self.k} exceeds the experts reachable in router.topk_groups="
+                f"{self.router.topk_groups} groups of {experts_per_group}"
+            )
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """Per-expert capacity C = ceil(cf * T * k / E), or None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * n_tokens * self.k / self.n_experts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MoEConfig field(s): {', '.join(unknown)}")
+        return cls(**data)

@@ -1,0 +1,84 @@
+"""Stage 2 of the layer: turn a `Routing` into a `Plan` of token-slots grouped by expert.
+
+Shape legend: T tokens, K slots per token, S = T * K token-slots, E experts, C capacity.
+Every tensor keeps its static size S: dropped and empty slots are sorted to the end and
+`offsets_E1[E]` says where the kept ones stop, so nothing here needs a host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Plan:
+    order_S: Tensor  # [S] flat slot ids (t * K + j) sorted by expert; kept slots first
+    token_S: Tensor  # [S] source token of each sorted slot
+    expert_S: Tensor  # [S] expert of each sorted slot, E for dropped / empty slots
+    weight_S: Tensor  # [S] gate weight of each sorted slot, 0 where dropped
+    counts_E: Tensor  # [E] int64 kept slots per expert
+    offsets_E1: Tensor  # [E + 1] int64 exclusive prefix sums; offsets_E1[E] = kept slots
+    kept_TK: Tensor  # [T, K] bool, slot kept after capacity
+    weights_TK: Tensor  # [T, K] weights actually used (0 where dropped)
+    n_experts: int
+    capacity: int | None
+
+
+def make_plan(
+    experts_TK: Tensor,
+    weights_TK: Tensor,
+    priority_TK: Tensor,
+    n_experts: int,
+    capacity: int | None = None,
+    renormalize_after_drop: bool = False,
+) -> Plan:
+    """Sort token-slots by expert; with a capacity, keep each expert's C highest-priority slots.
+
+    Drops depend on priority (the gate score), never on token position, so permuting the
+    tokens permutes the result.
+    """
+    T, K = experts_TK.shape
+    S, E = T * K, n_experts
+    device = experts_TK.device
+    bucket_S = torch.where(experts_TK >= 0, experts_TK, E).reshape(-1)  # empty slots -> E
+    if capacity is None:
+        order_S = torch.argsort(bucket_S, stable=True)
+    else:  # by priority, then stably by expert: each expert's slots are best-first
+        by_priority_S = torch.argsort(priority_TK.reshape(-1), descending=True, stable=True)
+        order_S = by_priority_S[torch.argsort(bucket_S[by_priority_S], stable=True)]
+    sorted_bucket_S = bucket_S[order_S]
+    counts_E1 = torch.zeros(E + 1, dtype=torch.long, device=device)
+    counts_E1.scatter_add_(0, bucket_S, torch.ones_like(bucket_S))
+    starts_E1 = torch.cumsum(counts_E1, 0) - counts_E1
+    rank_S = torch.arange(S, device=device) - starts_E1[sorted_bucket_S]
+    keep_S = sorted_bucket_S < E
+    if capacity is not None:
+        keep_S = keep_S & (rank_S < capacity)
+    # second stable pass: dropped slots join the empty ones at the end
+    key_S = torch.where(keep_S, sorted_bucket_S, E)
+    resort_S = torch.argsort(key_S, stable=True)
+    order_S, keep_S, key_S = order_S[resort_S], keep_S[resort_S], key_S[resort_S]
+
+    kept_TK = torch.zeros(S, dtype=torch.bool, device=device).scatter(0, order_S, keep_S).view(T, K)
+    used_TK = weights_TK * kept_TK
+    if renormalize_after_drop and capacity is not None:
+        before_T = weights_TK.sum(-1, keepdim=True)
+        after_T = used_TK.sum(-1, keepdim=True)
+        used_TK = used_TK * (before_T / after_T.clamp_min(torch.finfo(used_TK.dtype).tiny))
+    counts_E = counts_E1[:E] if capacity is None else counts_E1[:E].clamp_max(capacity)
+    offsets_E1 = torch.cat([counts_E.new_zeros(1), torch.cumsum(counts_E, 0)])
+    return Plan(
+        order_S=order_S,
+        token_S=order_S // K if K else order_S,
+        expert_S=key_S,
+        weight_S=used_TK.reshape(-1)[order_S],
+        counts_E=counts_E,
+        offsets_E1=offsets_E1,
+        kept_TK=kept_TK,
+        weights_TK=used_TK,
+        n_experts=E,
+        capacity=capacity,
+    )

@@ -1,0 +1,78 @@
+"""Expert parameters, activations and initialisation.
+
+Layout: w1 [E, D, H1] with H1 = 2H for gated activations (gate half first, up half second),
+w2 [E, H, D]. Backends read them through strides, so transposed views (the Hugging Face /
+vLLM layout gate_up_proj [E, 2H, D]) work without copies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import GATED_ACTIVATIONS, ExpertConfig
+
+_BASE = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swiglu": F.silu,
+    "geglu": F.gelu,
+    "reglu": F.relu,
+}
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    """[..., H1] -> [..., H]: plain activation, or act(gate) * up for gated ones."""
+    if activation in GATED_ACTIVATIONS:
+        gate, up = h.chunk(2, dim=-1)
+        return _BASE[activation](gate) * up
+    return _BASE[activation](h)
+
+
+def init_expert_weights(w1: Tensor, w2: Tensor, cfg: ExpertConfig) -> None:
+    """normal(init_std); xavier (fan-in/out of one expert); depth_scaled shrinks w2 by sqrt(2L)."""
+    with torch.no_grad():
+        if cfg.init == "xavier":
+            for w in (w1, w2):
+                bound = math.sqrt(6.0 / (w.shape[-2] + w.shape[-1]))
+                w.uniform_(-bound, bound)
+            return
+        w1.normal_(std=cfg.init_std)
+        scale = 1.0 / math.sqrt(2.0 * cfg.n_layers) if cfg.init == "depth_scaled" else 1.0
+        w2.normal_(std=cfg.init_std * scale)
+
+
+class Experts(nn.Module):
+    """E expert MLPs stored as stacked weights."""
+
+    def __init__(self, n_experts: int, d_model: int, d_hidden: int, cfg: ExpertConfig) -> None:
+        super().__init__()
+        self.activation = cfg.activation
+        h1 = 2 * d_hidden if cfg.gated else d_hidden
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, h1))
+        self.w2 = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
+        self.b1 = nn.Parameter(torch.zeros(n_experts, h1)) if cfg.bias else None
+        self.b2 = nn.Parameter(torch.zeros(n_experts, d_model)) if cfg.bias else None
+        init_expert_weights(self.w1, self.w2, cfg)
+
+    def expert(self, e: int, x_ND: Tensor) -> Tensor:
+        """One expert on a few rows; the reference and small paths use it."""
+        h = x_ND @ self.w1[e]
+        if self.b1 is not None:
+            h = h + self.b1[e]
+        y = activate(h, self.activation) @ self.w2[e]
+        return y + self.b2[e] if self.b2 is not None else y
+
+
+class DenseMLP(Experts):
+    """A single always-on MLP: shared experts and the dense fallback."""
+
+    def __init__(self, d_model: int, d_hidden: int, cfg: ExpertConfig) -> None:
+        super().__init__(1, d_model, d_hidden, cfg)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        return self.expert(0, x_TD)

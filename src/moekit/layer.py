@@ -1,0 +1,123 @@
+"""`MoE`: the Mixture-of-Experts layer, four stages: route -> plan -> compute -> finish."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from moekit.backends import get_backend
+from moekit.config import MoEConfig
+from moekit.dispatch import Plan, make_plan
+from moekit.experts import DenseMLP, Experts
+from moekit.routing import Routing, build_router
+from moekit.routing.losses import router_losses, routing_metrics, weighted_aux_loss
+
+
+@dataclass
+class MoEInfo:
+    """What a forward pass reports besides y.
+
+    aux_loss: scalar, already weighted by the router config. metrics: tensors (expert_load [E],
+    dropped_fraction, router_entropy, router_z, unweighted loss parts...). routing: experts
+    [T, K] (-1 in dropped / empty slots) and weights [T, K] as actually used.
+    """
+
+    aux_loss: Tensor
+    metrics: dict[str, Tensor]
+    routing: Routing
+
+
+def check_input(x: Tensor, d_model: int) -> None:
+    """Shape and dtype checks: metadata only, never a host sync."""
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != d_model:
+        raise ValueError(
+            f"x's last dimension must be d_model={d_model}, got shape {tuple(x.shape)}"
+        )
+
+
+def _sync_check_finite(x: Tensor) -> None:
+    """Debug-only NaN/inf check. NOTE: host sync (MoEConfig.debug=True)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf (checked because MoEConfig.debug=True)")
+
+
+class MoE(nn.Module):
+    """A drop-in MoE feed-forward layer: x [..., D] -> (y [..., D], MoEInfo)."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = build_router(cfg)
+        self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_hidden, cfg.expert)
+        n_shared = cfg.n_shared_experts
+        self.shared = (
+            DenseMLP(cfg.d_model, n_shared * cfg.d_hidden, cfg.expert) if n_shared else None
+        )
+        self.fallback = (
+            DenseMLP(cfg.d_model, cfg.d_hidden, cfg.expert) if cfg.fallback == "dense" else None
+        )
+
+    # stage 1 + 2 -----------------------------------------------------------------------
+    def route(self, x_TD: Tensor) -> tuple[Routing, Plan]:
+        routing = self.router(x_TD)
+        capacity = (
+            None if self.cfg.router.kind == "expert_choice" else self.cfg.capacity(x_TD.shape[0])
+        )
+        plan = make_plan(
+            routing.experts,
+            routing.weights,
+            routing.priority,
+            self.cfg.n_experts,
+            capacity,
+            self.cfg.renormalize_after_drop,
+        )
+        return routing, plan
+
+    # stage 3 ---------------------------------------------------------------------------------
+    def compute(self, x_TD: Tensor, plan: Plan) -> Tensor:
+        experts_forward = get_backend(self.cfg.backend, x_TD.device, x_TD.dtype)
+        e = self.experts
+        return experts_forward(x_TD, plan, e.w1, e.w2, e.b1, e.b2, e.activation)
+
+    # stage 4 ---------------------------------------------------------------------------------
+    def finish(self, x_TD: Tensor, y_TD: Tensor, plan: Plan) -> Tensor:
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        if self.fallback is not None:  # tokens that lost every expert get the dense FFN
+            lost_T1 = ~plan.kept_TK.any(-1, keepdim=True)
+            y_TD = torch.where(lost_T1, y_TD + self.fallback(x_TD), y_TD)
+        return y_TD
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEInfo]:
+        check_input(x, self.cfg.d_model)
+        if self.cfg.debug:
+            _sync_check_finite(x)
+        lead = tuple(x.shape[:-1])
+        x_TD = x.reshape(-1, self.cfg.d_model)
+        routing, plan = self.route(x_TD)
+        y_TD = self.finish(x_TD, self.compute(x_TD, plan), plan)
+        return y_TD.reshape(*lead, -1), self.info(routing, plan, lead)
+
+    def info(self, routing: Routing, plan: Plan, lead: tuple[int, ...]) -> MoEInfo:
+        losses = router_losses(routing, lead)
+        used = replace(
+            routing,
+            experts=torch.where(plan.kept_TK, routing.experts, -1),
+            weights=plan.weights_TK,
+        )
+        return MoEInfo(
+            aux_loss=weighted_aux_loss(losses, self.cfg.router),
+            metrics=routing_metrics(routing, plan.kept_TK, self.cfg.n_experts, losses),
+            routing=used,
+        )
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"d_model={c.d_model}, d_hidden={c.d_hidden}, n_experts={c.n_experts}, k={c.k}, "
+            f"router={c.router.kind}, capacity_factor={c.capacity_factor}, backend={c.backend}"
+        )

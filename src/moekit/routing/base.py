@@ -1,0 +1,101 @@
+"""The routing contract: a router turns x [T, D] into a `Routing`.
+
+Shape legend: T tokens, E experts, K slots per token (k for token-choice routers,
+E for expert choice), D model dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+
+
+@dataclass
+class Routing:
+    """Which experts each token uses, with what weight.
+
+    ``experts`` holds -1 in slots that carry no expert (expert choice leaves slots empty,
+    capacity drops empty them); ``weights`` is 0 there. ``priority`` orders capacity drops:
+    within an expert, higher priority is kept first, whatever the token's position.
+    """
+
+    experts: Tensor  # [T, K] int64, -1 = empty slot
+    weights: Tensor  # [T, K] router dtype (float32, float64 for float64 inputs)
+    priority: Tensor  # [T, K] score deciding capacity drops
+    logits: Tensor  # [T, E] clean logits (after temperature, before noise)
+    probs: Tensor  # [T, E] scores normalised over experts, used by the balance losses
+
+
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Router math runs in float32, or float64 when the input is float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def group_limited(scores_TE: Tensor, n_groups: int, topk_groups: int) -> Tensor:
+    """Mask experts outside each token's best `topk_groups` groups with -inf.
+
+    A group's score is the sum of its top-2 expert scores (DeepSeek-V3 node-limited routing).
+    """
+    if n_groups == 1:
+        return scores_TE
+    T, E = scores_TE.shape
+    grouped = scores_TE.view(T, n_groups, E // n_groups)  # [T, G, E/G]
+    top = min(2, E // n_groups)
+    group_score_TG = grouped.topk(top, dim=-1).values.sum(-1)
+    keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+    keep_TG.scatter_(1, group_score_TG.topk(topk_groups, dim=-1).indices, True)
+    keep_TE = keep_TG.unsqueeze(-1).expand_as(grouped).reshape(T, E)
+    return scores_TE.masked_fill(~keep_TE, float("-inf"))
+
+
+def renormalize(weights_TK: Tensor) -> Tensor:
+    """Selected weights rescaled to sum to 1 per token (Mixtral / Qwen top-k)."""
+    return weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(
+        torch.finfo(weights_TK.dtype).tiny
+    )
+
+
+class Router(nn.Module):
+    """Base router: float32 logits x @ weight.T, temperature and training noise.
+
+    Subclasses implement `select(logits_TE) -> Routing`; everything else is shared so every
+    router gets the same noise options, losses and metrics.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.rcfg = cfg.router
+        self.n_experts = cfg.n_experts
+        self.k = cfg.k
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
+        nn.init.normal_(self.weight, std=cfg.expert.init_std)
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        """Clean logits [T, E] in router precision, divided by the temperature."""
+        dtype = router_dtype(x_TD.dtype)
+        return F.linear(x_TD.to(dtype), self.weight.to(dtype)) / self.rcfg.temperature
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        noise, std = self.rcfg.noise, self.rcfg.noise_std
+        noisy = self.training and noise != "none" and std > 0
+        if noisy and noise == "jitter":  # Switch Transformer multiplicative input jitter
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - std, 1.0 + std)
+        logits_TE = self.logits(x_TD)
+        scored_TE = logits_TE
+        if noisy and noise == "gaussian":  # noisy top-k gating (Shazeer et al. 2017)
+            scored_TE = logits_TE + torch.randn_like(logits_TE) * std
+        elif noisy and noise == "gumbel":
+            u = torch.rand_like(logits_TE).clamp_(1e-9, 1.0 - 1e-9)
+            scored_TE = logits_TE - torch.log(-torch.log(u)) * std
+        routing = self.select(scored_TE)
+        routing.logits = logits_TE
+        return routing
+
+    def select(self, logits_TE: Tensor) -> Routing:
+        raise NotImplementedError

@@ -1,0 +1,42 @@
+"""Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens.
+
+Tokens may get 0..E experts, so a `Routing` here has K = E slots: slot e holds expert e
+when expert e chose the token, -1 otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from moekit.routing import register_router
+from moekit.routing.base import Router, Routing
+
+
+def expert_choice_capacity(n_tokens: int, k: int, n_experts: int, factor: float) -> int:
+    """C = ceil(factor * T * k / E), at most T."""
+    return min(n_tokens, math.ceil(factor * n_tokens * k / n_experts))
+
+
+@register_router("expert_choice")
+class ExpertChoiceRouter(Router):
+    def select(self, logits_TE: Tensor) -> Routing:
+        T, E = logits_TE.shape
+        probs_TE = logits_TE.softmax(dim=-1)
+        factor = self.cfg.capacity_factor or self.rcfg.expert_choice_capacity
+        C = expert_choice_capacity(T, self.k, E, factor)
+        chosen_EC = probs_TE.t().topk(C, dim=-1).indices  # [E, C] token ids
+        picked_TE = torch.zeros_like(probs_TE, dtype=torch.bool)
+        picked_TE.t().scatter_(1, chosen_EC, True)
+        slots_TE = torch.arange(E, device=logits_TE.device).expand(T, E)
+        experts_TE = torch.where(picked_TE, slots_TE, -1)
+        weights_TE = probs_TE * picked_TE
+        return Routing(
+            experts=experts_TE,
+            weights=weights_TE * self.rcfg.scaling_factor,
+            priority=probs_TE.detach(),
+            logits=logits_TE,
+            probs=probs_TE,
+        )

@@ -1,0 +1,51 @@
+"""Sigmoid routing with DeepSeek-V3's auxiliary-loss-free load balancing.
+
+A per-expert bias is added to the scores for *selection only*; the weights come from the
+unbiased scores. During training the bias moves by `bias_update_rate` towards balance:
+up for under-loaded experts, down for over-loaded ones (DeepSeek-V3, sec. 2.1.2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moekit.config import MoEConfig
+from moekit.routing import register_router
+from moekit.routing.base import Router, Routing, group_limited, renormalize
+
+
+@register_router("sigmoid")
+class SigmoidRouter(Router):
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__(cfg)
+        # saved with the model: the balance it learned is part of the routing function
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
+
+    def select(self, logits_TE: Tensor) -> Routing:
+        scores_TE = logits_TE.sigmoid()
+        biased_TE = scores_TE.detach() + self.expert_bias.to(scores_TE.dtype)
+        biased_TE = group_limited(biased_TE, self.rcfg.n_groups, self.rcfg.topk_groups)
+        experts_TK = biased_TE.topk(self.k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, experts_TK)
+        if self.rcfg.renormalize and self.k > 1:
+            weights_TK = renormalize(weights_TK)
+        if self.training and self.rcfg.bias_update_rate > 0:
+            self._update_bias(experts_TK)
+        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+        return Routing(
+            experts=experts_TK,
+            weights=weights_TK * self.rcfg.scaling_factor,
+            priority=biased_TE.gather(1, experts_TK),
+            logits=logits_TE,
+            probs=probs_TE,
+        )
+
+    @torch.no_grad()
+    def _update_bias(self, experts_TK: Tensor) -> None:
+        """bias += rate * sign(mean load - load): no host sync, a buffer update."""
+        load_E = torch.zeros(self.n_experts, device=experts_TK.device, dtype=torch.float32)
+        load_E.scatter_add_(
+            0, experts_TK.reshape(-1), torch.ones_like(experts_TK.reshape(-1), dtype=torch.float32)
+        )
+        self.expert_bias.add_(self.rcfg.bias_update_rate * torch.sign(load_E.mean() - load_E))
