@@ -1,0 +1,63 @@
+"""Fused Triton backend: gather -> grouped GEMM -> activation -> grouped GEMM -> weighted
+combine, with Triton backward kernels. No host sync: the tile schedule is built on the
+device (`align`), so the layer runs under CUDA graphs and torch.compile.
+
+Files: align (tile schedule), up (gather + up-projection + activation), down (down-projection
++ deterministic combine), backward (dh, weight gradients, dX and the autograd Function),
+configs (tuned configs as data, per shape class: the decode class streams weights once).
+Shape legend: T tokens, S sorted token-slots, E experts, D model dim, H1 = w1's last dim.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from moekit.dispatch import Plan
+
+
+def supported(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None on CUDA (or the CPU under TRITON_INTERPRET=1) for float dtypes, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'moekit[triton]')"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} is not one of float16, bfloat16, float32"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"device {device.type} needs CUDA (or TRITON_INTERPRET=1 on the CPU)"
+
+
+def experts_forward(
+    x_TD: Tensor,
+    plan: Plan,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Tensor | None,
+    b2: Tensor | None,
+    activation: str,
+) -> Tensor:
+    """The backend contract of `moekit.backends`: y_TD in x's dtype."""
+    from moekit.backends.triton.backward import FusedExperts
+
+    if x_TD.shape[0] == 0 or plan.token_S.shape[0] == 0:  # static shapes: no sync
+        return x_TD.new_zeros(x_TD.shape) + 0.0 * x_TD
+    params = (x_TD, plan.weight_S, w1, w2, b1, b2)
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    return FusedExperts.apply(
+        x_TD,
+        plan.weight_S,
+        w1,
+        w2,
+        b1,
+        b2,
+        plan.token_S,
+        plan.order_S,
+        plan.offsets_E1,
+        activation,
+        train,  # keep h1 for the backward pass
+    )

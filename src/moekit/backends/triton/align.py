@@ -1,0 +1,86 @@
+"""Routing bookkeeping on the device: the tile schedule every grouped kernel walks.
+
+Shape legend: S sorted token-slots, E experts, M tiles (each tile = up to BLOCK_M consecutive
+sorted rows of one expert). The number of tiles is data dependent, so the grid is sized from
+the static bound M <= min(S, cdiv(S, BLOCK_M) + E); tiles past the real count get expert E and
+their programs return at once. Nothing here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+def max_tiles(n_rows: int, n_experts: int, block_m: int) -> int:
+    """Static upper bound on the number of non-empty BLOCK_M tiles over all experts."""
+    return min(n_rows, triton.cdiv(n_rows, block_m) + n_experts)
+
+
+@triton.jit
+def _schedule_kernel(
+    # pointers
+    offsets_ptr,  # [E + 1] int64 row offsets of each expert in the sorted order
+    expert_M_ptr,  # [M] int32 out: expert of each tile, E when the tile is empty
+    row_M_ptr,  # [M] int32 out: first sorted row of each tile
+    # dims
+    E,
+    n_tiles,
+    # meta-parameters
+    BLOCK_M: tl.constexpr,  # rows per tile; the grouped kernels use the same value
+    BLOCK_E: tl.constexpr,  # next power of two >= E, so one vector holds every expert
+    BLOCK_T: tl.constexpr,  # tiles resolved per loop step (a [BLOCK_T, BLOCK_E] compare)
+):
+    e = tl.arange(0, BLOCK_E)
+    mask_e = e < E
+    lo = tl.load(offsets_ptr + e, mask=mask_e, other=0).to(tl.int32)
+    hi = tl.load(offsets_ptr + e + 1, mask=mask_e, other=0).to(tl.int32)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    end = tl.cumsum(tiles, 0)
+    start = end - tiles
+    end = tl.where(mask_e, end, 2147483647)  # padding experts never own a tile
+    base = lo - start * BLOCK_M  # row of tile m is base[e] + m * BLOCK_M
+    for m0 in range(0, n_tiles, BLOCK_T):
+        m = m0 + tl.arange(0, BLOCK_T)
+        owner = tl.sum((end[None, :] <= m[:, None]).to(tl.int32), 1)  # E past the last tile
+        pick = e[None, :] == owner[:, None]
+        row = tl.sum(tl.where(pick, base[None, :], 0), 1) + m * BLOCK_M
+        mask_m = m < n_tiles
+        tl.store(expert_M_ptr + m, owner, mask=mask_m)
+        tl.store(row_M_ptr + m, row, mask=mask_m)
+
+
+@torch.library.custom_op("moekit_triton::schedule", mutates_args=())
+def schedule(offsets_E1: Tensor, n_rows: int, block_m: int) -> tuple[Tensor, Tensor]:
+    """(expert_M, row_M) int32 for the BLOCK_M tiling of the sorted rows; see module doc."""
+    E = offsets_E1.shape[0] - 1
+    n_tiles = max_tiles(n_rows, E, block_m)
+    expert_M = torch.empty(n_tiles, dtype=torch.int32, device=offsets_E1.device)
+    row_M = torch.empty(n_tiles, dtype=torch.int32, device=offsets_E1.device)
+    if n_tiles:
+        _schedule_kernel[(1,)](
+            offsets_E1,
+            expert_M,
+            row_M,
+            E,
+            n_tiles,
+            BLOCK_M=block_m,
+            BLOCK_E=triton.next_power_of_2(max(E, 2)),
+            BLOCK_T=64,
+        )
+    return expert_M, row_M
+
+
+@schedule.register_fake
+def _(offsets_E1: Tensor, n_rows: int, block_m: int) -> tuple[Tensor, Tensor]:
+    n_tiles = max_tiles(n_rows, offsets_E1.shape[0] - 1, block_m)
+    empty = offsets_E1.new_empty(n_tiles, dtype=torch.int32)
+    return empty, torch.empty_like(empty)
+
+
+def inverse_order(order_S: Tensor) -> Tensor:
+    """inv[flat slot] = its position in the sorted order (int64), the combine's gather index."""
+    positions = torch.arange(order_S.shape[0], device=order_S.device)
+    return torch.empty_like(order_S).scatter_(0, order_S, positions)

@@ -1,0 +1,399 @@
+"""Backward kernels and the autograd Function of the fused experts.
+
+Saved from the forward: x, the pre-activation h1 [S, H1] and the plan. The activation
+a = act(h1) is recomputed inside the kernels that need it (cheaper than storing [S, H]).
+
+  dh kernel:    g = dy[token] @ w2[e]^T; d weight_s = <g, a_s> (+ <dy, b2[e]>);
+                dh1 = weight * g * act'(h1) (gated: gate and up halves)
+  wgrad kernel: dW2[e] = a^T (weight * dy[token]),  dW1[e] = x[token]^T dh1,  db = column sums
+  dX:           per-slot dh1 @ w1[e]^T (the grouped GEMM of up.py), then the combine of down.py
+
+Shape legend: T tokens, K slots per token, S sorted slots, E experts, M tiles, D model dim,
+H expert hidden, H1 = 2H when gated else H, P / Q the two dims of a weight gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from moekit.backends.triton.align import inverse_order, schedule
+from moekit.backends.triton.configs import config_by_key, config_key
+from moekit.backends.triton.down import combine, down
+from moekit.backends.triton.up import (
+    act_code,
+    act_fwd,
+    act_grad,
+    dot_precision,
+    grouped_gemm,
+    tile_of,
+    up,
+)
+
+
+@triton.jit
+def _dh_kernel(
+    # pointers
+    dy_ptr,  # [T, D] upstream gradient
+    token_ptr,  # [S] int64 source token of each sorted slot
+    w2_ptr,  # [E, H, D] any strides (read transposed)
+    h1_ptr,  # [S, H1] saved pre-activation
+    weight_ptr,  # [S] gate weight of each sorted slot
+    dh1_ptr,  # [S, H1] out
+    dwp_ptr,  # [S, cdiv(H, BLOCK_N)] fp32 out: partial sums of d weight per column block
+    expert_M_ptr,  # [M] int32 expert of each tile (E = empty)
+    row_M_ptr,  # [M] int32 first sorted row of each tile
+    offsets_ptr,  # [E + 1] int64 expert row offsets
+    # dims
+    n_tiles,
+    H,
+    D,
+    E,
+    # strides
+    stride_dyt,
+    stride_dyd,
+    stride_we,
+    stride_wh,
+    stride_wd,
+    stride_hm,
+    stride_hn,
+    stride_gm,
+    stride_gn,
+    stride_pm,
+    # meta-parameters
+    BLOCK_M: tl.constexpr,  # tile height, equal to the schedule's
+    BLOCK_N: tl.constexpr,  # hidden columns per program
+    BLOCK_K: tl.constexpr,  # reduction step over D
+    GROUP_M: tl.constexpr,  # tiles per L2 swizzle group
+    ACT: tl.constexpr,  # activation code (recomputed from h1)
+    GATED: tl.constexpr,  # h1 holds gate then up halves
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32
+):
+    pid_m, pid_n = tile_of(tl.program_id(0), n_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
+    e = tl.load(expert_M_ptr + pid_m)
+    if e >= E:
+        return
+    rows = tl.load(row_M_ptr + pid_m) + tl.arange(0, BLOCK_M)
+    mask_m = rows < tl.load(offsets_ptr + e + 1)
+    src = tl.load(token_ptr + rows, mask=mask_m, other=0)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < H
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = dy_ptr + src.to(tl.int64)[:, None] * stride_dyt + ks[None, :] * stride_dyd
+    w_ptr = w2_ptr + e.to(tl.int64) * stride_we
+    b_ptrs = w_ptr + ks[:, None] * stride_wd + cols[None, :] * stride_wh
+    g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        mask_k = ks < D - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(a.dtype)
+        g = tl.dot(a, b, g, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_dyd
+        b_ptrs += BLOCK_K * stride_wd
+    mask_o = mask_m[:, None] & mask_n[None, :]
+    weight = tl.load(weight_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    h_ptrs = h1_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :] * stride_hn
+    gate = tl.load(h_ptrs, mask=mask_o, other=0.0).to(tl.float32)
+    d_ptrs = dh1_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :] * stride_gn
+    dtype = dh1_ptr.dtype.element_ty
+    if GATED:
+        up_ = tl.load(h_ptrs + H * stride_hn, mask=mask_o, other=0.0).to(tl.float32)
+        act = act_fwd(gate, ACT)
+        a_val = act * up_
+        tl.store(d_ptrs, (weight * g * up_ * act_grad(gate, ACT)).to(dtype), mask=mask_o)
+        tl.store(d_ptrs + H * stride_gn, (weight * g * act).to(dtype), mask=mask_o)
+    else:
+        a_val = act_fwd(gate, ACT)
+        tl.store(d_ptrs, (weight * g * act_grad(gate, ACT)).to(dtype), mask=mask_o)
+    a_val = a_val.to(dtype).to(tl.float32)  # the forward fed the rounded activation to w2
+    partial = tl.sum(tl.where(mask_o, g * a_val, 0.0), 1)
+    tl.store(dwp_ptr + rows.to(tl.int64) * stride_pm + pid_n, partial, mask=mask_m)
+
+
+@triton.jit
+def _wgrad_kernel(
+    # pointers
+    left_ptr,  # [rows, P] (or [rows, 2P] pre-activation when LEFT_ACT and GATED)
+    left_idx_ptr,  # [S] int64 row of left per sorted slot; unused if not LEFT_GATHER
+    right_ptr,  # [rows, Q]
+    right_idx_ptr,  # [S] int64 row of right per sorted slot; unused if not RIGHT_GATHER
+    scale_ptr,  # [S] per-slot scale of right rows; unused if not RIGHT_SCALE
+    out_ptr,  # [E, P, Q] out, any strides (the weight's own layout)
+    dbias_ptr,  # [E, Q] out; unused if not HAS_BIAS
+    offsets_ptr,  # [E + 1] int64 expert row offsets
+    # dims
+    P,
+    Q,
+    # strides
+    stride_lm,
+    stride_lp,
+    stride_rm,
+    stride_rq,
+    stride_oe,
+    stride_op,
+    stride_oq,
+    stride_be,
+    stride_bq,
+    # meta-parameters
+    BLOCK_M: tl.constexpr,  # sorted rows reduced per step
+    BLOCK_P: tl.constexpr,  # output rows per program
+    BLOCK_Q: tl.constexpr,  # output columns per program
+    LEFT_GATHER: tl.constexpr,  # left rows come through left_idx (x[token])
+    RIGHT_GATHER: tl.constexpr,  # right rows come through right_idx (dy[token])
+    RIGHT_SCALE: tl.constexpr,  # multiply right rows by the gate weight
+    LEFT_ACT: tl.constexpr,  # left is h1: recompute act (code) from it, 0 = use as is
+    GATED: tl.constexpr,  # with LEFT_ACT: left = act(gate) * up
+    HAS_BIAS: tl.constexpr,  # also write column sums of right (the bias gradient)
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32
+):
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    n_q = tl.cdiv(Q, BLOCK_Q)
+    pid_p, pid_q = pid // n_q, pid % n_q
+    lo = tl.load(offsets_ptr + e)
+    hi = tl.load(offsets_ptr + e + 1)
+    ps = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    qs = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    mask_p = ps < P
+    mask_q = qs < Q
+    dtype = right_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    for m0 in range(lo, hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        mask_m = rows < hi
+        lrow = tl.load(left_idx_ptr + rows, mask=mask_m, other=0) if LEFT_GATHER else rows
+        rrow = tl.load(right_idx_ptr + rows, mask=mask_m, other=0) if RIGHT_GATHER else rows
+        mask_l = mask_m[:, None] & mask_p[None, :]
+        l_ptrs = left_ptr + lrow.to(tl.int64)[:, None] * stride_lm + ps[None, :] * stride_lp
+        left = tl.load(l_ptrs, mask=mask_l, other=0.0)
+        if LEFT_ACT != 0:
+            left = act_fwd(left.to(tl.float32), LEFT_ACT)
+            if GATED:
+                left *= tl.load(l_ptrs + P * stride_lp, mask=mask_l, other=0.0).to(tl.float32)
+            left = left.to(dtype)
+        r_ptrs = right_ptr + rrow.to(tl.int64)[:, None] * stride_rm + qs[None, :] * stride_rq
+        right = tl.load(r_ptrs, mask=mask_m[:, None] & mask_q[None, :], other=0.0)
+        if RIGHT_SCALE:
+            scale = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
+            right = (right.to(tl.float32) * scale[:, None]).to(dtype)
+        acc = tl.dot(tl.trans(left.to(dtype)), right, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            dbias += tl.sum(right.to(tl.float32), 0)
+    o_ptrs = out_ptr + e.to(tl.int64) * stride_oe
+    o_ptrs += ps[:, None] * stride_op + qs[None, :] * stride_oq
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
+    if HAS_BIAS and pid_p == 0:
+        b_ptrs = dbias_ptr + e.to(tl.int64) * stride_be + qs * stride_bq
+        tl.store(b_ptrs, dbias.to(dbias_ptr.dtype.element_ty), mask=mask_q)
+
+
+def _wgrad(
+    left: Tensor,
+    right: Tensor,
+    out: Tensor,
+    dbias: Tensor | None,
+    offsets_E1: Tensor,
+    cfg: dict,
+    left_idx: Tensor | None = None,
+    right_idx: Tensor | None = None,
+    scale: Tensor | None = None,
+    activation: str | None = None,
+) -> None:
+    """out[e] = left[rows of e]^T @ right[rows of e] (dbias[e] = column sums of right)."""
+    E, P, Q = out.shape
+    code, gated = act_code(activation) if activation is not None else (0, False)
+    dummy = offsets_E1
+    grid = (triton.cdiv(P, cfg["block_p"]) * triton.cdiv(Q, cfg["block_q"]), E)
+    _wgrad_kernel[grid](
+        left,
+        left_idx if left_idx is not None else dummy,
+        right,
+        right_idx if right_idx is not None else dummy,
+        scale if scale is not None else dummy,
+        out,
+        dbias if dbias is not None else out,
+        offsets_E1,
+        P,
+        Q,
+        *left.stride(),
+        *right.stride(),
+        *out.stride(),
+        *(dbias.stride() if dbias is not None else (0, 0)),
+        BLOCK_M=cfg["block_m"],
+        BLOCK_P=cfg["block_p"],
+        BLOCK_Q=cfg["block_q"],
+        LEFT_GATHER=left_idx is not None,
+        RIGHT_GATHER=right_idx is not None,
+        RIGHT_SCALE=scale is not None,
+        LEFT_ACT=code,
+        GATED=gated,
+        HAS_BIAS=dbias is not None,
+        PRECISION=dot_precision(right.dtype),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+
+
+@torch.library.custom_op("moekit_triton::backward", mutates_args=())
+def backward(
+    dy_TD: Tensor,
+    x_TD: Tensor,
+    h1_SH1: Tensor,
+    token_S: Tensor,
+    weight_S: Tensor,
+    inv_S: Tensor,
+    offsets_E1: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Tensor | None,
+    b2: Tensor | None,
+    activation: str,
+    cfg_key: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw1, dw2, db1, db2, dweight_S); db1 / db2 are empty when the bias is None."""
+    cfg = config_by_key(x_TD.device, cfg_key)
+    T, S, H = x_TD.shape[0], token_S.shape[0], w2.shape[1]
+    block_m = cfg["block_m"]
+    expert_M, row_M = schedule(offsets_E1, S, block_m)
+    n_tiles = expert_M.shape[0]
+    dy_TD = dy_TD.contiguous()
+    code, gated = act_code(activation)
+    dh1 = h1_SH1.new_empty(h1_SH1.shape)
+    dh_cfg = cfg["dh"]
+    n_blocks_h = triton.cdiv(H, dh_cfg["block_n"])
+    dwp = torch.zeros(S, n_blocks_h, dtype=torch.float32, device=x_TD.device)
+    if n_tiles:
+        _dh_kernel[(n_tiles * n_blocks_h,)](
+            dy_TD,
+            token_S,
+            w2,
+            h1_SH1,
+            weight_S,
+            dh1,
+            dwp,
+            expert_M,
+            row_M,
+            offsets_E1,
+            n_tiles,
+            H,
+            x_TD.shape[1],
+            offsets_E1.shape[0] - 1,
+            *dy_TD.stride(),
+            *w2.stride(),
+            *h1_SH1.stride(),
+            *dh1.stride(),
+            dwp.stride(0),
+            BLOCK_M=block_m,
+            BLOCK_N=dh_cfg["block_n"],
+            BLOCK_K=dh_cfg["block_k"],
+            GROUP_M=dh_cfg["group_m"],
+            ACT=code,
+            GATED=gated,
+            PRECISION=dot_precision(x_TD.dtype),
+            num_warps=dh_cfg["num_warps"],
+            num_stages=dh_cfg["num_stages"],
+        )
+    dweight = dwp.sum(1)
+    if b2 is not None:  # out = a @ w2 + b2, so d weight also gets <dy[token], b2[e]>
+        E = b2.shape[0]
+        rows_S = torch.arange(S, device=x_TD.device)
+        expert_S = torch.searchsorted(offsets_E1[1:], rows_S, right=True)
+        kept = expert_S < E
+        bias_SD = b2.index_select(0, expert_S.clamp_max(E - 1)).to(torch.float32)
+        extra = (dy_TD.index_select(0, token_S).to(torch.float32) * bias_SD).sum(1)
+        dweight = dweight + torch.where(kept, extra, 0.0)
+
+    # weight gradients, in each weight's own dtype and layout
+    dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+    db1 = torch.empty_like(b1) if b1 is not None else w1.new_empty(0)
+    db2 = torch.empty_like(b2) if b2 is not None else w2.new_empty(0)
+    wg = cfg["wgrad"]
+    _wgrad(
+        h1_SH1,
+        dy_TD,
+        dw2,
+        db2 if b2 is not None else None,
+        offsets_E1,
+        wg,
+        right_idx=token_S,
+        scale=weight_S,
+        activation=activation,
+    )
+    _wgrad(x_TD, dh1, dw1, db1 if b1 is not None else None, offsets_E1, wg, left_idx=token_S)
+
+    # dX: per-slot rows dh1 @ w1[e]^T, summed per token in slot order
+    dx_cfg = cfg["dx"]
+    _, dx_SD = grouped_gemm(
+        dh1, w1.transpose(1, 2), (expert_M, row_M), offsets_E1, S, dx_cfg, block_m
+    )
+    dx = combine(dx_SD, inv_S, None, offsets_E1, T)
+    return dx, dw1, dw2, db1, db2, dweight.to(weight_S.dtype)
+
+
+@backward.register_fake
+def _(dy_TD, x_TD, h1_SH1, token_S, weight_S, inv_S, offsets_E1, w1, w2, b1, b2, act, cfg_key):
+    return (
+        torch.empty_like(x_TD),
+        torch.empty_like(w1),
+        torch.empty_like(w2),
+        torch.empty_like(b1) if b1 is not None else w1.new_empty(0),
+        torch.empty_like(b2) if b2 is not None else w2.new_empty(0),
+        torch.empty_like(weight_S),
+    )
+
+
+class FusedExperts(torch.autograd.Function):
+    """y [T, D] = combine(weight * expert(x[token])) with Triton kernels forward and backward."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x_TD: Tensor,
+        weight_S: Tensor,
+        w1: Tensor,
+        w2: Tensor,
+        b1: Tensor | None,
+        b2: Tensor | None,
+        token_S: Tensor,
+        order_S: Tensor,
+        offsets_E1: Tensor,
+        activation: str,
+        train: bool,
+    ) -> Tensor:
+        T, S = x_TD.shape[0], token_S.shape[0]
+        key = config_key(x_TD.device, S, offsets_E1.shape[0] - 1)
+        block_m = config_by_key(x_TD.device, key)["block_m"]
+        expert_M, row_M = schedule(offsets_E1, S, block_m)
+        h1, a = up(
+            x_TD, token_S, w1, b1, expert_M, row_M, offsets_E1, activation, block_m, key, train
+        )
+        out_SD = down(a, w2, b2, expert_M, row_M, offsets_E1, block_m, key)
+        inv_S = inverse_order(order_S)
+        y = combine(out_SD, inv_S, weight_S, offsets_E1, T)
+        ctx.activation, ctx.key = activation, key
+        ctx.save_for_backward(x_TD, h1, token_S, weight_S, inv_S, offsets_E1, w1, w2, b1, b2)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy_TD: Tensor):
+        x_TD, h1, token_S, weight_S, inv_S, offsets_E1, w1, w2, b1, b2 = ctx.saved_tensors
+        dx, dw1, dw2, db1, db2, dweight = backward(
+            dy_TD, x_TD, h1, token_S, weight_S, inv_S, offsets_E1, w1, w2, b1, b2,
+            ctx.activation, ctx.key,
+        )  # fmt: skip
+        return (
+            dx,  # x_TD
+            dweight,  # weight_S
+            dw1,  # w1
+            dw2,  # w2
+            db1 if b1 is not None else None,  # b1
+            db2 if b2 is not None else None,  # b2
+            None,  # token_S (integer)
+            None,  # order_S (integer)
+            None,  # offsets_E1 (integer)
+            None,  # activation
+            None,  # train
+        )

@@ -1,0 +1,112 @@
+"""Fused down-projection and combine: out_S = a_S @ w2[e] (+ b2[e]) per tile, then
+y[t] = sum over t's kept slots, in slot order j = 0..K-1, of weight * out.
+
+The combine is a segmented sum through the inverse of the sort (no float atomics), so y is
+bitwise reproducible run to run; it accumulates in fp32 and rounds once. The same combine,
+unweighted, sums the per-slot dX rows in the backward pass.
+
+Shape legend: T tokens, K slots per token, S = T * K sorted slots, E experts, D model dim,
+H expert hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from moekit.backends.triton.configs import config_by_key
+from moekit.backends.triton.up import grouped_gemm
+
+
+@torch.library.custom_op("moekit_triton::down", mutates_args=())
+def down(
+    a_SH: Tensor,
+    w2: Tensor,
+    b2: Tensor | None,
+    expert_M: Tensor,
+    row_M: Tensor,
+    offsets_E1: Tensor,
+    block_m: int,
+    cfg_key: str,
+) -> Tensor:
+    """out [S, D] = a @ w2[e] + b2[e] for the kept sorted rows (rows past them unwritten)."""
+    cfg = config_by_key(a_SH.device, cfg_key)["down"]
+    schedule = (expert_M, row_M)
+    return grouped_gemm(a_SH, w2, schedule, offsets_E1, a_SH.shape[0], cfg, block_m, bias=b2)[1]
+
+
+@down.register_fake
+def _(a_SH, w2, b2, expert_M, row_M, offsets_E1, block_m, cfg_key):
+    return a_SH.new_empty(a_SH.shape[0], w2.shape[2])
+
+
+@triton.jit
+def _combine_kernel(
+    # pointers
+    src_ptr,  # [S, D] per-slot rows in sorted order
+    inv_ptr,  # [T * K] int64 sorted position of flat slot t * K + j
+    weight_ptr,  # [S] gate weight of each sorted slot; unused if not WEIGHTED
+    offsets_ptr,  # [E + 1] int64; offsets[E] = kept slots (positions past it are dropped)
+    out_ptr,  # [T, D] out
+    # dims
+    D,
+    K,
+    E,
+    # strides
+    stride_sm,
+    stride_sd,
+    stride_ot,
+    stride_od,
+    # meta-parameters
+    BLOCK_D: tl.constexpr,  # columns per program
+    WEIGHTED: tl.constexpr,  # scale each slot's row by its gate weight
+):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = cols < D
+    n_kept = tl.load(offsets_ptr + E)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j in range(0, K):  # fixed order: reproducible sums
+        pos = tl.load(inv_ptr + t * K + j)
+        kept = pos < n_kept
+        mask = cols < tl.where(kept, D, 0)  # dropped slots: no read (their rows are unwritten)
+        row = tl.load(src_ptr + pos * stride_sm + cols * stride_sd, mask=mask, other=0.0)
+        scale = tl.load(weight_ptr + pos).to(tl.float32) if WEIGHTED else 1.0
+        acc += tl.where(kept, scale, 0.0) * row.to(tl.float32)
+    o_ptrs = out_ptr + t * stride_ot + cols * stride_od
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@torch.library.custom_op("moekit_triton::combine", mutates_args=())
+def combine(
+    src_SD: Tensor, inv_S: Tensor, weight_S: Tensor | None, offsets_E1: Tensor, n_tokens: int
+) -> Tensor:
+    """y [T, D] (src's dtype) = per token, the fp32 sum of its kept slots' (weighted) rows."""
+    S, D = src_SD.shape
+    out = src_SD.new_empty(n_tokens, D)
+    if n_tokens == 0 or D == 0:
+        return out
+    block_d = min(triton.next_power_of_2(D), 16 if src_SD.device.type == "cpu" else 1024)
+    _combine_kernel[(n_tokens, triton.cdiv(D, block_d))](
+        src_SD,
+        inv_S,
+        weight_S if weight_S is not None else inv_S,
+        offsets_E1,
+        out,
+        D,
+        S // n_tokens,
+        offsets_E1.shape[0] - 1,
+        *src_SD.stride(),
+        *out.stride(),
+        BLOCK_D=block_d,
+        WEIGHTED=weight_S is not None,
+        num_warps=4,
+    )
+    return out
+
+
+@combine.register_fake
+def _(src_SD, inv_S, weight_S, offsets_E1, n_tokens):
+    return src_SD.new_empty(n_tokens, src_SD.shape[1])

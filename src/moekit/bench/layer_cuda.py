@@ -1,0 +1,257 @@
+"""GPU benchmark of stage 3 (the routed experts) against the peers users would otherwise run.
+
+For each shape and token count T, one random routing (fixed seed, softmax top-k of random
+logits) and one `Plan` are shared by every method; the timed region is stage 3 given the plan
+(the naive loop does its own per-expert bookkeeping, as it would in a model). Methods: the
+triton, grouped_mm and torch backends, the Hugging Face Mixtral-style per-expert loop, and
+dense-eq (two plain GEMMs with the same FLOPs). The floor is the weight bytes of the experts
+actually hit over 3.0 TB/s. Writes docs/benchmarks/<gpu>-<date>.md and .json.
+
+    PYTHONPATH=src python3 -m moekit.bench.layer_cuda [--graph] [--shapes qwen3 ...]
+
+Shape legend: T tokens, K slots per token, S = T * K, E experts, D model dim, H expert hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moekit.backends import get_backend
+from moekit.dispatch import make_plan
+
+SHAPES: dict[str, dict[str, int]] = {
+    "mixtral": {"E": 8, "K": 2, "D": 4096, "H": 14336},
+    "qwen3-30b-a3b": {"E": 128, "K": 8, "D": 2048, "H": 768},
+    "deepseek-v2-lite": {"E": 64, "K": 6, "D": 2048, "H": 1408},
+}
+HBM_BYTES_PER_S = 3.0e12  # measured device-to-device copy rate of an H100 SXM (read + write)
+BACKENDS = ("triton", "grouped_mm", "torch")
+GRAPHABLE = ("triton", "grouped_mm", "dense-eq")
+
+
+def _median_ms(fn: Callable[[], object], graph: bool) -> float:
+    """Median of do_bench; under graph=True the call is captured once and its replay timed."""
+    from triton.testing import do_bench
+
+    if not graph:
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    ms = float(do_bench(g.replay, warmup=25, rep=100, return_mode="median"))
+    del g
+    return ms
+
+
+def naive_loop(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, w1: Tensor, w2: Tensor):
+    """Hugging Face Mixtral style: per expert, torch.where -> gather -> MLP -> index_add_."""
+    y = torch.zeros_like(x_TD)
+    H = w2.shape[1]
+    for e in range(w1.shape[0]):
+        tok, slot = torch.where(experts_TK == e)
+        if tok.numel() == 0:  # NOTE: host sync, as in the original
+            continue
+        h = x_TD[tok] @ w1[e]
+        a = F.silu(h[:, :H]) * h[:, H:]
+        out = (a @ w2[e]) * weights_TK[tok, slot, None].to(x_TD.dtype)
+        y.index_add_(0, tok, out)
+    return y
+
+
+def _setup(shape: dict[str, int], T: int, dtype: torch.dtype, seed: int = 0):
+    E, K, D, H = shape["E"], shape["K"], shape["D"], shape["H"]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    x = torch.randn(T, D, device=dev, dtype=dtype, generator=g)
+    w1 = (torch.randn(E, D, 2 * H, device=dev, dtype=dtype, generator=g) * D**-0.5).contiguous()
+    w2 = (torch.randn(E, H, D, device=dev, dtype=dtype, generator=g) * H**-0.5).contiguous()
+    logits = torch.randn(T, E, device=dev, generator=g)
+    weights, experts = torch.softmax(logits, -1).topk(K, -1)
+    plan = make_plan(experts, weights, weights, E)
+    return x, w1, w2, experts, weights, plan
+
+
+def _row(name: str, ms: float, flops: float, dense_ms: float, gmm_ms: float | None) -> dict:
+    return {
+        "method": name,
+        "ms": ms,
+        "tflops": flops / ms / 1e9,
+        "pct_dense_eq": 100.0 * dense_ms / ms,
+        "x_vs_grouped_mm": (gmm_ms / ms) if gmm_ms else None,
+    }
+
+
+def bench_forward(shape: dict[str, int], T: int, dtype: torch.dtype, graph: bool) -> dict:
+    """Forward timings of every method at one (shape, T); graph timings where capturable."""
+    K, D, H = shape["K"], shape["D"], shape["H"]
+    x, w1, w2, experts, weights, plan = _setup(shape, T, dtype)
+    S = T * K
+    flops = 2.0 * S * D * 3 * H
+    hit = int((plan.counts_E > 0).sum())  # NOTE: host sync, outside the timed region
+    floor_ms = hit * 3 * D * H * x.element_size() / HBM_BYTES_PER_S * 1e3
+    x_SD = torch.randn(S, D, device="cuda", dtype=dtype)
+    fns = {name: get_backend(name, x.device, dtype) for name in BACKENDS}
+    methods: dict[str, Callable[[], object]] = {
+        name: (lambda f=f: f(x, plan, w1, w2, None, None, "swiglu")) for name, f in fns.items()
+    }
+    methods["naive-loop"] = lambda: naive_loop(x, experts, weights, w1, w2)
+    methods["dense-eq"] = lambda: (F.silu((h := x_SD @ w1[0])[:, :H]) * h[:, H:]) @ w2[0]
+    eager = {name: _median_ms(fn, False) for name, fn in methods.items()}
+    rows = [_row(n, ms, flops, eager["dense-eq"], eager["grouped_mm"]) for n, ms in eager.items()]
+    result = {"T": T, "S": S, "experts_hit": hit, "floor_ms": floor_ms, "eager": rows}
+    if graph:
+        timed = {n: _median_ms(methods[n], True) for n in GRAPHABLE}
+        result["graph"] = [
+            _row(n, ms, flops, timed["dense-eq"], timed["grouped_mm"]) for n, ms in timed.items()
+        ]
+    return result
+
+
+def bench_backward(shape: dict[str, int], T: int, dtype: torch.dtype) -> list[dict]:
+    """fwd+bwd time and peak memory above the inputs, per backend, gradients for all inputs."""
+    x, w1, w2, experts, weights, plan = _setup(shape, T, dtype)
+    leaves = [t.detach().requires_grad_() for t in (x, w1, w2, weights)]
+    dy = torch.randn_like(x)
+    rows = []
+    for name in (*BACKENDS, "naive-loop"):
+
+        def step(name: str = name) -> None:
+            xl, w1l, w2l, wl = leaves
+            if name == "naive-loop":
+                y = naive_loop(xl, experts, wl, w1l, w2l)
+            else:
+                fn = get_backend(name, x.device, dtype)
+                used = dataclasses.replace(plan, weight_S=wl.reshape(-1)[plan.order_S])
+                y = fn(xl, used, w1l, w2l, None, None, "swiglu")
+            torch.autograd.grad(y, leaves, dy)
+
+        step()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        rows.append({"method": name, "ms": _median_ms(step, False), "peak_gib": peak / 2**30})
+    return rows
+
+
+def _markdown(report: dict) -> str:
+    lines = [
+        f"# Layer benchmark (stage 3, bf16) on {report['machine']['gpu']}, {report['date']}",
+        "",
+        f"torch {report['machine']['torch']}, triton {report['machine']['triton']}. "
+        "Median ms of triton.testing.do_bench; routing and Plan built outside the timed region. "
+        "floor = weight bytes of the experts hit / 3.0 TB/s.",
+        f"Command: `{report['command']}`",
+    ]
+    for name, res in report["shapes"].items():
+        lines += ["", f"## {name} {res['dims']}", ""]
+        head = "| T | floor ms | mode | method | ms | TFLOP/s | % dense-eq | x vs grouped_mm |"
+        lines += [head, "|---|---|---|---|---|---|---|---|"]
+        for fwd in res["forward"]:
+            for mode in ("eager", "graph"):
+                for r in fwd.get(mode, []):
+                    vs = f"{r['x_vs_grouped_mm']:.2f}" if r["x_vs_grouped_mm"] else "-"
+                    lines.append(
+                        f"| {fwd['T']} | {fwd['floor_ms']:.3f} | {mode} | {r['method']} | "
+                        f"{r['ms']:.3f} | {r['tflops']:.1f} | {r['pct_dense_eq']:.0f} | {vs} |"
+                    )
+        if res.get("fwd_bwd"):
+            lines += ["", f"fwd+bwd at T={res['fwd_bwd_T']}:", "", "| method | ms | peak GiB |"]
+            lines += ["|---|---|---|"]
+            lines += [
+                f"| {r['method']} | {r['ms']:.3f} | {r['peak_gib']:.2f} |" for r in res["fwd_bwd"]
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def run(
+    shapes: tuple[str, ...] = tuple(SHAPES),
+    tokens: tuple[int, ...] = (1, 16, 128, 1024, 4096, 16384),
+    graph: bool = False,
+    out_dir: str | None = "docs/benchmarks",
+    backward_tokens: int | None = 4096,
+    command: str = "python -m moekit.bench.layer_cuda",
+) -> dict:
+    """Benchmark every shape and T; print a table; write <gpu>-<date>.md/.json to out_dir."""
+    import triton
+
+    dtype = torch.bfloat16
+    report = {
+        "date": dt.date.today().isoformat(),
+        "command": command,
+        "machine": {
+            "gpu": torch.cuda.get_device_name(),
+            "host": platform.node(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "shapes": {},
+    }
+    for name in shapes:
+        shape = SHAPES[name]
+        res = {"dims": shape, "forward": []}
+        for T in tokens:
+            fwd = bench_forward(shape, T, dtype, graph)
+            res["forward"].append(fwd)
+            for mode in ("eager", "graph"):
+                cells = " ".join(f"{r['method']}={r['ms']:.3f}" for r in fwd.get(mode, []))
+                if cells:
+                    print(f"{name} T={T} floor={fwd['floor_ms']:.3f} {mode}: {cells}", flush=True)
+        if backward_tokens:
+            res["fwd_bwd_T"] = backward_tokens
+            res["fwd_bwd"] = bench_backward(shape, backward_tokens, dtype)
+            cells = " ".join(
+                f"{r['method']}={r['ms']:.3f}ms/{r['peak_gib']:.2f}GiB" for r in res["fwd_bwd"]
+            )
+            print(f"{name} fwd+bwd T={backward_tokens}: {cells}", flush=True)
+        report["shapes"][name] = res
+        torch.cuda.empty_cache()
+    if out_dir:
+        gpu = "-".join(report["machine"]["gpu"].split())
+        stem = Path(out_dir) / f"{gpu}-{report['date']}{'-graph' if graph else ''}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        stem.with_suffix(".md").write_text(_markdown(report))
+        print(f"wrote {stem}.md and .json")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 128, 1024, 4096, 16384])
+    parser.add_argument("--graph", action="store_true", help="also time CUDA-graph replay")
+    parser.add_argument("--backward-tokens", type=int, default=4096, help="0 to skip fwd+bwd")
+    parser.add_argument("--out-dir", default="docs/benchmarks")
+    args = parser.parse_args(argv)
+    run(
+        tuple(args.shapes),
+        tuple(args.tokens),
+        args.graph,
+        args.out_dir,
+        args.backward_tokens,
+        command="python -m moekit.bench.layer_cuda " + " ".join(argv or __import__("sys").argv[1:]),
+    )
+
+
+if __name__ == "__main__":
+    main()
