@@ -3,6 +3,7 @@
 from moekit import reference
 from moekit.config import ExpertConfig, MoEConfig, RouterConfig
 from moekit.layer import MoE, MoEInfo
+from moekit.model.io import load
 from moekit.routing import Routing, register_router
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __all__ = [
     "MoEInfo",
     "RouterConfig",
     "Routing",
+    "load",
     "reference",
     "register_router",
 ]

@@ -1,0 +1,88 @@
+"""Incremental decoding with a KV cache: token sampling and continuous rollout.
+
+The prompt is run once to fill the cache; each later step feeds one position. When the
+context would pass `max_seq_len`, the cache is rebuilt from the last half window, so
+positions stay within what the model was trained on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from moekit.model.transformer import Transformer
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """logits [B, V] -> next tokens [B]. temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the first token past p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check(model: Transformer, prompt: Tensor, temperature: float) -> None:
+    if model.is_lm and prompt.dim() != 2:
+        raise ValueError(f"token prompt must be [B, S], got shape {tuple(prompt.shape)}")
+    if not model.is_lm and (prompt.dim() != 3 or model.cfg.d_out != model.cfg.d_in):
+        raise ValueError("continuous rollout needs a [B, S, d_in] prompt and d_out == d_in")
+    if prompt.shape[1] < 1:
+        raise ValueError("prompt must hold at least one position")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt: Tensor,
+    max_new: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Tensor:
+    """Continue prompt by max_new positions; see `Transformer.generate`."""
+    _check(model, prompt, temperature)
+    was_training = model.training
+    model.eval()
+    window = model.cfg.max_seq_len
+    seq = prompt
+    cache = model.new_cache() if use_cache else None
+    feed = seq[:, -window:]
+    for _ in range(max_new):
+        out = model(feed, cache=cache).out[:, -1]  # [B, V] or [B, d_out]
+        if model.is_lm:
+            nxt = sample_next(out, temperature, top_k, top_p, generator)[:, None]  # [B, 1]
+        else:
+            nxt = out[:, None, :].to(seq.dtype)  # [B, 1, d_out]
+        seq = torch.cat([seq, nxt], dim=1)
+        if cache is None:
+            feed = seq[:, -window:]
+        elif len(cache) + 1 > window:  # slide: recompute on the last half window
+            cache = model.new_cache()
+            feed = seq[:, -(window // 2 + 1) :]
+        else:
+            feed = nxt
+    model.train(was_training)
+    return seq

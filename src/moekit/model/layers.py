@@ -1,0 +1,126 @@
+"""Transformer building blocks: norms, rotary embeddings, causal attention and the block.
+
+Shapes: B batch, S new positions, P past positions (in the KV cache), D model, H heads,
+Hkv kv heads, Dh head size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import ExpertConfig
+from moekit.experts import DenseMLP
+from moekit.layer import MoE, MoEInfo
+from moekit.model.cache import KVCache
+from moekit.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019), computed in float32."""
+
+    def __init__(self, d: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight).to(x.dtype)
+
+
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rms":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021), angles computed for any position."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [Dh/2]
+
+    def forward(self, x: Tensor, start: int) -> Tensor:
+        # x: [B, H, S, Dh]; rotate pairs (x1, x2) of the two halves by position * inv_freq
+        S = x.shape[2]
+        pos = torch.arange(start, start + S, device=x.device, dtype=torch.float32)
+        angles = pos[:, None] * self.inv_freq  # [S, Dh/2]
+        cos, sin = angles.cos(), angles.sin()
+        x1, x2 = x.float().chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        return out.to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention with grouped-query heads, RoPE and an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        kv_dim = self.n_kv * self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.rotary = Rotary(self.head_dim, cfg.rope_theta)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        B, S, D = x.shape
+        kv_dim = self.n_kv * self.head_dim
+        q, k, v = self.qkv(x).split([D, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
+        k = k.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
+        v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        past = cache.lengths[layer] if cache is not None else 0
+        q, k = self.rotary(q, past), self.rotary(k, past)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # [B, Hkv, P + S, Dh]
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=causal_mask(S, past, x.device) if past and S > 1 else None,
+            is_causal=past == 0 and S > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv != self.n_heads,
+        )  # [B, H, S, Dh]
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+def causal_mask(S: int, past: int, device: torch.device) -> Tensor:
+    """[S, P + S] bool: new position i sees every past position and new positions <= i."""
+    i = torch.arange(S, device=device)[:, None]
+    j = torch.arange(past + S, device=device)[None, :]
+    return j <= i + past
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)); ffn is MoE or dense."""
+
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.norm1, self.norm2 = build_norm(cfg), build_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.is_moe = cfg.is_moe_layer(index)
+        if self.is_moe:
+            self.ffn: nn.Module = MoE(cfg.moe)
+        else:
+            expert = ExpertConfig(activation=cfg.activation, init_std=cfg.init_std)
+            self.ffn = DenseMLP(cfg.d_model, cfg.d_ff, expert)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> tuple[Tensor, MoEInfo | None]:
+        # x: [B, S, D]
+        x = x + self.drop(self.attn(self.norm1(x), cache, self.index))
+        h = self.norm2(x)
+        info = None
+        if self.is_moe:
+            h, info = self.ffn(h)
+        else:
+            h = self.ffn(h)
+        return x + self.drop(h), info

@@ -1,0 +1,119 @@
+"""`Transformer`: a decoder-only model with MoE feed-forward blocks.
+
+tokens [B, S] (or vectors [B, S, d_in]) -> embed -> n_layers x Block -> norm -> head
+-> logits [B, S, vocab] (or predictions [B, S, d_out]). Every MoE layer's weighted aux loss
+is summed into `ModelOutput.aux_loss`; per-layer routing metrics come back in `layers`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.layer import MoEInfo
+from moekit.model.cache import KVCache
+from moekit.model.config import ModelConfig
+from moekit.model.layers import Block, build_norm
+
+
+@dataclass
+class ModelOutput:
+    """out: logits [B, S, V] or predictions [B, S, d_out]; loss = task_loss + w * aux_loss."""
+
+    out: Tensor
+    aux_loss: Tensor  # sum over MoE layers of their router-weighted aux losses
+    layers: list[MoEInfo | None]  # one per block; None for dense blocks
+    task_loss: Tensor | None = None
+    loss: Tensor | None = None
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer for token LM or continuous-sequence regression."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None and cfg.d_in is None:
+            raise ValueError("model.vocab_size or model.d_in must be set to build a model")
+        self.cfg = cfg
+        if cfg.vocab_size is not None:
+            self.embed: nn.Module = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        else:
+            self.embed = nn.Linear(cfg.d_in, cfg.d_model)  # type: ignore[arg-type]
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = build_norm(cfg)
+        self.head = nn.Linear(cfg.d_model, cfg.out_dim, bias=cfg.d_out is not None)
+        self.apply(self._init)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
+            if name.endswith("attn.proj.weight"):
+                nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def _init(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    @property
+    def is_lm(self) -> bool:
+        return self.cfg.d_out is None
+
+    def forward(
+        self, x: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+    ) -> ModelOutput:
+        """x: tokens [B, S] int64 or vectors [B, S, d_in]; targets like the output, or None."""
+        h = self.drop(self.embed(x))  # [B, S, D]
+        aux = h.new_zeros((), dtype=torch.float32)
+        infos: list[MoEInfo | None] = []
+        for block in self.blocks:
+            h, info = block(h, cache)
+            infos.append(info)
+            if info is not None:
+                aux = aux + info.aux_loss
+        out = self.head(self.norm(h))  # [B, S, V] or [B, S, d_out]
+        result = ModelOutput(out=out, aux_loss=aux, layers=infos)
+        if targets is not None:
+            result.task_loss = self.task_loss(out, targets)
+            result.loss = result.task_loss + self.cfg.aux_loss_weight * aux
+        return result
+
+    def task_loss(self, out: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy (nats per token) for LM, mean squared error for regression."""
+        if self.is_lm:
+            return F.cross_entropy(out.float().flatten(0, -2), targets.flatten())
+        return F.mse_loss(out.float(), targets.float())
+
+    def num_params(self) -> dict[str, int]:
+        """Total parameters, and active ones: routed experts counted k of n_experts."""
+        total = sum(p.numel() for p in self.parameters())
+        active = total
+        for block in self.blocks:
+            if block.is_moe:
+                moe = block.ffn
+                expert = sum(p.numel() for p in moe.experts.parameters())
+                active -= expert - expert * moe.cfg.k // moe.cfg.n_experts
+        return {"total": total, "active": active}
+
+    def moe_layers(self) -> list[int]:
+        return [i for i, b in enumerate(self.blocks) if b.is_moe]
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layers)
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new: int, **sampling) -> Tensor:
+        """Continue `prompt` ([B, S] tokens or [B, S, d_in] vectors) by `max_new` steps.
+
+        Tokens: greedy when temperature=0, else temperature / top_k / top_p sampling.
+        Vectors: autoregressive rollout feeding each prediction back (needs d_out == d_in).
+        Returns the prompt with the continuation appended.
+        """
+        from moekit.model.generate import generate
+
+        return generate(self, prompt, max_new, **sampling)
