@@ -17,6 +17,8 @@ import torch
 
 def check_int(name: str, value: Any, *, minimum: int | None = None, allow_none: bool = False):
     """Return ``value`` as a Python int (or None when allowed); bools and floats are rejected."""
+    if type(value) is int and (minimum is None or value >= minimum):
+        return value  # fast path for bulk loads
     if value is None:
         if allow_none:
             return None
