@@ -100,7 +100,7 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, self.cfg.d_model)
         routing, plan = self.route(x_TD)
         y_TD = self.finish(x_TD, self.compute(x_TD, plan), plan)
-        return y_TD.reshape(*lead, -1), self.info(routing, plan, lead)
+        return y_TD.reshape(*lead, self.cfg.d_model), self.info(routing, plan, lead)
 
     def info(self, routing: Routing, plan: Plan, lead: tuple[int, ...]) -> MoEInfo:
         losses = router_losses(routing, lead)

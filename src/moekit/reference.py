@@ -81,21 +81,30 @@ def _sinkhorn(moe: MoE, logits: Tensor) -> tuple[list[list[int]], Tensor, Tensor
     r, k = moe.cfg.router, moe.cfg.k
     T, E = logits.shape
     scores = (logits.detach() / r.sinkhorn_tau).tolist()
+    allowed = [[True] * E for _ in range(T)]
     if r.sinkhorn_candidates is not None and r.sinkhorn_candidates < E:
         for t in range(T):
             keep = set(_top(scores[t], r.sinkhorn_candidates))
-            scores[t] = [s if e in keep else -1e9 / r.sinkhorn_tau for e, s in enumerate(scores[t])]
+            allowed[t] = [e in keep for e in range(E)]
+    blocked = torch.finfo(logits.dtype).min / 4
     probs = torch.softmax(logits, dim=1)
     chosen = [[] for _ in range(T)]
     for _ in range(k):
-        plan = torch.tensor(scores, dtype=torch.float64)
+        masked = [
+            [s if a else blocked for s, a in zip(srow, arow, strict=True)]
+            for srow, arow in zip(scores, allowed, strict=True)
+        ]
+        plan = torch.tensor(masked, dtype=logits.dtype)
         for _ in range(r.sinkhorn_iters):  # log domain: columns to T/E, then rows to 1
             plan = plan - torch.logsumexp(plan, 0, keepdim=True) + math.log(T / E)
             plan = plan - torch.logsumexp(plan, 1, keepdim=True)
-        for t in range(T):
-            e = _top(plan[t].tolist(), 1)[0]
+        rows = [
+            [v if a else -math.inf for v, a in zip(prow, arow, strict=True)]
+            for prow, arow in zip(plan.tolist(), allowed, strict=True)
+        ]
+        for t, e in enumerate(_assign_with_room(rows)):
             chosen[t].append(e)
-            scores[t][e] = -math.inf
+            allowed[t][e] = False
     raw = (
         torch.stack([torch.stack([probs[t, e] for e in chosen[t]]) for t in range(T)])
         if T
@@ -103,6 +112,30 @@ def _sinkhorn(moe: MoE, logits: Tensor) -> tuple[list[list[int]], Tensor, Tensor
     )
     weights = raw / raw.sum(1, keepdim=True) if (r.renormalize and k > 1 and T) else raw
     return chosen, weights * r.scaling_factor, raw.detach()
+
+
+def _assign_with_room(plan: list[list[float]]) -> list[int]:
+    """Tokens propose to their best expert with room; experts accept their best proposals."""
+    T, E = len(plan), len(plan[0])
+    room = [math.ceil(T / E)] * E
+    choice = [-1] * T
+    avail = [row[:] for row in plan]
+    for _ in range(E):
+        proposals: dict[int, list[tuple[float, int]]] = {e: [] for e in range(E)}
+        for t in range(T):
+            if choice[t] < 0:
+                e = _top(avail[t], 1)[0]
+                if avail[t][e] > -math.inf:
+                    proposals[e].append((avail[t][e], t))
+        for e, props in proposals.items():
+            for _, t in sorted(props, key=lambda st: (-st[0], st[1]))[: room[e]]:
+                choice[t] = e
+                room[e] -= 1
+        for row in avail:
+            for e in range(E):
+                if room[e] <= 0:
+                    row[e] = -math.inf
+    return [c if c >= 0 else _top(plan[t], 1)[0] for t, c in enumerate(choice)]
 
 
 def _capacity_keep(

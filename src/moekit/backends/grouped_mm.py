@@ -51,13 +51,14 @@ def experts_forward(
     ends_E = plan.offsets_E1[1:].to(torch.int32)
     kept_S = plan.expert_S < E
     expert_S = plan.expert_S.clamp_max(E - 1)
-    # rows past the kept ones are zeroed so their (unspecified) grouped_mm gradients never
-    # flow back into x through the gather
+    # every grouped_mm input is zeroed past the kept rows: the gradients grouped_mm returns
+    # for those rows are unspecified and must not flow back into x, b1 or the activation
     x_SD = torch.where(kept_S.unsqueeze(-1), x_TD.index_select(0, plan.token_S), 0.0)
     h = torch._grouped_mm(x_SD, w1.to(x_TD.dtype), offs=ends_E)  # [S, H1]
     if b1 is not None:
         h = h + b1.to(h.dtype).index_select(0, expert_S)
-    out_SD = torch._grouped_mm(activate(h, activation), w2.to(x_TD.dtype), offs=ends_E)
+    a_SH = torch.where(kept_S.unsqueeze(-1), activate(h, activation), 0.0)
+    out_SD = torch._grouped_mm(a_SH, w2.to(x_TD.dtype), offs=ends_E)
     if b2 is not None:
         out_SD = out_SD + b2.to(out_SD.dtype).index_select(0, expert_S)
     scale_S = plan.weight_S.unsqueeze(-1)

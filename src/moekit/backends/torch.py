@@ -39,16 +39,22 @@ def experts_forward(
     n_kept = bounds[-1]
     token_N = plan.token_S[:n_kept]
     x_ND = x_TD.index_select(0, token_N)  # gather rows, grouped by expert
+    # split/unbind rather than slicing: their backward is one cat/stack, where each slice's
+    # backward would allocate a full-size zero gradient per expert
+    sizes = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    x_chunks = x_ND.split(sizes)
+    w1_e, w2_e = w1.unbind(0), w2.unbind(0)
+    b1_e = b1.unbind(0) if b1 is not None else None
+    b2_e = b2.unbind(0) if b2 is not None else None
     pieces = []
-    for e in range(plan.n_experts):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi == lo:
+    for e, x_nD in enumerate(x_chunks):
+        if x_nD.shape[0] == 0:
             continue
-        h = x_ND[lo:hi] @ w1[e]  # [n_e, H1]
-        if b1 is not None:
-            h = h + b1[e]
-        out = activate(h, activation) @ w2[e]  # [n_e, D]
-        pieces.append(out + b2[e] if b2 is not None else out)
+        h = x_nD @ w1_e[e]  # [n_e, H1]
+        if b1_e is not None:
+            h = h + b1_e[e]
+        out = activate(h, activation) @ w2_e[e]  # [n_e, D]
+        pieces.append(out + b2_e[e] if b2_e is not None else out)
     y_TD = torch.zeros(
         x_TD.shape, dtype=torch.promote_types(x_TD.dtype, plan.weight_S.dtype), device=x_TD.device
     )

@@ -1,0 +1,103 @@
+"""Property tests of the Plan: every kept slot once, grouped by expert, capacity exact."""
+
+import math
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import moekit
+from moekit.dispatch import make_plan
+
+
+@st.composite
+def routings(draw):
+    E = draw(st.integers(1, 64))
+    k = draw(st.integers(1, min(E, 8)))
+    T = draw(st.sampled_from([0, 1, draw(st.integers(2, 200))]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    experts = torch.rand(T, E, generator=g).argsort(-1)[:, :k]  # k distinct experts per token
+    one_expert = draw(st.booleans())
+    if one_expert and T:
+        experts[:, 0] = 0  # every token's first choice is expert 0
+    priority = torch.rand(T, k, generator=g)
+    cf = draw(st.sampled_from([None, 0.25, 0.5, 1.0, 2.0]))
+    return T, E, k, experts, priority, cf
+
+
+@given(routings())
+def test_plan_invariants(r):
+    T, E, k, experts, priority, cf = r
+    C = None if cf is None else math.ceil(cf * T * k / E)
+    plan = make_plan(experts, priority, priority, E, C)
+    n = int(plan.offsets_E1[-1])
+    want = torch.bincount(experts.reshape(-1), minlength=E)
+    if C is not None:
+        want = want.clamp_max(C)
+    assert torch.equal(plan.counts_E, want)
+    assert torch.equal(plan.offsets_E1[1:] - plan.offsets_E1[:-1], plan.counts_E)
+    # every slot exactly once; kept slots grouped by expert in order, dropped ones at the end
+    assert torch.equal(plan.order_S.sort().values, torch.arange(T * k))
+    assert torch.equal(plan.expert_S[:n], torch.repeat_interleave(torch.arange(E), plan.counts_E))
+    assert bool((plan.expert_S[n:] == E).all())
+    flat = experts.reshape(-1)
+    assert torch.equal(flat[plan.order_S[:n]], plan.expert_S[:n])
+    assert torch.equal(plan.token_S, plan.order_S // k)
+    assert int(plan.kept_TK.sum()) == n
+    # dropped fraction is exactly the overflow
+    overflow = sum(max(0, c - C) for c in torch.bincount(flat, minlength=E).tolist()) if C else 0
+    assert T * k - n == overflow
+    # drops are by priority: every kept slot of an expert beats every dropped slot of it
+    for e in range(E):
+        mine = flat == e
+        kept, dropped = (
+            priority.reshape(-1)[mine & plan.kept_TK.reshape(-1)],
+            priority.reshape(-1)[mine & ~plan.kept_TK.reshape(-1)],
+        )
+        if kept.numel() and dropped.numel():
+            assert kept.min() >= dropped.max()
+
+
+@given(st.integers(2, 40), st.integers(2, 16), st.integers(0, 2**31 - 1))
+def test_permuting_tokens_permutes_outputs(T, E, seed):
+    torch.manual_seed(seed)
+    k = min(2, E)
+    cfg = moekit.MoEConfig(d_model=8, d_hidden=4, n_experts=E, k=k, capacity_factor=0.5)
+    moe = moekit.MoE(cfg).eval()
+    with torch.no_grad():
+        moe.router.weight.normal_()
+    x = torch.randn(T, 8)
+    perm = torch.randperm(T)
+    y, info = moe(x)
+    y_p, info_p = moe(x[perm])
+    assert torch.allclose(y[perm], y_p, atol=1e-6)
+    assert torch.equal(info.routing.experts[perm], info_p.routing.experts)
+    assert torch.allclose(info.metrics["dropped_fraction"], info_p.metrics["dropped_fraction"])
+
+
+@given(st.integers(0, 64), st.integers(1, 16), st.floats(0.1, 2.0))
+def test_everything_to_one_expert_drops_the_exact_overflow(T, E, cf):
+    k = 1
+    experts = torch.zeros(T, k, dtype=torch.long)
+    priority = torch.rand(T, k)
+    C = math.ceil(cf * T * k / E)
+    plan = make_plan(experts, torch.ones(T, k), priority, E, C)
+    assert int(plan.counts_E[0]) == min(T, C)
+    assert int(plan.kept_TK.sum()) == min(T, C)
+    assert torch.equal(plan.weights_TK, plan.kept_TK.to(torch.float32))
+
+
+def test_layer_reports_dropped_fraction_of_forced_overflow():
+    """Every token to expert 0 with capacity C: dropped fraction is 1 - C / T exactly."""
+    E, T, cf = 4, 40, 1.0
+    cfg = moekit.MoEConfig(d_model=8, d_hidden=4, n_experts=E, k=1, capacity_factor=cf)
+    moe = moekit.MoE(cfg)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 10.0
+    x = torch.randn(T, 8).abs()  # positive feature 0: expert 0 always wins
+    _, info = moe(x)
+    C = math.ceil(cf * T / E)
+    assert torch.isclose(info.metrics["dropped_fraction"], torch.tensor(1 - C / T))
+    assert torch.isclose(info.metrics["expert_load"][0], torch.tensor(1.0))

@@ -1,0 +1,41 @@
+"""No host sync in the hot path outside functions that say so (`_sync_*`)."""
+
+import ast
+from pathlib import Path
+
+import moekit
+
+SRC = Path(moekit.__file__).parent
+HOT = ["routing", "backends", "dispatch.py", "layer.py", "experts.py"]
+SYNCS = {"item", "tolist", "cpu", "nonzero"}
+
+
+def _hot_files():
+    for name in HOT:
+        path = SRC / name
+        yield from (sorted(path.rglob("*.py")) if path.is_dir() else [path])
+
+
+def _violations(tree):
+    def visit(node, inside_sync):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            inside_sync = inside_sync or node.name.startswith("_sync")
+        if isinstance(node, ast.Attribute) and node.attr in SYNCS and not inside_sync:
+            yield node.lineno, node.attr
+        for child in ast.iter_child_nodes(node):
+            yield from visit(child, inside_sync)
+
+    yield from visit(tree, False)
+
+
+def test_no_host_sync_in_hot_path():
+    found = []
+    for path in _hot_files():
+        for line, attr in _violations(ast.parse(path.read_text())):
+            found.append(f"{path.relative_to(SRC)}:{line} .{attr}()")
+    assert not found, "host syncs outside _sync_* functions:\n" + "\n".join(found)
+
+
+def test_the_scan_catches_a_sync():
+    tree = ast.parse("def f(x):\n    return x.item()\ndef _sync_g(x):\n    return x.tolist()\n")
+    assert list(_violations(tree)) == [(2, "item")]

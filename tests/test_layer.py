@@ -1,0 +1,172 @@
+"""The layer against `moekit.reference` for every router, capacity mode and activation."""
+
+import pytest
+import torch
+
+import moekit
+
+ROUTERS = ("topk", "sigmoid", "expert_choice", "sinkhorn")
+
+
+def make_moe(kind, capacity_factor, activation, dtype, bias=True, **extra):
+    cfg = moekit.MoEConfig(
+        d_model=8,
+        d_hidden=6,
+        n_experts=4,
+        k=2,
+        capacity_factor=capacity_factor,
+        router=moekit.RouterConfig(kind=kind, load_balance_weight=0.1, z_loss_weight=0.01),
+        expert=moekit.ExpertConfig(activation=activation, bias=bias),
+        backend="torch",
+        **extra,
+    )
+    moe = moekit.MoE(cfg).to(dtype).eval()
+    with torch.no_grad():  # spread the logits so routing is decisive, and biases nonzero
+        moe.router.weight.normal_()
+        for p in moe.experts.parameters():
+            p.normal_(std=0.5)
+    return moe
+
+
+def run_both(moe, x):
+    """Outputs and gradients (x, every parameter) of the layer and of the reference."""
+    results = []
+    for fn in (moe, lambda t: moekit.reference.moe_forward(moe, t)):
+        moe.zero_grad()
+        xi = x.detach().clone().requires_grad_()
+        y, info = fn(xi)
+        g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+        ((y * g).sum() + info.aux_loss).backward()
+        grads = {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
+        results.append((y.detach(), info, xi.grad.clone(), grads))
+    return results
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("kind", ROUTERS)
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "reglu"])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_matches_reference(kind, capacity_factor, activation, dtype, tol):
+    torch.manual_seed(0)
+    moe = make_moe(kind, capacity_factor, activation, dtype)
+    x = torch.randn(3, 5, 8, dtype=dtype)
+    (y, info, gx, grads), (y_ref, info_ref, gx_ref, grads_ref) = run_both(moe, x)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert torch.equal(info.routing.experts, info_ref.routing.experts)
+    assert rel(y, y_ref) < tol
+    assert rel(gx, gx_ref) < tol
+    assert set(grads) == set(grads_ref) and {"router.weight", "experts.w1", "experts.w2"} <= set(
+        grads
+    )
+    for name in grads:
+        assert rel(grads[name], grads_ref[name]) < tol, name
+    assert abs(info.aux_loss.item() - info_ref.aux_loss.item()) < tol
+    for key in ("expert_load", "dropped_fraction", "load_balance", "z_loss", "entropy"):
+        assert torch.allclose(info.metrics[key], info_ref.metrics[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "silu", "swiglu", "geglu", "reglu"])
+def test_every_activation_matches_reference(activation):
+    torch.manual_seed(1)
+    moe = make_moe("topk", None, activation, torch.float64)
+    x = torch.randn(7, 8, dtype=torch.float64)
+    (y, *_), (y_ref, *_) = run_both(moe, x)
+    assert rel(y, y_ref) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ROUTERS)
+def test_gradcheck_tiny_float64(kind):
+    """Finite differences agree with autograd for x and every parameter (routing held fixed)."""
+    torch.manual_seed(2)
+    moe = make_moe(kind, 1.0, "swiglu", torch.float64)
+    names = [n for n, _ in moe.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in moe.parameters())
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+
+    def f(x_, *ps):
+        y, info = torch.func.functional_call(moe, dict(zip(names, ps, strict=True)), (x_,))
+        return y, info.aux_loss
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
+
+
+def test_shared_experts_and_dense_fallback_match_reference():
+    torch.manual_seed(3)
+    moe = make_moe("topk", 0.25, "swiglu", torch.float64, n_shared_experts=2, fallback="dense")
+    x = torch.randn(16, 8, dtype=torch.float64)
+    (y, info, gx, _), (y_ref, info_ref, gx_ref, _) = run_both(moe, x)
+    assert info.metrics["unrouted_fraction"] > 0  # some tokens lost every expert
+    assert rel(y, y_ref) < 1e-10 and rel(gx, gx_ref) < 1e-10
+    lost = ~(info.routing.experts >= 0).any(-1)
+    shared_and_fallback = moe.shared(x) + moe.fallback(x)
+    assert torch.allclose(y[lost], shared_and_fallback[lost])
+
+
+def test_renormalize_after_drop_restores_weight_sum():
+    torch.manual_seed(4)
+    moe = make_moe("topk", 0.5, "swiglu", torch.float64, renormalize_after_drop=True)
+    x = torch.randn(20, 8, dtype=torch.float64)
+    (y, info, *_), (y_ref, *_) = run_both(moe, x)
+    assert rel(y, y_ref) < 1e-10
+    w = info.routing.weights
+    survived = (info.routing.experts >= 0).any(-1)
+    assert torch.allclose(w[survived].sum(-1), torch.ones(int(survived.sum()), dtype=w.dtype))
+
+
+def test_empty_input_and_leading_shapes():
+    moe = make_moe("topk", 1.0, "swiglu", torch.float32)
+    y, info = moe(torch.randn(0, 8))
+    assert y.shape == (0, 8) and info.aux_loss.shape == ()
+    y, info = moe(torch.randn(2, 0, 8))
+    assert y.shape == (2, 0, 8)
+    x = torch.randn(2, 3, 4, 8)
+    y, info = moe(x)
+    assert y.shape == x.shape and info.routing.experts.shape == (24, 2)
+    assert torch.allclose(info.metrics["expert_load"].sum(), torch.tensor(1.0))
+
+
+def test_bad_inputs_name_the_problem():
+    moe = make_moe("topk", None, "swiglu", torch.float32)
+    with pytest.raises(ValueError, match="d_model=8"):
+        moe(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="floating-point"):
+        moe(torch.ones(3, 8, dtype=torch.long))
+    debug = make_moe("topk", None, "swiglu", torch.float32, debug=True)
+    with pytest.raises(ValueError, match="NaN"):
+        debug(torch.full((2, 8), float("nan")))
+
+
+def test_noise_only_in_training():
+    torch.manual_seed(5)
+    for noise in ("gaussian", "gumbel", "jitter"):
+        moe = make_moe("topk", None, "swiglu", torch.float32)
+        moe.cfg.router.noise, moe.cfg.router.noise_std = noise, 2.0
+        x = torch.randn(64, 8)
+        moe.eval()
+        y1, _ = moe(x)
+        y2, _ = moe(x)
+        assert torch.equal(y1, y2)
+        moe.train()
+        _, i1 = moe(x)
+        _, i2 = moe(x)
+        assert not torch.equal(i1.routing.experts, i2.routing.experts), noise
+    with pytest.raises(ValueError, match="deterministic"):
+        moekit.reference.moe_forward(moe, x)
+
+
+def test_hf_layout_weights_through_strides():
+    """Backends read w1 through strides: a transposed [E, 2H, D] storage gives the same y."""
+    torch.manual_seed(6)
+    moe = make_moe("topk", None, "swiglu", torch.float32)
+    x = torch.randn(10, 8)
+    y, _ = moe(x)
+    gate_up_proj = moe.experts.w1.detach().transpose(1, 2).contiguous()  # [E, 2H, D]
+    with torch.no_grad():
+        moe.experts.w1 = torch.nn.Parameter(gate_up_proj.transpose(1, 2))
+    assert not moe.experts.w1.is_contiguous()
+    y2, _ = moe(x)
+    assert torch.allclose(y, y2, atol=1e-6)
