@@ -1,0 +1,101 @@
+"""`TrainConfig` (optimisation, logging, checkpoints) and `RunConfig` (task + model + train).
+
+`RunConfig` is what `moekit train CONFIG` parses: YAML keys and `--dotted.overrides` map
+onto these dataclasses, and every bad value raises a ValueError naming its key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from moekit.model.config import ModelConfig
+from moekit.tasks.base import TaskConfig
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LIVE_MODES = ("auto", "rich", "plain", "off")
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule, precision, evaluation, logging and checkpointing."""
+
+    steps: int = 1000
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 3e-3  # peak learning rate of the non-MoE parameters
+    router_lr: float | None = None  # None = lr
+    expert_lr: float | None = None  # None = lr
+    warmup_steps: int = 50  # linear warmup from 0, then cosine decay
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of each group's peak lr
+    weight_decay: float = 0.1  # AdamW decay; never on norms, biases or the router bias
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; fp16 uses a scaler
+    device: str = "auto"  # auto = cuda when available
+    eval_interval: int = 100  # steps between evaluations (and at the end)
+    eval_batch_size: int = 64
+    log_interval: int = 10  # steps between host syncs that write JSONL records
+    plot_interval: int = 0  # steps between dashboard redraws; 0 = at the end only
+    ckpt_interval: int | None = None  # steps between checkpoints; None = eval_interval
+    keep_best: int = 2  # checkpoints kept by lowest validation metric
+    keep_last: int = 2  # most recent checkpoints kept
+    live: str = "auto"  # auto = rich view on a TTY, plain lines otherwise
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "plot_interval", "keep_best", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.eval_interval < 1:
+            raise ValueError(f"train.eval_interval={self.eval_interval} must be >= 1")
+        if self.ckpt_interval is not None and self.ckpt_interval < 1:
+            raise ValueError(f"train.ckpt_interval={self.ckpt_interval} must be >= 1")
+        for name in ("lr", "router_lr", "expert_lr"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 10:
+                raise ValueError(f"train.{name}={value} must be in (0, 10)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("train.weight_decay and train.grad_clip must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r} is not one of {PRECISIONS}")
+        if self.live not in LIVE_MODES:
+            raise ValueError(f"train.live={self.live!r} is not one of {LIVE_MODES}")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
+            raise ValueError(f"train.device={self.device!r} must be auto, cpu or cuda[:N]")
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self.ckpt_interval or self.eval_interval
+
+
+@dataclass
+class RunConfig:
+    """One training run. The model's input/output sizes are filled from the task."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    out: str = "runs/latest"  # run directory: logs, plots, checkpoints/
+
+    def __post_init__(self) -> None:
+        for name, cls in (("task", TaskConfig), ("model", ModelConfig), ("train", TrainConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+        if self.model.max_seq_len < self.task.seq_len:
+            raise ValueError(
+                f"model.max_seq_len={self.model.max_seq_len} must be >= "
+                f"task.seq_len={self.task.seq_len}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,46 @@
+"""What a training step and an evaluation report about the model and its routing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moekit.model import ModelOutput
+from moekit.routing.losses import LOSS_NAMES
+from moekit.tasks import Batch
+
+
+def step_metrics(out: ModelOutput) -> dict[str, Any]:
+    """Detached device tensors: losses, unweighted aux parts (mean over MoE layers),
+    expert load [E] and dropped fraction per MoE layer (keys are layer indices)."""
+    rec: dict[str, Any] = {
+        "loss": out.loss.detach(),  # type: ignore[union-attr]
+        "task_loss": out.task_loss.detach(),  # type: ignore[union-attr]
+        "aux_loss": out.aux_loss.detach(),
+    }
+    moe = {str(i): info for i, info in enumerate(out.layers) if info is not None}
+    if moe:
+        for name in LOSS_NAMES:
+            rec[name] = torch.stack([m.metrics[name] for m in moe.values()]).mean()
+        rec["expert_load"] = {i: m.metrics["expert_load"] for i, m in moe.items()}
+        rec["dropped_fraction"] = {i: m.metrics["dropped_fraction"] for i, m in moe.items()}
+    return rec
+
+
+def routing_counts(out: ModelOutput, batch: Batch, n_categories: int) -> dict[str, Tensor]:
+    """Per MoE layer: [C, E] counts of token-slots of input category c sent to expert e."""
+    counts = {}
+    cats_T = batch.category.reshape(-1)
+    for i, info in enumerate(out.layers):
+        if info is None:
+            continue
+        experts_TK = info.routing.experts
+        E = info.metrics["expert_load"].shape[0]
+        valid_TK = (experts_TK >= 0).float()
+        flat_TK = cats_T[:, None] * E + experts_TK.clamp_min(0)  # category-major cell index
+        c = torch.zeros(n_categories * E, device=experts_TK.device)
+        c.scatter_add_(0, flat_TK.reshape(-1), valid_TK.reshape(-1))
+        counts[str(i)] = c.view(n_categories, E)
+    return counts

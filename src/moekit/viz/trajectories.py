@@ -1,0 +1,40 @@
+"""3D forecast plot: a model's autoregressive rollout against the true trajectory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+@torch.no_grad()
+def plot_rollouts(
+    model: torch.nn.Module, paths: Tensor, names: tuple[str, ...] | list[str], path: str | Path
+) -> Path:
+    """paths [N, 2S, 3]: the model sees the first S points and rolls out the next S."""
+    S = paths.shape[1] // 2
+    device = next(model.parameters()).device
+    pred = model.generate(paths[:, :S].to(device), S).cpu()  # [N, 2S, 3]
+    fig = plt.figure(figsize=(4 * len(names), 4.2))
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1, projection="3d")
+        seen, truth, fut = paths[i, :S], paths[i, S - 1 :], pred[i, S - 1 :]
+        ax.plot(*seen.T.numpy(), color="grey", lw=1, label="context")
+        ax.plot(*truth.T.numpy(), color="tab:blue", lw=1.5, label="truth")
+        ax.plot(*fut.T.numpy(), color="tab:red", lw=1.5, ls="--", label="forecast")
+        err = (pred[i, S:] - paths[i, S:]).norm(dim=-1).mean()
+        ax.set_title(f"{name}\nmean 3D error {err:.3f}", fontsize=9)
+        ax.tick_params(labelsize=6)
+    fig.axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"3D rollout: {S} context points, {S} forecast (prediction fed back)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+import moekit
+from moekit.model import ModelConfig
+from moekit.tasks import TaskConfig, build_task
+from moekit.tasks.text import CATEGORIES, TextTask, byte_classes, stdlib_files
+from moekit.train import RunConfig, TrainConfig, Trainer
+
+
+def _train(tmp_path, task: TaskConfig, steps: int, lr: float):
+    cfg = RunConfig(
+        task=task,
+        model=ModelConfig(
+            d_model=32,
+            n_layers=2,
+            n_heads=2,
+            d_ff=64,
+            max_seq_len=task.seq_len,
+            moe=moekit.MoEConfig(d_model=32, d_hidden=32, n_experts=4, k=2),
+        ),
+        train=TrainConfig(
+            steps=steps, batch_size=16, lr=lr, warmup_steps=5, eval_interval=steps, live="off"
+        ),
+        out=str(tmp_path),
+    )
+    trainer = Trainer(cfg)
+    before = trainer.evaluate()
+    return trainer, before, trainer.fit()
+
+
+def test_corpus_is_stdlib_source_split_by_file():
+    files = stdlib_files()
+    assert any(p.name == "functools.py" for p in files)
+    assert not any("site-packages" in p.parts or "test" in p.parts for p in files)
+    task = build_task(TaskConfig(name="text", max_bytes=300_000, val_every=4))
+    train, val = (bytes(task.corpus[s].tolist()) for s in ("train", "val"))
+    assert b"def " in train and b"def " in val
+    # a held-out file (every 4th in sorted order) is in the val text, never in train
+    held = next(files[i] for i in range(3, 40, 4) if files[i].stat().st_size > 8000)
+    chunk = held.read_bytes()[4000:6000]
+    assert chunk in val and chunk not in train
+
+
+def test_batches_and_byte_categories():
+    task = build_task(TaskConfig(name="text", seq_len=40, max_bytes=200_000))
+    batch = task.train_batch(0, 0, 4)
+    assert batch.x.dtype == torch.long and batch.x.shape == (4, 40)
+    assert torch.equal(batch.x[:, 1:], batch.y[:, :-1])
+    table = byte_classes()
+    assert CATEGORIES[table[ord("a")]] == "lower" and CATEGORIES[table[ord("\n")]] == "newline"
+    assert CATEGORIES[table[ord("(")]] == "punct" and CATEGORIES[table[ord("7")]] == "digit"
+    assert torch.equal(batch.category, table[batch.x])
+    assert TextTask.decode(TextTask.encode("héllo")) == "héllo"
+
+
+def test_loss_halves_in_a_short_run(tmp_path):
+    task = TaskConfig(name="text", seq_len=64, max_bytes=400_000, val_sequences=32)
+    _, before, after = _train(tmp_path, task, steps=250, lr=1e-2)
+    assert abs(before["bpb"] - math.log2(256)) < 0.3  # uniform over bytes at init
+    assert after["val"]["val_loss"] <= 0.5 * before["val_loss"]
+    assert after["val"]["bpb"] == pytest.approx(after["val"]["val_loss"] / math.log(2))

@@ -1,0 +1,85 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from moekit.model import Transformer, load
+from moekit.train import checkpoint as ckpt_mod
+from moekit.train import list_checkpoints, pick_checkpoint, save_checkpoint
+from moekit.train.checkpoint import prune_checkpoints
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    from moekit.model import ModelConfig
+
+    return Transformer(ModelConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=16))
+
+
+def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    good = _model(0)
+    save_checkpoint(tmp_path, good, {"step": 1}, step=1)
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", explode)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, _model(1), {"step": 2}, step=2)
+    assert [c["step"] for c in list_checkpoints(tmp_path)] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000001"]
+    x = torch.randint(0, 11, (1, 5))
+    assert torch.equal(load(pick_checkpoint(tmp_path, "latest"))(x).out, good.eval()(x).out)
+
+
+def test_rewriting_a_step_replaces_it_whole(tmp_path):
+    save_checkpoint(tmp_path, _model(0), {"step": 3}, step=3, metric=2.0)
+    save_checkpoint(tmp_path, _model(1), {"step": 3}, step=3, metric=1.0)
+    (only,) = list_checkpoints(tmp_path)
+    assert only["metric"] == 1.0
+    assert torch.equal(load(only["path"]).embed.weight, _model(1).embed.weight)
+
+
+def test_killed_writer_never_leaves_a_broken_checkpoint(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from moekit.model import ModelConfig, Transformer
+        from moekit.train import save_checkpoint
+        cfg = ModelConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=2, d_ff=256)
+        model = Transformer(cfg)
+        state = {{"blob": torch.randn(200_000)}}
+        step = 0
+        while True:
+            step += 1
+            save_checkpoint({str(tmp_path)!r}, model, state, step=step)
+            print(step, flush=True)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    for _ in range(3):  # let a few checkpoints complete, then kill mid-stream
+        proc.stdout.readline()
+    time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpts = list_checkpoints(tmp_path)
+    assert len(ckpts) >= 3
+    for c in ckpts:
+        load(c["path"])
+        assert torch.load(c["path"] / "trainer_state.pt")["blob"].shape == (200_000,)
+
+
+def test_prune_keeps_best_and_latest(tmp_path):
+    model = _model()
+    metrics = {1: 5.0, 2: 1.0, 3: 4.0, 4: 0.5, 5: 3.0, 6: None}
+    for step, metric in metrics.items():
+        save_checkpoint(tmp_path, model, None, step=step, metric=metric)
+    prune_checkpoints(tmp_path, keep_last=2, keep_best=2)
+    assert [c["step"] for c in list_checkpoints(tmp_path)] == [2, 4, 5, 6]
+    assert pick_checkpoint(tmp_path).name == "step-0000004"
+    assert pick_checkpoint(tmp_path, "latest").name == "step-0000006"
