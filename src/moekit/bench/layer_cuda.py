@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import platform
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -235,6 +236,188 @@ def run(
     return report
 
 
+# representative T per shape class (see moekit.backends.triton.configs.shape_class)
+_TUNE_T = {
+    "decode": {"mixtral": 16, "qwen3-30b-a3b": 16, "deepseek-v2-lite": 16},
+    "small": {"mixtral": 128, "qwen3-30b-a3b": 256, "deepseek-v2-lite": 128},
+    "medium": {"mixtral": 256, "qwen3-30b-a3b": 1024, "deepseek-v2-lite": 1024},
+    "large": {"mixtral": 4096, "qwen3-30b-a3b": 4096, "deepseek-v2-lite": 4096},
+}
+
+
+def _candidates(cls: str) -> list[tuple[int, dict]]:
+    """(block_m, kernel config) pairs searched for one shape class."""
+    if cls in ("decode", "small"):
+        grid = [
+            (16 if cls == "decode" else 32, bn, bk, 1, 4, st)
+            for bn in (32, 64, 128)
+            for bk in (128, 256)
+            for st in (3, 5)
+        ]
+    elif cls == "medium":
+        grid = [
+            (bm, bn, 64, 8, w, st)
+            for bm in (64, 128)
+            for bn in (128, 256)
+            for w in (4, 8)
+            for st in (3, 4)
+        ]
+    else:
+        grid = [(128, bn, 64, 8, 8, st) for bn in (128, 256) for st in (3, 4, 5)]
+        grid += [(64, 256, 64, 8, 8, 4), (128, 128, 128, 8, 8, 3)]
+    keys = ("block_n", "block_k", "group_m", "num_warps", "num_stages")
+    return [(g[0], dict(zip(keys, g[1:], strict=True))) for g in grid]
+
+
+def tune(out_path: str | None = None) -> dict:
+    """Search up / down configs per shape class on this GPU; write the per-device JSON."""
+    from triton.testing import do_bench
+
+    from moekit.backends.triton.align import schedule
+    from moekit.backends.triton.configs import _DIR, DEFAULT, device_key
+    from moekit.backends.triton.up import grouped_gemm
+
+    table = {}
+    for cls, per_shape in _TUNE_T.items():
+        cases = []
+        for name, T in per_shape.items():
+            x, w1, w2, _, _, plan = _setup(SHAPES[name], T, torch.bfloat16)
+            a = torch.randn(plan.token_S.shape[0], SHAPES[name]["H"], device="cuda").bfloat16()
+            cases.append((x, w1, w2, a, plan))
+        best: dict[tuple[int, str], tuple[float, dict]] = {}
+        for block_m, cfg in _candidates(cls):
+            for kernel in ("up", "down"):
+                total = 0.0
+                try:
+                    for x, w1, w2, a, plan in cases:
+                        S = plan.token_S.shape[0]
+                        sched = schedule(plan.offsets_E1, S, block_m)
+                        if kernel == "up":
+                            args = (x, w1, sched, plan.offsets_E1, S, cfg, block_m)
+                            kw = {"gather_S": plan.token_S, "activation": "swiglu"}
+                        else:
+                            args, kw = (a, w2, sched, plan.offsets_E1, S, cfg, block_m), {}
+                        fn = partial(grouped_gemm, *args, **kw)
+                        total += float(do_bench(fn, warmup=5, rep=30, return_mode="median"))
+                except Exception as err:  # configs past the shared-memory limit fail to compile
+                    print(f"tune {cls} {kernel} bm={block_m} {cfg}: {type(err).__name__}")
+                    continue
+                print(f"tune {cls} {kernel} bm={block_m} {cfg}: {total:.4f} ms", flush=True)
+                if total < best.get((block_m, kernel), (float("inf"), {}))[0]:
+                    best[(block_m, kernel)] = (total, cfg)
+        block_ms = {bm for bm, _ in best if (bm, "up") in best and (bm, "down") in best}
+        pick = min(block_ms, key=lambda bm: best[(bm, "up")][0] + best[(bm, "down")][0])
+        table[cls] = {
+            **DEFAULT[cls],
+            "block_m": pick,
+            "up": best[(pick, "up")][1],
+            "down": best[(pick, "down")][1],
+        }
+        print(f"tuned {cls}: {table[cls]}", flush=True)
+    path = Path(out_path) if out_path else _DIR / f"{device_key(torch.device('cuda'))}.json"
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {path}")
+    return table
+
+
+def tune_backward(classes: tuple[str, ...] = ("large", "medium")) -> dict:
+    """Time backward kernel configs (dh, dx, wgrad) per shape class; print the best of each."""
+    import triton
+    from triton.testing import do_bench
+
+    from moekit.backends.triton import backward as bw
+    from moekit.backends.triton.align import schedule
+    from moekit.backends.triton.configs import config_by_key
+    from moekit.backends.triton.up import grouped_gemm
+
+    gemm_keys = ("block_n", "block_k", "group_m", "num_warps", "num_stages")
+    gemms = [(128, 64, 8, 8, 3), (128, 64, 8, 8, 4), (256, 64, 8, 8, 3), (128, 64, 8, 4, 4)]
+    gemms += [(64, 64, 8, 4, 4), (128, 128, 8, 8, 3)]
+    wkeys = ("block_m", "block_p", "block_q", "num_warps", "num_stages")
+    wgrads = [(64, 128, 128, 8, 3), (32, 128, 128, 8, 4), (64, 128, 128, 4, 3)]
+    wgrads += [(128, 128, 128, 8, 3), (64, 128, 256, 8, 3), (64, 256, 128, 8, 3)]
+    wgrads += [(64, 64, 128, 4, 4), (32, 128, 128, 4, 4)]
+    best = {}
+    for cls in classes:
+        cases = []
+        for name, T in _TUNE_T[cls].items():
+            x, w1, w2, _, _, plan = _setup(SHAPES[name], T, torch.bfloat16)
+            S, H = plan.token_S.shape[0], SHAPES[name]["H"]
+            h1 = torch.randn(S, 2 * H, device="cuda").bfloat16()
+            cases.append((x, w1, w2, h1, torch.randn_like(x), plan))
+        block_m = config_by_key(torch.device("cuda"), cls)["block_m"]
+        for kind, grid in (("dh", gemms), ("dx", gemms), ("wgrad", wgrads)):
+            for values in grid:
+                cfg = dict(zip(wkeys if kind == "wgrad" else gemm_keys, values, strict=True))
+                total = 0.0
+                try:
+                    for x, w1, w2, h1, dy, plan in cases:
+                        S, off = plan.token_S.shape[0], plan.offsets_E1
+                        sched = schedule(off, S, block_m)
+                        if kind == "dx":
+                            fn = partial(
+                                grouped_gemm, h1, w1.transpose(1, 2), sched, off, S, cfg, block_m
+                            )
+                        elif kind == "wgrad":
+                            dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+
+                            def fn(x=x, h1=h1, dy=dy, plan=plan, dw1=dw1, dw2=dw2, cfg=cfg):
+                                o, t = plan.offsets_E1, plan.token_S
+                                bw._wgrad(h1, dy, dw2, None, o, cfg, right_idx=t,
+                                          scale=plan.weight_S, activation="swiglu")  # fmt: skip
+                                bw._wgrad(x, h1, dw1, None, o, cfg, left_idx=t)
+                        else:
+                            H = w2.shape[1]
+                            nb = triton.cdiv(H, cfg["block_n"])
+                            dwp = torch.zeros(S, nb, device="cuda")
+                            hh = h1.clone()
+                            fn = partial(
+                                bw._dh_kernel[(sched[0].shape[0] * nb,)],
+                                dy, plan.token_S, w2, hh, plan.weight_S, hh, dwp, *sched, off,
+                                sched[0].shape[0], H, x.shape[1], off.shape[0] - 1,
+                                *dy.stride(), *w2.stride(), *hh.stride(), *hh.stride(),
+                                dwp.stride(0), BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
+                                BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"], ACT=3,
+                                GATED=True, PRECISION="tf32", num_warps=cfg["num_warps"],
+                                num_stages=cfg["num_stages"],
+                            )  # fmt: skip
+                        total += float(do_bench(fn, warmup=5, rep=30, return_mode="median"))
+                except Exception as err:  # past the shared-memory limit
+                    print(f"tune-bw {cls} {kind} {cfg}: {type(err).__name__}", flush=True)
+                    continue
+                print(f"tune-bw {cls} {kind} {cfg}: {total:.4f} ms", flush=True)
+                if total < best.get((cls, kind), (float("inf"), {}))[0]:
+                    best[(cls, kind)] = (total, cfg)
+    for key, (total, cfg) in best.items():
+        print(f"best-bw {key}: {total:.4f} ms {cfg}")
+    return best
+
+
+def profile(shapes: tuple[str, ...], T: int = 4096) -> None:
+    """Per-kernel CUDA time of one triton fwd+bwd per shape (torch.profiler), printed."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for name in shapes:
+        x, w1, w2, _, weights, plan = _setup(SHAPES[name], T, torch.bfloat16)
+        leaves = [t.detach().requires_grad_() for t in (x, w1, w2, weights)]
+        fn = get_backend("triton", x.device, x.dtype)
+
+        def step(leaves=leaves, plan=plan, fn=fn) -> None:
+            xl, w1l, w2l, wl = leaves
+            used = dataclasses.replace(plan, weight_S=wl.reshape(-1)[plan.order_S])
+            y = fn(xl, used, w1l, w2l, None, None, "swiglu")
+            torch.autograd.grad(y, leaves, torch.ones_like(y))
+
+        step()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(f"== profile {name} T={T} fwd+bwd")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -242,7 +425,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--graph", action="store_true", help="also time CUDA-graph replay")
     parser.add_argument("--backward-tokens", type=int, default=4096, help="0 to skip fwd+bwd")
     parser.add_argument("--out-dir", default="docs/benchmarks")
+    parser.add_argument("--tune", metavar="JSON", help="tune kernel configs, write JSON, exit")
+    parser.add_argument("--tune-backward", action="store_true", help="time backward configs")
+    parser.add_argument("--profile", action="store_true", help="per-kernel fwd+bwd profile")
     args = parser.parse_args(argv)
+    if args.tune:
+        tune(args.tune)
+        return
+    if args.profile:
+        profile(tuple(args.shapes))
+        return
+    if args.tune_backward:
+        tune_backward()
+        return
     run(
         tuple(args.shapes),
         tuple(args.tokens),

@@ -57,6 +57,7 @@ def experts_forward(
         b2,
         plan.token_S,
         plan.order_S,
+        plan.kept_TK,
         plan.offsets_E1,
         activation,
         train,  # keep h1 for the backward pass

@@ -1,7 +1,8 @@
 """Backward kernels and the autograd Function of the fused experts.
 
 Saved from the forward: x, the pre-activation h1 [S, H1] and the plan. The activation
-a = act(h1) is recomputed inside the kernels that need it (cheaper than storing [S, H]).
+a = act(h1) is recomputed inside the kernels that need it (cheaper than storing [S, H]), and
+dh1 overwrites h1 in place once dW2 has read it, so the backward holds one [S, H1] buffer.
 
   dh kernel:    g = dy[token] @ w2[e]^T; d weight_s = <g, a_s> (+ <dy, b2[e]>);
                 dh1 = weight * g * act'(h1) (gated: gate and up halves)
@@ -19,8 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moekit.backends.triton.align import inverse_order, schedule
-from moekit.backends.triton.configs import config_by_key, config_key
+from moekit.backends.triton.align import schedule
+from moekit.backends.triton.configs import config_by_key, config_key, for_dtype
 from moekit.backends.triton.down import combine, down
 from moekit.backends.triton.up import (
     act_code,
@@ -41,7 +42,7 @@ def _dh_kernel(
     w2_ptr,  # [E, H, D] any strides (read transposed)
     h1_ptr,  # [S, H1] saved pre-activation
     weight_ptr,  # [S] gate weight of each sorted slot
-    dh1_ptr,  # [S, H1] out
+    dh1_ptr,  # [S, H1] out; may be h1_ptr (each program reads its tile before writing it)
     dwp_ptr,  # [S, cdiv(H, BLOCK_N)] fp32 out: partial sums of d weight per column block
     expert_M_ptr,  # [M] int32 expert of each tile (E = empty)
     row_M_ptr,  # [M] int32 first sorted row of each tile
@@ -237,7 +238,7 @@ def _wgrad(
     )
 
 
-@torch.library.custom_op("moekit_triton::backward", mutates_args=())
+@torch.library.custom_op("moekit_triton::backward", mutates_args=("h1_SH1",))
 def backward(
     dy_TD: Tensor,
     x_TD: Tensor,
@@ -245,6 +246,7 @@ def backward(
     token_S: Tensor,
     weight_S: Tensor,
     inv_S: Tensor,
+    kept_TK: Tensor,
     offsets_E1: Tensor,
     w1: Tensor,
     w2: Tensor,
@@ -253,16 +255,37 @@ def backward(
     activation: str,
     cfg_key: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dw1, dw2, db1, db2, dweight_S); db1 / db2 are empty when the bias is None."""
+    """(dx, dw1, dw2, db1, db2, dweight_S); db1 / db2 are empty when the bias is None.
+
+    h1_SH1 is consumed: it holds dh1 on return.
+    """
     cfg = config_by_key(x_TD.device, cfg_key)
     T, S, H = x_TD.shape[0], token_S.shape[0], w2.shape[1]
     block_m = cfg["block_m"]
     expert_M, row_M = schedule(offsets_E1, S, block_m)
     n_tiles = expert_M.shape[0]
     dy_TD = dy_TD.contiguous()
+    # weight gradients, in each weight's own dtype and layout
+    dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+    db1 = torch.empty_like(b1) if b1 is not None else w1.new_empty(0)
+    db2 = torch.empty_like(b2) if b2 is not None else w2.new_empty(0)
+    wg = cfg["wgrad"]
+    if x_TD.dtype == torch.float32:  # two fp32 operands per stage: keep to 2 stages of 64 x 64
+        wg = dict(wg, block_p=min(wg["block_p"], 64), block_q=min(wg["block_q"], 64), num_stages=2)
+    _wgrad(
+        h1_SH1,
+        dy_TD,
+        dw2,
+        db2 if b2 is not None else None,
+        offsets_E1,
+        wg,
+        right_idx=token_S,
+        scale=weight_S,
+        activation=activation,
+    )
     code, gated = act_code(activation)
-    dh1 = h1_SH1.new_empty(h1_SH1.shape)
-    dh_cfg = cfg["dh"]
+    dh1 = h1_SH1  # in place: dW2 above was the last reader of h1
+    dh_cfg = for_dtype(cfg["dh"], x_TD.dtype)
     n_blocks_h = triton.cdiv(H, dh_cfg["block_n"])
     dwp = torch.zeros(S, n_blocks_h, dtype=torch.float32, device=x_TD.device)
     if n_tiles:
@@ -306,22 +329,6 @@ def backward(
         extra = (dy_TD.index_select(0, token_S).to(torch.float32) * bias_SD).sum(1)
         dweight = dweight + torch.where(kept, extra, 0.0)
 
-    # weight gradients, in each weight's own dtype and layout
-    dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
-    db1 = torch.empty_like(b1) if b1 is not None else w1.new_empty(0)
-    db2 = torch.empty_like(b2) if b2 is not None else w2.new_empty(0)
-    wg = cfg["wgrad"]
-    _wgrad(
-        h1_SH1,
-        dy_TD,
-        dw2,
-        db2 if b2 is not None else None,
-        offsets_E1,
-        wg,
-        right_idx=token_S,
-        scale=weight_S,
-        activation=activation,
-    )
     _wgrad(x_TD, dh1, dw1, db1 if b1 is not None else None, offsets_E1, wg, left_idx=token_S)
 
     # dX: per-slot rows dh1 @ w1[e]^T, summed per token in slot order
@@ -329,12 +336,12 @@ def backward(
     _, dx_SD = grouped_gemm(
         dh1, w1.transpose(1, 2), (expert_M, row_M), offsets_E1, S, dx_cfg, block_m
     )
-    dx = combine(dx_SD, inv_S, None, offsets_E1, T)
+    dx = combine(dx_SD, inv_S, None, kept_TK, T)
     return dx, dw1, dw2, db1, db2, dweight.to(weight_S.dtype)
 
 
 @backward.register_fake
-def _(dy_TD, x_TD, h1_SH1, token_S, weight_S, inv_S, offsets_E1, w1, w2, b1, b2, act, cfg_key):
+def _(dy_TD, x_TD, h1_SH1, token_S, weight_S, inv_S, kept_TK, offsets_E1, w1, w2, b1, b2, act, key):
     return (
         torch.empty_like(x_TD),
         torch.empty_like(w1),
@@ -359,6 +366,7 @@ class FusedExperts(torch.autograd.Function):
         b2: Tensor | None,
         token_S: Tensor,
         order_S: Tensor,
+        kept_TK: Tensor,
         offsets_E1: Tensor,
         activation: str,
         train: bool,
@@ -367,21 +375,23 @@ class FusedExperts(torch.autograd.Function):
         key = config_key(x_TD.device, S, offsets_E1.shape[0] - 1)
         block_m = config_by_key(x_TD.device, key)["block_m"]
         expert_M, row_M = schedule(offsets_E1, S, block_m)
-        h1, a = up(
-            x_TD, token_S, w1, b1, expert_M, row_M, offsets_E1, activation, block_m, key, train
-        )
+        h1, a, inv_S = up(
+            x_TD, token_S, order_S, w1, b1, expert_M, row_M, offsets_E1, activation, block_m, key,
+            train,
+        )  # fmt: skip
         out_SD = down(a, w2, b2, expert_M, row_M, offsets_E1, block_m, key)
-        inv_S = inverse_order(order_S)
-        y = combine(out_SD, inv_S, weight_S, offsets_E1, T)
+        y = combine(out_SD, inv_S, weight_S, kept_TK, T)
         ctx.activation, ctx.key = activation, key
-        ctx.save_for_backward(x_TD, h1, token_S, weight_S, inv_S, offsets_E1, w1, w2, b1, b2)
+        ctx.save_for_backward(
+            x_TD, h1, token_S, weight_S, inv_S, kept_TK, offsets_E1, w1, w2, b1, b2
+        )
         return y
 
     @staticmethod
     def backward(ctx, dy_TD: Tensor):
-        x_TD, h1, token_S, weight_S, inv_S, offsets_E1, w1, w2, b1, b2 = ctx.saved_tensors
+        x_TD, h1, token_S, weight_S, inv_S, kept_TK, offsets_E1, w1, w2, b1, b2 = ctx.saved_tensors
         dx, dw1, dw2, db1, db2, dweight = backward(
-            dy_TD, x_TD, h1, token_S, weight_S, inv_S, offsets_E1, w1, w2, b1, b2,
+            dy_TD, x_TD, h1, token_S, weight_S, inv_S, kept_TK, offsets_E1, w1, w2, b1, b2,
             ctx.activation, ctx.key,
         )  # fmt: skip
         return (
@@ -393,6 +403,7 @@ class FusedExperts(torch.autograd.Function):
             db2 if b2 is not None else None,  # b2
             None,  # token_S (integer)
             None,  # order_S (integer)
+            None,  # kept_TK (bool)
             None,  # offsets_E1 (integer)
             None,  # activation
             None,  # train

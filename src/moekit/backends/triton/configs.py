@@ -39,6 +39,14 @@ DEFAULT: dict[str, dict] = {
         "dx": dict(zip(_GEMM, (64, 64, 1, 4, 4), strict=True)),
         "wgrad": {"block_m": 32, "block_p": 64, "block_q": 64, "num_warps": 4, "num_stages": 3},
     },
+    "batch": {
+        "block_m": 64,
+        "up": dict(zip(_GEMM, (128, 64, 1, 4, 4), strict=True)),
+        "down": dict(zip(_GEMM, (128, 64, 1, 4, 4), strict=True)),
+        "dh": dict(zip(_GEMM, (64, 128, 1, 4, 4), strict=True)),
+        "dx": dict(zip(_GEMM, (64, 64, 1, 4, 4), strict=True)),
+        "wgrad": {"block_m": 32, "block_p": 64, "block_q": 64, "num_warps": 4, "num_stages": 3},
+    },
     "medium": {
         "block_m": 64,
         "up": dict(zip(_GEMM, (128, 64, 8, 4, 4), strict=True)),
@@ -70,8 +78,10 @@ def shape_class(n_rows: int, n_experts: int) -> str:
     per_expert = n_rows / max(n_experts, 1)
     if per_expert <= 8:
         return "decode"
-    if per_expert <= 32:
+    if per_expert <= 20:
         return "small"
+    if per_expert <= 48:
+        return "batch"
     if per_expert <= 128:
         return "medium"
     return "large"
@@ -92,7 +102,15 @@ def _table(key: str) -> dict:
     if not path.exists():
         _LOG.warning("no tuned triton MoE configs for %s (%s): using defaults", key, path.name)
         return DEFAULT
-    return {**DEFAULT, **json.loads(path.read_text())}
+    tuned = json.loads(path.read_text())
+    return {cls: {**cfg, **tuned.get(cls, {})} for cls, cfg in DEFAULT.items()}
+
+
+def for_dtype(cfg: dict, dtype: torch.dtype) -> dict:
+    """fp32 tiles take twice the shared memory: shorter K steps and at most 3 stages."""
+    if dtype != torch.float32:
+        return cfg
+    return dict(cfg, num_stages=min(cfg["num_stages"], 3), block_k=min(cfg["block_k"], 32))
 
 
 def config_key(device: torch.device, n_rows: int, n_experts: int) -> str:

@@ -46,14 +46,13 @@ def _(a_SH, w2, b2, expert_M, row_M, offsets_E1, block_m, cfg_key):
 def _combine_kernel(
     # pointers
     src_ptr,  # [S, D] per-slot rows in sorted order
-    inv_ptr,  # [T * K] int64 sorted position of flat slot t * K + j
+    inv_ptr,  # [T * K] int32 sorted position of flat slot t * K + j (written where kept)
     weight_ptr,  # [S] gate weight of each sorted slot; unused if not WEIGHTED
-    offsets_ptr,  # [E + 1] int64; offsets[E] = kept slots (positions past it are dropped)
+    kept_ptr,  # [T * K] bool, slot kept after capacity
     out_ptr,  # [T, D] out
     # dims
     D,
     K,
-    E,
     # strides
     stride_sm,
     stride_sd,
@@ -66,11 +65,10 @@ def _combine_kernel(
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = cols < D
-    n_kept = tl.load(offsets_ptr + E)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for j in range(0, K):  # fixed order: reproducible sums
-        pos = tl.load(inv_ptr + t * K + j)
-        kept = pos < n_kept
+        kept = tl.load(kept_ptr + t * K + j) != 0
+        pos = tl.where(kept, tl.load(inv_ptr + t * K + j), 0).to(tl.int64)  # inv unset if dropped
         mask = cols < tl.where(kept, D, 0)  # dropped slots: no read (their rows are unwritten)
         row = tl.load(src_ptr + pos * stride_sm + cols * stride_sd, mask=mask, other=0.0)
         scale = tl.load(weight_ptr + pos).to(tl.float32) if WEIGHTED else 1.0
@@ -81,7 +79,7 @@ def _combine_kernel(
 
 @torch.library.custom_op("moekit_triton::combine", mutates_args=())
 def combine(
-    src_SD: Tensor, inv_S: Tensor, weight_S: Tensor | None, offsets_E1: Tensor, n_tokens: int
+    src_SD: Tensor, inv_S: Tensor, weight_S: Tensor | None, kept_TK: Tensor, n_tokens: int
 ) -> Tensor:
     """y [T, D] (src's dtype) = per token, the fp32 sum of its kept slots' (weighted) rows."""
     S, D = src_SD.shape
@@ -93,11 +91,10 @@ def combine(
         src_SD,
         inv_S,
         weight_S if weight_S is not None else inv_S,
-        offsets_E1,
+        kept_TK,
         out,
         D,
         S // n_tokens,
-        offsets_E1.shape[0] - 1,
         *src_SD.stride(),
         *out.stride(),
         BLOCK_D=block_d,
@@ -108,5 +105,5 @@ def combine(
 
 
 @combine.register_fake
-def _(src_SD, inv_S, weight_S, offsets_E1, n_tokens):
+def _(src_SD, inv_S, weight_S, kept_TK, n_tokens):
     return src_SD.new_empty(n_tokens, src_SD.shape[1])

@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moekit.backends.triton.configs import config_by_key, for_dtype
+from moekit.backends.triton.decode import spread
 from moekit.config import GATED_ACTIVATIONS
 
 ACT_CODE = {"gelu": 1, "relu": 2, "silu": 3, "swiglu": 3, "geglu": 1, "reglu": 2}
@@ -75,6 +77,8 @@ def _grouped_gemm_kernel(
     # pointers
     a_ptr,  # [rows of A, K] left operand (x when gathering, else sorted rows)
     gather_ptr,  # [S] int64 source row of A for each sorted row (token_S); unused if not GATHER
+    order_ptr,  # [S] int64 flat slot id of each sorted row; unused if not WRITE_INV
+    inv_ptr,  # [S] int32 out: sorted row of each kept flat slot; unused if not WRITE_INV
     b_ptr,  # [E, K, N or 2N] per-expert right operand, any strides
     bias_ptr,  # [E, N or 2N]; unused if not HAS_BIAS
     pre_ptr,  # [S, N or 2N] out: pre-activation (saved for backward); unused if not STORE_PRE
@@ -110,6 +114,7 @@ def _grouped_gemm_kernel(
     HAS_BIAS: tl.constexpr,  # add bias before the activation
     STORE_PRE: tl.constexpr,  # also write the pre-activation (training)
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 ("ieee" or "tf32")
+    WRITE_INV: tl.constexpr,  # also invert the sort for the combine (saves two launches)
 ):
     pid_m, pid_n = tile_of(tl.program_id(0), n_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(expert_M_ptr + pid_m)
@@ -117,6 +122,9 @@ def _grouped_gemm_kernel(
         return
     rows = tl.load(row_M_ptr + pid_m) + tl.arange(0, BLOCK_M)
     mask_m = rows < tl.load(offsets_ptr + e + 1)
+    if WRITE_INV and pid_n == 0:
+        slot = tl.load(order_ptr + rows, mask=mask_m, other=0)
+        tl.store(inv_ptr + slot, rows, mask=mask_m)
     src = tl.load(gather_ptr + rows, mask=mask_m, other=0) if GATHER else rows
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < N
@@ -168,13 +176,16 @@ def grouped_gemm(
     bias: Tensor | None = None,
     activation: str | None = None,
     store_pre: bool = False,
+    inverse: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """out [S, N] = act(A[rows] @ B[e] + bias[e]) per tile; returns (pre [S, N1] or empty, out).
 
     A is x [T, K] gathered through gather_S, or sorted rows [S, K]. B [E, K, N1] by strides,
     N1 = 2N when the activation is gated. Rows past offsets_E1[E] are left unwritten.
+    inverse = (order_S, inv_S): also write inv_S[order_S[row]] = row for the kept rows.
     """
     code, gated = act_code(activation) if activation is not None else (0, False)
+    cfg = for_dtype(cfg, a.dtype)
     E, K, N1 = b_EKN.shape
     if a.shape[1] != K:
         raise ValueError(f"A has {a.shape[1]} columns, B expects K={K}")
@@ -185,10 +196,12 @@ def grouped_gemm(
     n_tiles = expert_M.shape[0]
     if n_tiles == 0 or N == 0:
         return pre, out
+    cfg = spread(cfg, n_tiles, N, a.device)
     grid = (n_tiles * triton.cdiv(N, cfg["block_n"]),)
     _grouped_gemm_kernel[grid](
         a,
         gather_S if gather_S is not None else expert_M,
+        *(inverse if inverse is not None else (expert_M, expert_M)),
         b_EKN,
         bias if bias is not None else b_EKN,
         pre if store_pre else out,
@@ -216,6 +229,7 @@ def grouped_gemm(
         HAS_BIAS=bias is not None,
         STORE_PRE=store_pre,
         PRECISION=dot_precision(a.dtype),
+        WRITE_INV=inverse is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -226,6 +240,7 @@ def grouped_gemm(
 def up(
     x_TD: Tensor,
     token_S: Tensor,
+    order_S: Tensor,
     w1: Tensor,
     b1: Tensor | None,
     expert_M: Tensor,
@@ -235,11 +250,11 @@ def up(
     block_m: int,
     cfg_key: str,
     store_pre: bool,
-) -> tuple[Tensor, Tensor]:
-    """(h1 [S, H1] pre-activation, or [0, H1] at inference; a [S, H]); x gathered in-kernel."""
-    from moekit.backends.triton.configs import config_by_key
-
-    return grouped_gemm(
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(h1 [S, H1] pre-activation, or [0, H1] at inference; a [S, H]; inv [S] int32, the
+    sorted row of each kept flat slot, others unwritten); x gathered in-kernel."""
+    inv_S = torch.empty(token_S.shape[0], dtype=torch.int32, device=x_TD.device)
+    h1, a = grouped_gemm(
         x_TD,
         w1,
         (expert_M, row_M),
@@ -251,12 +266,15 @@ def up(
         bias=b1,
         activation=activation,
         store_pre=store_pre,
+        inverse=(order_S, inv_S),
     )
+    return h1, a, inv_S
 
 
 @up.register_fake
-def _(x_TD, token_S, w1, b1, expert_M, row_M, offsets_E1, activation, block_m, cfg_key, store_pre):
+def _(x_TD, token_S, order_S, w1, b1, expert_M, row_M, offsets_E1, activation, block_m, key, pre):
     H1 = w1.shape[2]
     H = H1 // 2 if activation in GATED_ACTIVATIONS else H1
     S = token_S.shape[0]
-    return x_TD.new_empty(S if store_pre else 0, H1), x_TD.new_empty(S, H)
+    inv_S = token_S.new_empty(S, dtype=torch.int32)
+    return x_TD.new_empty(S if pre else 0, H1), x_TD.new_empty(S, H), inv_S
