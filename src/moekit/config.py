@@ -55,6 +55,12 @@ class RouterConfig:
     sinkhorn_iters: int = 50
     sinkhorn_tau: float = 0.05  # entropic temperature: smaller = closer to a hard balanced plan
     sinkhorn_candidates: int | None = None  # restrict each token to its top-n experts by logit
+    # attention ("supervisor") router: heads and per-head width of the query/key projections
+    attention_heads: int = 4
+    attention_dim: int = 32
+    # constellations: expert groups of any sizes (a partition of the experts, e.g. from
+    # MoE.constellations); topk/attention routers keep each token's best topk_groups of them
+    constellations: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         from moekit.routing import available_routers
@@ -76,14 +82,36 @@ class RouterConfig:
         _positive("router.sinkhorn_tau", self.sinkhorn_tau)
         if self.n_groups < 1:
             raise ValueError(f"router.n_groups={self.n_groups} must be >= 1")
-        if not 1 <= self.topk_groups <= self.n_groups:
+        n_sets = self.n_groups if self.constellations is None else len(self.constellations)
+        if not 1 <= self.topk_groups <= n_sets:
             raise ValueError(
-                f"router.topk_groups={self.topk_groups} must be in [1, n_groups={self.n_groups}]"
+                f"router.topk_groups={self.topk_groups} must be in [1, {n_sets}] "
+                f"(n_groups={self.n_groups}, or the number of constellations)"
             )
         if self.sinkhorn_iters < 1:
             raise ValueError(f"router.sinkhorn_iters={self.sinkhorn_iters} must be >= 1")
         if self.sinkhorn_candidates is not None and self.sinkhorn_candidates < 1:
             raise ValueError(f"router.sinkhorn_candidates={self.sinkhorn_candidates} must be >= 1")
+        for name in ("attention_heads", "attention_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"router.{name}={getattr(self, name)!r} must be an integer >= 1")
+        if self.constellations is not None:
+            self._check_constellations()
+
+    def _check_constellations(self) -> None:
+        """Non-empty, disjoint groups of expert ids; only for the softmax top-k routers."""
+        if self.kind not in ("topk", "attention"):
+            raise ValueError(
+                f"router.constellations needs kind 'topk' or 'attention', not {self.kind!r}"
+            )
+        if self.n_groups != 1:
+            raise ValueError("router.constellations and router.n_groups > 1 are exclusive")
+        self.constellations = [list(group) for group in self.constellations]
+        ids = [e for group in self.constellations for e in group]
+        if not self.constellations or not all(self.constellations):
+            raise ValueError("router.constellations must be non-empty groups of expert ids")
+        if any(not isinstance(e, int) or e < 0 for e in ids) or len(set(ids)) != len(ids):
+            raise ValueError("router.constellations must hold distinct expert ids >= 0")
 
 
 @dataclass
@@ -124,6 +152,10 @@ class MoEConfig:
     fallback: str = "zero"  # tokens that lost every expert: zero output, or a small dense FFN
     renormalize_after_drop: bool = False  # rescale a token's surviving weights to its pre-drop sum
     debug: bool = False  # NaN/inf checks on inputs (host sync; never on by default)
+    track_coactivation: bool = False  # count experts chosen together into MoE.coactivation
+    # inference only (ignored in training): merge a token's experts whose outputs have
+    # cosine >= threshold onto the highest-weight one (moekit.librarian)
+    dedup_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
@@ -144,15 +176,33 @@ class MoEConfig:
             raise ValueError(f"n_shared_experts={self.n_shared_experts} must be >= 0")
         _choice("backend", self.backend, ("auto", *available_backends()))
         _choice("fallback", self.fallback, FALLBACKS)
+        if self.dedup_threshold is not None and not 0 < self.dedup_threshold <= 1:
+            raise ValueError(f"dedup_threshold={self.dedup_threshold!r} must be in (0, 1]")
         if self.n_experts % self.router.n_groups:
             raise ValueError(
                 f"router.n_groups={self.router.n_groups} must divide n_experts={self.n_experts}"
             )
+        if self.router.constellations is not None:
+            self._check_constellations()
         experts_per_group = self.n_experts // self.router.n_groups
         if self.k > self.router.topk_groups * experts_per_group:
             raise ValueError(
                 f"k={self.k} exceeds the experts reachable in router.topk_groups="
                 f"{self.router.topk_groups} groups of {experts_per_group}"
+            )
+
+    def _check_constellations(self) -> None:
+        """Constellations partition the experts and every token can still reach k of them."""
+        groups = self.router.constellations or []
+        if sorted(e for group in groups for e in group) != list(range(self.n_experts)):
+            raise ValueError(
+                f"router.constellations must partition the n_experts={self.n_experts} experts"
+            )
+        reachable = sum(sorted(len(g) for g in groups)[: self.router.topk_groups])
+        if self.k > reachable:
+            raise ValueError(
+                f"k={self.k} exceeds the {reachable} experts of the smallest "
+                f"router.topk_groups={self.router.topk_groups} constellations"
             )
 
     def capacity(self, n_tokens: int) -> int | None:

@@ -35,22 +35,52 @@ def _allowed_groups(scores: list[float], n_groups: int, topk_groups: int) -> set
     return allowed
 
 
+def _allowed_constellations(
+    scores: list[float], groups: list[list[int]], topk_groups: int
+) -> set[int]:
+    """Experts inside the token's best constellations (score = sum of its top-2 members)."""
+    group_scores = [sum(sorted((scores[e] for e in g), reverse=True)[:2]) for g in groups]
+    allowed = set()
+    for g in _top(group_scores, topk_groups):
+        allowed.update(groups[g])
+    return allowed
+
+
+def _attention_logits(moe: MoE, x_t: Tensor) -> Tensor:
+    """Attention router logits [E] of one token: mean over heads h of q_h . k_{h,e} / sqrt(A)."""
+    router = moe.router
+    N, A = router.n_heads, router.head_dim
+    logits = []
+    for e in range(moe.cfg.n_experts):
+        total = x_t.new_zeros(())
+        for h in range(N):
+            rows = slice(h * A, (h + 1) * A)
+            q = router.query[rows].to(x_t.dtype) @ x_t
+            k = router.key[rows].to(x_t.dtype) @ router.weight[e].to(x_t.dtype)
+            total = total + (q * k).sum() / math.sqrt(A)
+        logits.append(total / N)
+    return torch.stack(logits)
+
+
 def _token_choice(moe: MoE, logits: Tensor) -> tuple[list[list[int]], Tensor, Tensor]:
-    """topk / sigmoid routing per token: (experts per token, weights [T, k], priorities)."""
+    """topk / attention / sigmoid routing per token: (experts, weights [T, k], priorities)."""
     cfg, r = moe.cfg, moe.cfg.router
     T, k = logits.shape[0], cfg.k
     weights = logits.new_zeros(T, k)
     priority = logits.new_zeros(T, k)
     chosen = []
     for t in range(T):
-        if r.kind == "topk":
+        if r.kind in ("topk", "attention"):
             scores = torch.softmax(logits[t], dim=0)
             select = scores.detach().tolist()
         else:  # sigmoid: bias only for selection
             scores = torch.sigmoid(logits[t])
             bias = moe.router.expert_bias.tolist()
             select = [s + b for s, b in zip(scores.detach().tolist(), bias, strict=True)]
-        allowed = _allowed_groups(select, r.n_groups, r.topk_groups)
+        if r.constellations is not None:
+            allowed = _allowed_constellations(select, r.constellations, r.topk_groups)
+        else:
+            allowed = _allowed_groups(select, r.n_groups, r.topk_groups)
         ranked = _top([v if e in allowed else -math.inf for e, v in enumerate(select)], k)
         chosen.append(ranked)
         w = torch.stack([scores[e] for e in ranked])
@@ -167,7 +197,14 @@ def moe_forward(moe: MoE, x: Tensor) -> tuple[Tensor, MoEInfo]:
     dtype = router_dtype(x.dtype)
     w_router = moe.router.weight.to(dtype)
     logits = (
-        torch.stack([w_router @ xs[t].to(dtype) for t in range(T)])
+        torch.stack(
+            [
+                _attention_logits(moe, xs[t].to(dtype))
+                if cfg.router.kind == "attention"
+                else w_router @ xs[t].to(dtype)
+                for t in range(T)
+            ]
+        )
         if T
         else xs.new_zeros(0, E, dtype=dtype)
     )
@@ -182,9 +219,9 @@ def moe_forward(moe: MoE, x: Tensor) -> tuple[Tensor, MoEInfo]:
     elif kind == "sinkhorn":
         chosen, weights, priority = _sinkhorn(moe, logits)
         probs = torch.softmax(logits, 1)
-    elif kind in ("topk", "sigmoid"):
+    elif kind in ("topk", "sigmoid", "attention"):
         chosen, weights, priority = _token_choice(moe, logits)
-        probs = torch.softmax(logits, 1) if kind == "topk" else torch.sigmoid(logits)
+        probs = torch.softmax(logits, 1) if kind != "sigmoid" else torch.sigmoid(logits)
         probs = probs / probs.sum(1, keepdim=True) if kind == "sigmoid" else probs
     else:
         raise ValueError(f"the reference has no routing for router.kind={kind!r}")

@@ -33,6 +33,6 @@ def build_router(cfg: MoEConfig) -> Router:
     return _ROUTERS[cfg.router.kind](cfg)
 
 
-from moekit.routing import expert_choice, sigmoid, sinkhorn, topk  # noqa: E402,F401  (registration)
+from moekit.routing import attention, expert_choice, sigmoid, sinkhorn, topk  # noqa: E402,F401  (registration)
 
 __all__ = ["Router", "Routing", "available_routers", "build_router", "register_router"]

@@ -53,6 +53,36 @@ def group_limited(scores_TE: Tensor, n_groups: int, topk_groups: int) -> Tensor:
     return scores_TE.masked_fill(~keep_TE, float("-inf"))
 
 
+def membership_mask(groups: list[list[int]], n_experts: int) -> Tensor:
+    """[G, E] bool: row g marks the experts of group g (groups may differ in size)."""
+    members_GE = torch.zeros(len(groups), n_experts, dtype=torch.bool)
+    for g, experts in enumerate(groups):
+        members_GE[g, experts] = True
+    return members_GE
+
+
+def membership_limited(scores_TE: Tensor, members_GE: Tensor, topk_groups: int) -> Tensor:
+    """`group_limited` over arbitrary groups: mask experts outside each token's best groups.
+
+    members_GE [G, E] bool may describe uneven groups (expert constellations). A group's score
+    is the sum of its top-2 member scores (its only score for a one-expert group), the
+    DeepSeek-V3 rule; ties between groups go to the lower group index.
+    """
+    T, E = scores_TE.shape
+    G = members_GE.shape[0]
+    inside_TGE = scores_TE.unsqueeze(1).masked_fill(~members_GE, float("-inf"))  # [T, G, E]
+    top_TG2 = inside_TGE.topk(min(2, E), dim=-1).values
+    real_G2 = torch.arange(top_TG2.shape[-1], device=scores_TE.device) < members_GE.sum(
+        -1, keepdim=True
+    )
+    group_score_TG = torch.where(real_G2, top_TG2, 0.0).sum(-1)
+    ranked_TG = group_score_TG.argsort(dim=-1, descending=True, stable=True)
+    keep_TG = torch.zeros(T, G, dtype=torch.bool, device=scores_TE.device)
+    keep_TG.scatter_(1, ranked_TG[:, :topk_groups], True)
+    keep_TE = (keep_TG.unsqueeze(-1) & members_GE).any(1)  # [T, E]
+    return scores_TE.masked_fill(~keep_TE, float("-inf"))
+
+
 def renormalize(weights_TK: Tensor) -> Tensor:
     """Selected weights rescaled to sum to 1 per token (Mixtral / Qwen top-k)."""
     return weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(

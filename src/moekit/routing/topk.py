@@ -4,17 +4,39 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from moekit.config import MoEConfig
 from moekit.routing import register_router
-from moekit.routing.base import Router, Routing, group_limited, renormalize
+from moekit.routing.base import (
+    Router,
+    Routing,
+    group_limited,
+    membership_limited,
+    membership_mask,
+    renormalize,
+)
 
 
 @register_router("topk")
 class TopKRouter(Router):
-    """Softmax over experts, then each token takes its k best (optionally group-limited)."""
+    """Softmax over experts, then each token takes its k best.
+
+    Optionally limited to the best groups first: DeepSeek's equal `n_groups`, or arbitrary
+    `constellations` (e.g. clusters of co-activated experts from `MoE.constellations`).
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__(cfg)
+        groups = cfg.router.constellations
+        # derived from the config, so not saved in checkpoints
+        members_GE = membership_mask(groups, cfg.n_experts) if groups is not None else None
+        self.register_buffer("members_GE", members_GE, persistent=False)
 
     def select(self, logits_TE: Tensor) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
-        candidates_TE = group_limited(probs_TE, self.rcfg.n_groups, self.rcfg.topk_groups)
+        if self.members_GE is not None:
+            candidates_TE = membership_limited(probs_TE, self.members_GE, self.rcfg.topk_groups)
+        else:
+            candidates_TE = group_limited(probs_TE, self.rcfg.n_groups, self.rcfg.topk_groups)
         top_TK, experts_TK = candidates_TE.topk(self.k, dim=-1)
         weights_TK = top_TK
         if self.rcfg.renormalize and self.k > 1:
