@@ -45,6 +45,33 @@ def _sync_check_finite(x: Tensor) -> None:
         raise ValueError("x contains NaN or inf (checked because MoEConfig.debug=True)")
 
 
+def _sync_cluster_coactivation(coactivation_EE: Tensor, n: int) -> list[list[int]]:
+    """Average-linkage hierarchical clustering on 1 - normalised co-activation. NOTE: host sync.
+
+    Normalised co-activation C_ij / sqrt(C_ii C_jj) is the cosine between the experts' token
+    sets (Ochiai coefficient), 1 for experts always chosen together; average linkage (UPGMA)
+    merges groups by mean distance, so one stray co-activation does not join two clusters.
+    Clusters are ordered by their smallest expert id.
+    """
+    from scipy.cluster.hierarchy import cut_tree, linkage
+    from scipy.spatial.distance import squareform
+
+    counts = coactivation_EE.detach().double().cpu()
+    E = counts.shape[0]
+    if n == E or E == 1:
+        return [[e] for e in range(E)]
+    diag = counts.diagonal().clamp_min(1.0)
+    similarity = counts / torch.sqrt(diag[:, None] * diag[None, :])
+    distance = (1.0 - similarity).clamp_min(0.0).fill_diagonal_(0.0)
+    distance = (distance + distance.T) / 2
+    tree = linkage(squareform(distance.numpy(), checks=False), method="average")
+    labels = cut_tree(tree, n_clusters=n)[:, 0]  # exactly n clusters, even with tied distances
+    groups: dict[int, list[int]] = {}
+    for e, label in enumerate(labels.tolist()):
+        groups.setdefault(label, []).append(e)
+    return sorted(groups.values())
+
+
 class MoE(nn.Module):
     """A drop-in MoE feed-forward layer: x [..., D] -> (y [..., D], MoEInfo)."""
 
@@ -60,6 +87,9 @@ class MoE(nn.Module):
         self.fallback = (
             DenseMLP(cfg.d_model, cfg.d_hidden, cfg.expert) if cfg.fallback == "dense" else None
         )
+        if cfg.track_coactivation:  # [E, E] tokens that chose both i and j; diagonal: chose i
+            E = cfg.n_experts
+            self.register_buffer("coactivation", torch.zeros(E, E, dtype=torch.float32))
 
     # stage 1 + 2 -----------------------------------------------------------------------
     def route(self, x_TD: Tensor) -> tuple[Routing, Plan]:
@@ -99,8 +129,30 @@ class MoE(nn.Module):
         lead = tuple(x.shape[:-1])
         x_TD = x.reshape(-1, self.cfg.d_model)
         routing, plan = self.route(x_TD)
+        if self.cfg.track_coactivation:
+            self.count_coactivation(routing.experts)
         y_TD = self.finish(x_TD, self.compute(x_TD, plan), plan)
         return y_TD.reshape(*lead, self.cfg.d_model), self.info(routing, plan, lead)
+
+    @torch.no_grad()
+    def count_coactivation(self, experts_TK: Tensor) -> None:
+        """Add each token's chosen experts (before capacity drops) to `coactivation` [E, E]."""
+        E = self.cfg.n_experts
+        chose_TE = torch.zeros(experts_TK.shape[0], E, device=experts_TK.device)
+        # add, not write: empty slots (-1) land on expert 0 with 0 and must not overwrite it
+        chose_TE.scatter_add_(1, experts_TK.clamp_min(0), (experts_TK >= 0).float())
+        self.coactivation.add_(chose_TE.T @ chose_TE)
+
+    def constellations(self, n: int) -> list[list[int]]:
+        """Partition the experts into n clusters of experts often chosen together.
+
+        Usable as `RouterConfig.constellations`; needs `MoEConfig.track_coactivation`.
+        """
+        if not self.cfg.track_coactivation:
+            raise ValueError("constellations need MoEConfig.track_coactivation=True")
+        if not 1 <= n <= self.cfg.n_experts:
+            raise ValueError(f"n={n} must be in [1, n_experts={self.cfg.n_experts}]")
+        return _sync_cluster_coactivation(self.coactivation, n)
 
     def info(self, routing: Routing, plan: Plan, lead: tuple[int, ...]) -> MoEInfo:
         losses = router_losses(routing, lead)
