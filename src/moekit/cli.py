@@ -9,9 +9,62 @@ from jsonargparse import ArgumentParser, Namespace
 
 
 def _demo_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Train a small MoE on a CPU and show what its experts learned.")
+    p = ArgumentParser(
+        description="Train a small MoE transformer and a dense one of equal active size on "
+        "`signals` (CPU, about a minute each) and show what the experts learned."
+    )
     p.add_argument("--out", type=str, default="moekit-out", help="directory for plots and outputs")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--steps", type=int, default=250, help="training steps of each model")
+    return p
+
+
+def _train_parser() -> ArgumentParser:
+    from moekit.train.config import RunConfig
+
+    p = ArgumentParser(
+        description="Train a model from a YAML config: moekit train CONFIG [--key.sub VALUE ...]. "
+        "Dotted options override the config; the run (logs, plots, checkpoints/) goes to --out."
+    )
+    p.add_argument("--config", action="config", help="YAML run config (also the first argument)")
+    p.add_class_arguments(RunConfig, None)
+    p.add_argument(
+        "--resume",
+        type=str | None,
+        default=None,
+        help="continue from a checkpoint or run dir (a bare --resume uses --out)",
+    )
+    return p
+
+
+def _eval_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Evaluate a checkpoint (or a run dir's best one) on its task.")
+    p.add_argument("path", type=str, help="checkpoint or run directory")
+    p.add_argument("--batch-size", type=int, default=64, help="validation batch size")
+    return p
+
+
+def _generate_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Sample from a checkpoint: text, or a continuous rollout.")
+    p.add_argument("path", type=str, help="checkpoint or run directory")
+    p.add_argument(
+        "--prompt",
+        type=str,
+        default="def ",
+        help="text; for continuous models, values 'a,b,c' (vectors separated by ';')",
+    )
+    p.add_argument("--max-new", type=int, default=200, help="positions to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int | None, default=None, help="sample among the k best")
+    p.add_argument("--top-p", type=float | None, default=0.95, help="nucleus probability mass")
+    p.add_argument("--samples", type=int, default=1, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    return p
+
+
+def _plot_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Redraw a run's dashboard and specialisation plots.")
+    p.add_argument("run_dir", type=str, help="run directory (holds metrics.jsonl)")
     return p
 
 
@@ -52,15 +105,44 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="moekit", description="Mixture-of-Experts on PyTorch.")
     sub = parser.add_subcommands(dest="command")
     sub.add_subcommand("demo", _demo_parser())
+    sub.add_subcommand("train", _train_parser())
+    sub.add_subcommand("eval", _eval_parser())
+    sub.add_subcommand("generate", _generate_parser())
+    sub.add_subcommand("plot", _plot_parser())
     _add_bench(sub)
     _add_finance(sub)
     return parser
 
 
 def _run_demo(args: Namespace) -> None:
-    from moekit.demo import run_demo
+    from moekit.train.demo import run_demo
 
-    run_demo(out_dir=args.out, seed=args.seed)
+    run_demo(out_dir=args.out, seed=args.seed, steps=args.steps)
+
+
+def _run_train(args: Namespace) -> None:
+    from moekit.train.commands import train
+
+    train(args)
+
+
+def _run_eval(args: Namespace) -> None:
+    from moekit.train.commands import evaluate
+
+    evaluate(args.path, args.batch_size)
+
+
+def _run_generate(args: Namespace) -> None:
+    from moekit.train.commands import generate
+
+    generate(args)
+
+
+def _run_plot(args: Namespace) -> None:
+    from moekit.viz import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
 
 
 def _run_bench(args: Namespace) -> None:
@@ -87,12 +169,40 @@ def _run_finance(args: Namespace) -> None:
     run_demo(out_dir=args.demo.out, seed=args.demo.seed)
 
 
-_HANDLERS = {"demo": _run_demo, "bench": _run_bench, "finance": _run_finance}
+_HANDLERS = {
+    "demo": _run_demo,
+    "train": _run_train,
+    "eval": _run_eval,
+    "generate": _run_generate,
+    "plot": _run_plot,
+    "bench": _run_bench,
+    "finance": _run_finance,
+}
+
+
+def _normalise_train_argv(argv: list[str]) -> list[str]:
+    """`train CONFIG ...` -> `train --config CONFIG ...`; a bare `--resume` -> `--resume auto`."""
+    if not argv or argv[0] != "train":
+        return argv
+    rest = argv[1:]
+    if rest and not rest[0].startswith("-"):
+        rest = ["--config", rest[0], *rest[1:]]
+    out = []
+    for i, arg in enumerate(rest):
+        out.append(arg)
+        if arg == "--resume" and (i + 1 == len(rest) or rest[i + 1].startswith("--")):
+            out.append("auto")
+    return ["train", *out]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = _normalise_train_argv(list(argv) if argv is not None else sys.argv[1:])
     parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else sys.argv[1:])
+    try:
+        args = parser.parse_args(argv)
+    except ValueError as err:  # a dataclass config rejected a value; its message names the key
+        print(f"moekit: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
     _HANDLERS[args.command](args[args.command])
     return 0
 

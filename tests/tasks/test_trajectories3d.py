@@ -19,7 +19,13 @@ def _train(tmp_path, task: TaskConfig, steps: int, lr: float):
             moe=moekit.MoEConfig(d_model=32, d_hidden=32, n_experts=4, k=2),
         ),
         train=TrainConfig(
-            steps=steps, batch_size=16, lr=lr, warmup_steps=5, eval_interval=steps, live="off"
+            steps=steps,
+            batch_size=16,
+            lr=lr,
+            warmup_steps=5,
+            eval_interval=steps,
+            live="off",
+            threads=1,
         ),
         out=str(tmp_path),
     )

@@ -7,7 +7,15 @@ from moekit.train import RunConfig, TrainConfig
 
 
 def tiny_run(out, **train) -> RunConfig:
-    kw = dict(steps=12, batch_size=8, eval_interval=4, log_interval=3, warmup_steps=2, live="off")
+    kw = dict(
+        steps=12,
+        batch_size=8,
+        eval_interval=4,
+        log_interval=3,
+        warmup_steps=2,
+        live="off",
+        threads=1,
+    )
     kw.update(train)
     return RunConfig(
         task=TaskConfig(name="signals", seq_len=16, val_sequences=16),

@@ -50,7 +50,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
-            self.moe = MoEConfig.from_dict(self.moe)
+            try:
+                self.moe = MoEConfig.from_dict(self.moe)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"model.moe: {err}") from err
         # the MoE layer always works at the model width: one number to change, not two
         if self.moe.d_model != self.d_model:
             self.moe = replace(self.moe, d_model=self.d_model)
@@ -82,7 +85,7 @@ class ModelConfig:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be > 0")
         if self.aux_loss_weight < 0:
             raise ValueError(f"model.aux_loss_weight={self.aux_loss_weight} must be >= 0")
-        if self.tie_embeddings and (self.vocab_size is None or self.d_out is not None):
+        if self.tie_embeddings and (self.d_in is not None or self.d_out is not None):
             raise ValueError("model.tie_embeddings needs a token model with an LM head")
 
     @property

@@ -42,6 +42,7 @@ class TrainConfig:
     keep_best: int = 2  # checkpoints kept by lowest validation metric
     keep_last: int = 2  # most recent checkpoints kept
     live: str = "auto"  # auto = rich view on a TTY, plain lines otherwise
+    threads: int | None = None  # CPU threads for torch; 1 is fastest for tiny models / busy CPUs
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "log_interval"):
@@ -50,6 +51,8 @@ class TrainConfig:
         for name in ("warmup_steps", "plot_interval", "keep_best", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"train.threads={self.threads} must be >= 1 (or null)")
         if self.eval_interval < 1:
             raise ValueError(f"train.eval_interval={self.eval_interval} must be >= 1")
         if self.ckpt_interval is not None and self.ckpt_interval < 1:
@@ -89,8 +92,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for name, cls in (("task", TaskConfig), ("model", ModelConfig), ("train", TrainConfig)):
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, cls(**getattr(self, name)))
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                try:
+                    setattr(self, name, cls(**value))
+                except (TypeError, ValueError) as err:  # say which section the key is in
+                    text = str(err)
+                    raise ValueError(text if text.startswith(name) else f"{name}: {text}") from err
         if self.model.max_seq_len < self.task.seq_len:
             raise ValueError(
                 f"model.max_seq_len={self.model.max_seq_len} must be >= "

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from moekit.model import ModelOutput
+from moekit.model import ModelOutput, Transformer
 from moekit.routing.losses import LOSS_NAMES
-from moekit.tasks import Batch
+from moekit.tasks import Batch, Task
 
 
 def step_metrics(out: ModelOutput) -> dict[str, Any]:
@@ -44,3 +46,33 @@ def routing_counts(out: ModelOutput, batch: Batch, n_categories: int) -> dict[st
         c.scatter_add_(0, flat_TK.reshape(-1), valid_TK.reshape(-1))
         counts[str(i)] = c.view(n_categories, E)
     return counts
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: Transformer,
+    task: Task,
+    batches: list[Batch],
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> dict[str, Any]:
+    """Mean validation loss and task metrics over `batches`, plus per-layer routing counts."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, Tensor] = {}
+    n = 0
+    for batch in batches:
+        with autocast():
+            out = model(batch.x, batch.y)
+        m = {"val_loss": out.task_loss, **task.metrics(out.out, batch, out.task_loss)}
+        B = batch.x.shape[0]
+        for key, value in m.items():
+            sums[key] = sums.get(key, 0) + value.float() * B
+        for layer, c in routing_counts(out, batch, len(task.categories)).items():
+            counts[layer] = counts.get(layer, 0) + c
+        n += B
+    model.train(was_training)
+    # NOTE: host sync - evaluation results leave the device here
+    record: dict[str, Any] = {k: float(v / n) for k, v in sums.items()}
+    record["routing"] = {k: v.cpu().tolist() for k, v in counts.items()}
+    return record

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model
 
-from moekit.model import ModelConfig, ModelOutput, Transformer
+from moekit.model import ModelConfig, Transformer
 from moekit.model.io import WEIGHTS_FILE
 from moekit.tasks import Batch, Task, build_task
 from moekit.train.checkpoint import (
@@ -38,7 +38,7 @@ from moekit.train.checkpoint import (
 from moekit.train.config import RunConfig
 from moekit.train.live import LiveView
 from moekit.train.logging import RunLog
-from moekit.train.metrics import routing_counts, step_metrics
+from moekit.train.metrics import evaluate_model, step_metrics
 from moekit.train.optim import build_optimizer, set_lr
 
 RUN_FILE = "run.json"
@@ -77,6 +77,8 @@ class Trainer:
         seed_everything(cfg.seed)
         self.task = task or build_task(cfg.task, cfg.seed)
         self.device = resolve_device(cfg.train.device)
+        if cfg.train.threads is not None:
+            torch.set_num_threads(cfg.train.threads)
         self.model = Transformer(model_config_for(cfg.model, self.task)).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.dtype = self._autocast_dtype(cfg.train.precision)
@@ -120,26 +122,9 @@ class Trainer:
         return {"step": self.step + 1, **_mean(parts), "lr": lrs, "grad_norm": grad_norm}
 
     # evaluation -----------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, batches: list[Batch] | None = None) -> dict[str, Any]:
         """Validation loss, task metrics and category x expert counts per MoE layer."""
-        self.model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, torch.Tensor] = {}
-        n = 0
-        for batch in batches or self.val:
-            with self.autocast():
-                out: ModelOutput = self.model(batch.x, batch.y)
-            m = {"val_loss": out.task_loss, **self.task.metrics(out.out, batch, out.task_loss)}
-            B = batch.x.shape[0]
-            for key, value in m.items():
-                sums[key] = sums.get(key, 0) + value.float() * B
-            for layer, c in routing_counts(out, batch, len(self.task.categories)).items():
-                counts[layer] = counts.get(layer, 0) + c
-            n += B
-        # NOTE: host sync - evaluation results leave the device here
-        record: dict[str, Any] = {k: float(v / n) for k, v in sums.items()}
-        record["routing"] = {k: v.cpu().tolist() for k, v in counts.items()}
+        record = evaluate_model(self.model, self.task, batches or self.val, self.autocast)
         return {"step": self.step, **record}
 
     # checkpoints ----------------------------------------------------------------------------
