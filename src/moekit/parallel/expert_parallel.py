@@ -1,0 +1,209 @@
+"""`ExpertParallelMoE`: the MoE layer with its experts split over the ranks of a process group.
+
+Each rank routes its own tokens with a replicated router and makes the same `Plan` the
+single-process layer makes, so the layer on rank r computes exactly `moekit.MoE` applied to
+rank r's tokens. Only stage 3 differs: kept token-slots travel to the rank owning their expert
+(all-to-all), run through the usual backend seam on a local Plan, and travel back.
+
+Shape legend: T tokens on this rank, S = T * K token-slots, N kept slots this rank sends,
+M slots it receives, R ranks in the group, L = E / R experts per rank, D model dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+from moekit.backends import get_backend
+from moekit.config import MoEConfig
+from moekit.dispatch import Plan, make_plan
+from moekit.experts import DenseMLP, Experts, init_expert_weights
+from moekit.layer import MoE
+from moekit.parallel.comm import _sync_split_sizes, all_to_all
+from moekit.routing import build_router
+
+EXPERT_PARALLEL_ATTR = "_moekit_expert_parallel"  # set True on every sharded expert parameter
+
+
+def _group_size_and_rank(group: ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("ExpertParallelMoE needs torch.distributed.init_process_group first")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _init_shard(experts: Experts, first_expert: int, seed: int, cfg: MoEConfig) -> None:
+    """Initialise each local expert from (seed, global expert index) alone.
+
+    The initial model is then the same whatever the group size, given the same seed.
+    """
+    w1, w2 = experts.w1, experts.w2
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for i in range(w1.shape[0]):
+            torch.default_generator.manual_seed(seed + first_expert + i)
+            w1_cpu = torch.empty(w1.shape[1:], dtype=w1.dtype, device="cpu")
+            w2_cpu = torch.empty(w2.shape[1:], dtype=w2.dtype, device="cpu")
+            init_expert_weights(w1_cpu, w2_cpu, cfg.expert)
+            w1[i].copy_(w1_cpu)
+            w2[i].copy_(w2_cpu)
+
+
+class ExpertParallelMoE(MoE):
+    """MoE with E experts split evenly over `group`: x [..., D] -> (y [..., D], MoEInfo).
+
+    Router, shared experts and dense fallback are replicated: seed every rank the same
+    (or call `broadcast_replicated_`) so they agree. `experts` holds this rank's L = E / R
+    experts, global indices [first_expert, first_expert + L). route / finish / info are
+    inherited from MoE unchanged; `compute` exchanges the kept token-slots.
+    """
+
+    def __init__(
+        self, cfg: MoEConfig, group: ProcessGroup | None = None, *, init_experts: bool = True
+    ) -> None:
+        R, rank = _group_size_and_rank(group)
+        if cfg.n_experts % R:
+            raise ValueError(
+                f"n_experts={cfg.n_experts} must be divisible by the expert-parallel group size {R}"
+            )
+        nn.Module.__init__(self)  # MoE.__init__ would allocate all E experts on every rank
+        self.cfg, self.group = cfg, group
+        self.ep_size, self.ep_rank = R, rank
+        self.n_local = cfg.n_experts // R
+        self.first_expert = rank * self.n_local
+        self.router = build_router(cfg)
+        with torch.random.fork_rng(devices=[]):  # replaced below or by a load: leave the RNG
+            self.experts = Experts(self.n_local, cfg.d_model, cfg.d_hidden, cfg.expert)
+        if init_experts:
+            seed = int(torch.randint(2**62, (1,), device="cpu"))  # same on equally seeded ranks
+            _init_shard(self.experts, self.first_expert, seed, cfg)
+        n_shared = cfg.n_shared_experts
+        self.shared = (
+            DenseMLP(cfg.d_model, n_shared * cfg.d_hidden, cfg.expert) if n_shared else None
+        )
+        self.fallback = (
+            DenseMLP(cfg.d_model, cfg.d_hidden, cfg.expert) if cfg.fallback == "dense" else None
+        )
+        for p in self.experts.parameters():
+            setattr(p, EXPERT_PARALLEL_ATTR, True)
+
+    # stage 3 ---------------------------------------------------------------------------------
+    def compute(self, x_TD: Tensor, plan: Plan) -> Tensor:
+        """Send kept slots to their expert's rank, run local experts, combine the answers."""
+        counts_RL = plan.counts_E.view(self.ep_size, self.n_local)
+        send_R, recv_R, recv_counts_RL = _sync_split_sizes(counts_RL, self.group)
+        N = sum(send_R)
+        token_N = plan.token_S[:N]  # kept slots come first, sorted by expert, so by rank
+        x_ND = x_TD.index_select(0, token_N)
+        if torch.is_grad_enabled() and not x_ND.requires_grad:
+            # every rank must run the backward exchange, even where x needs no gradient
+            x_ND = x_ND.detach().requires_grad_()
+        x_MD = all_to_all(x_ND, send_R, recv_R, self.group)
+        out_MD = self._local_experts(x_MD, recv_counts_RL)
+        if x_MD.shape[0] == 0:  # backends return a constant here; keep the graph through x_MD
+            out_MD = out_MD + x_MD
+        out_ND = all_to_all(out_MD, recv_R, send_R, self.group)
+        out_dtype = torch.promote_types(x_TD.dtype, plan.weight_S.dtype)
+        contrib_ND = out_ND * plan.weight_S[:N].unsqueeze(-1)
+        y_TD = torch.zeros(x_TD.shape, dtype=out_dtype, device=x_TD.device)
+        return y_TD.index_add(0, token_N, contrib_ND.to(out_dtype)).to(x_TD.dtype)
+
+    def _local_experts(self, x_MD: Tensor, recv_counts_RL: Tensor) -> Tensor:
+        """Unweighted expert outputs for received rows, in received order, via the backend seam.
+
+        Rows arrive grouped by source rank, then by local expert; each row is its own "token"
+        with one slot of weight 1 in a local Plan, so any backend computes them unchanged.
+        """
+        M, L = x_MD.shape[0], self.n_local
+        local_ids_RL = torch.arange(L, device=x_MD.device).repeat(self.ep_size)
+        expert_M1 = torch.repeat_interleave(
+            local_ids_RL, recv_counts_RL.reshape(-1), output_size=M
+        ).unsqueeze(-1)
+        ones_M1 = torch.ones(M, 1, dtype=torch.float32, device=x_MD.device)
+        plan = make_plan(expert_M1, ones_M1, ones_M1, L)
+        experts_forward = get_backend(self.cfg.backend, x_MD.device, x_MD.dtype)
+        e = self.experts
+        return experts_forward(x_MD, plan, e.w1, e.w2, e.b1, e.b2, e.activation)
+
+    # conversion --------------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, moe: MoE, group: ProcessGroup | None = None) -> ExpertParallelMoE:
+        """This rank's shard of a single-process MoE (same weights on every rank expected).
+
+        The result is on the dense layer's device; the layer itself is left unchanged.
+        """
+        with torch.random.fork_rng(devices=[]):
+            ep = cls(moe.cfg, group, init_experts=False)
+        ep.to(moe.router.weight.device)
+        ep.load_dense_state_dict(moe.state_dict())
+        return ep.train(moe.training)
+
+    def load_dense_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True):
+        """Load a single-process MoE state dict, keeping this rank's slice of each expert tensor."""
+        return self.load_state_dict(shard_expert_state(self, state_dict), strict=strict)
+
+    def dense_state_dict(self) -> dict[str, Tensor]:
+        """The single-process MoE state dict, expert tensors gathered. Every rank must call it."""
+        state = self.state_dict()
+        for name, p in self.experts.named_parameters():
+            state[f"experts.{name}"] = gather_experts(p.detach(), self.group)
+        return state
+
+    def to_dense(self) -> MoE:
+        """A single-process `moekit.MoE` with all experts. Every rank must call it."""
+        state = self.dense_state_dict()
+        with torch.random.fork_rng(devices=[]):
+            moe = MoE(self.cfg).to(self.router.weight.device)
+        moe.load_state_dict(state)
+        return moe.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ep_size={self.ep_size}, local_experts={self.n_local}"
+
+
+def gather_experts(local_LX: Tensor, group: ProcessGroup | None = None) -> Tensor:
+    """[L, ...] per rank -> [E, ...] in global expert order on every rank (collective)."""
+    R = dist.get_world_size(group)
+    parts = [torch.empty_like(local_LX) for _ in range(R)]
+    dist.all_gather(parts, local_LX.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def shard_expert_state(ep: ExpertParallelMoE, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A dense MoE state dict with each `experts.*` tensor cut to `ep`'s rows [first, first+L)."""
+    lo, hi = ep.first_expert, ep.first_expert + ep.n_local
+    return {
+        key: value[lo:hi] if key.startswith("experts.") else value
+        for key, value in state_dict.items()
+    }
+
+
+def split_expert_params(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(expert-parallel params, all others): e.g. FSDP2's `ignored_params`, or two optimizers."""
+    expert_ids = {
+        id(p)
+        for m in module.modules()
+        if isinstance(m, ExpertParallelMoE)
+        for p in m.experts.parameters()
+    }
+    expert, other = [], []
+    for p in module.parameters():
+        (expert if id(p) in expert_ids else other).append(p)
+    return expert, other
+
+
+def parallelize_experts(model: nn.Module, group: ProcessGroup | None = None) -> nn.Module:
+    """Replace every `moekit.MoE` inside `model` (in place) by its expert-parallel shard."""
+    if isinstance(model, MoE):
+        raise TypeError(
+            "parallelize_experts replaces MoE layers inside a model; for one layer use "
+            "ExpertParallelMoE.from_dense"
+        )
+    for name, child in list(model.named_children()):
+        if isinstance(child, ExpertParallelMoE):
+            continue
+        if isinstance(child, MoE):
+            setattr(model, name, ExpertParallelMoE.from_dense(child, group))
+        else:
+            parallelize_experts(child, group)
+    return model
