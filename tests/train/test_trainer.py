@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from moekit.train import RunConfig, TrainConfig, Trainer, list_checkpoints, read_log
 
@@ -63,3 +64,18 @@ def test_run_config_checks_context_length():
 
     with pytest.raises(ValueError, match="max_seq_len"):
         RunConfig(task=TaskConfig(seq_len=64), model=ModelConfig(max_seq_len=32))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_steps_on_cpu(tmp_path, make_run, precision):
+    trainer = Trainer(make_run(tmp_path, precision=precision))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    for _ in range(20):  # fp16: the scaler skips steps whose scaled gradients overflow
+        rec = trainer.train_step()
+        trainer.step += 1
+        if torch.isfinite(rec["grad_norm"]):
+            break
+    assert torch.isfinite(rec["loss"]) and torch.isfinite(rec["grad_norm"])
+    after = list(trainer.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert trainer.scaler.is_enabled() == (precision == "fp16")

@@ -142,5 +142,6 @@ class TrajectoriesTask(Task):
 
         gen = generator(self.seed, "plot")
         n = self.cfg.seq_len
-        paths = torch.stack([self.trajectory(c, 2 * n, gen, "val") for c in CATEGORIES])
-        return [plot_rollouts(model, paths, CATEGORIES, out_dir / "trajectories3d.png")]
+        paths = torch.stack([self.trajectory(c, n, gen, "val") for c in CATEGORIES])
+        path = out_dir / "trajectories3d.png"
+        return [plot_rollouts(model, paths, CATEGORIES, path, horizon=max(1, n // 4))]

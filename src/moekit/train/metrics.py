@@ -72,7 +72,11 @@ def evaluate_model(
             counts[layer] = counts.get(layer, 0) + c
         n += B
     model.train(was_training)
-    # NOTE: host sync - evaluation results leave the device here
+    return _sync_eval_record(sums, counts, n)
+
+
+def _sync_eval_record(sums: dict[str, Tensor], counts: dict[str, Tensor], n: int) -> dict:
+    """Evaluation results to Python numbers. NOTE: host sync, once per evaluation."""
     record: dict[str, Any] = {k: float(v / n) for k, v in sums.items()}
     record["routing"] = {k: v.cpu().tolist() for k, v in counts.items()}
     return record

@@ -14,12 +14,16 @@ from torch import Tensor  # noqa: E402
 
 @torch.no_grad()
 def plot_rollouts(
-    model: torch.nn.Module, paths: Tensor, names: tuple[str, ...] | list[str], path: str | Path
+    model: torch.nn.Module,
+    paths: Tensor,
+    names: tuple[str, ...] | list[str],
+    path: str | Path,
+    horizon: int = 12,
 ) -> Path:
-    """paths [N, 2S, 3]: the model sees the first S points and rolls out the next S."""
-    S = paths.shape[1] // 2
+    """paths [N, L, 3]: the model sees the first L - horizon points and rolls out the rest."""
+    S = paths.shape[1] - horizon
     device = next(model.parameters()).device
-    pred = model.generate(paths[:, :S].to(device), S).cpu()  # [N, 2S, 3]
+    pred = model.generate(paths[:, :S].to(device), horizon).cpu()  # [N, L, 3]
     fig = plt.figure(figsize=(4 * len(names), 4.2))
     for i, name in enumerate(names):
         ax = fig.add_subplot(1, len(names), i + 1, projection="3d")
@@ -31,7 +35,7 @@ def plot_rollouts(
         ax.set_title(f"{name}\nmean 3D error {err:.3f}", fontsize=9)
         ax.tick_params(labelsize=6)
     fig.axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"3D rollout: {S} context points, {S} forecast (prediction fed back)")
+    fig.suptitle(f"3D rollout: {S} context points, {horizon} forecast (predictions fed back)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
