@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import moekit
 
@@ -91,7 +93,7 @@ def test_gradcheck_tiny_float64(kind):
         y, info = torch.func.functional_call(moe, dict(zip(names, ps, strict=True)), (x_,))
         return y, info.aux_loss
 
-    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 def test_shared_experts_and_dense_fallback_match_reference():
@@ -170,3 +172,37 @@ def test_hf_layout_weights_through_strides():
     assert not moe.experts.w1.is_contiguous()
     y2, _ = moe(x)
     assert torch.allclose(y, y2, atol=1e-6)
+
+
+@given(
+    T=st.sampled_from([0, 1, 2, 5, 13]),
+    E=st.integers(1, 24),
+    k_frac=st.floats(0, 1),
+    D=st.integers(1, 9),
+    H=st.integers(1, 7),
+    kind=st.sampled_from(ROUTERS),
+    cf=st.sampled_from([None, 0.5, 1.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_reference(T, E, k_frac, D, H, kind, cf, seed):
+    torch.manual_seed(seed)
+    k = 1 + int(k_frac * (min(E, 8) - 1))
+    cfg = moekit.MoEConfig(
+        d_model=D,
+        d_hidden=H,
+        n_experts=E,
+        k=k,
+        capacity_factor=cf,
+        router=moekit.RouterConfig(kind=kind),
+        backend="torch",
+    )
+    moe = moekit.MoE(cfg).double().eval()
+    with torch.no_grad():
+        moe.router.weight.normal_()
+    x = torch.randn(T, D, dtype=torch.float64)
+    y, info = moe(x)
+    y_ref, info_ref = moekit.reference.moe_forward(moe, x)
+    assert y.shape == (T, D)
+    assert torch.equal(info.routing.experts, info_ref.routing.experts)
+    assert torch.allclose(y, y_ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(info.metrics["dropped_fraction"], info_ref.metrics["dropped_fraction"])

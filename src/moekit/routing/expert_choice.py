@@ -27,7 +27,8 @@ class ExpertChoiceRouter(Router):
         probs_TE = logits_TE.softmax(dim=-1)
         factor = self.cfg.capacity_factor or self.rcfg.expert_choice_capacity
         C = expert_choice_capacity(T, self.k, E, factor)
-        chosen_EC = probs_TE.t().topk(C, dim=-1).indices  # [E, C] token ids
+        # stable sort rather than topk: equal scores go to the earlier token, deterministically
+        chosen_EC = probs_TE.t().argsort(dim=-1, descending=True, stable=True)[:, :C]  # [E, C]
         picked_TE = torch.zeros_like(probs_TE, dtype=torch.bool)
         picked_TE.t().scatter_(1, chosen_EC, True)
         slots_TE = torch.arange(E, device=logits_TE.device).expand(T, E)
