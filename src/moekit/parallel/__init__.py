@@ -6,7 +6,6 @@ from moekit.parallel.expert_parallel import (
     ExpertParallelMoE,
     gather_experts,
     parallelize_experts,
-    shard_expert_state,
     split_expert_params,
 )
 
@@ -16,6 +15,5 @@ __all__ = [
     "all_to_all",
     "gather_experts",
     "parallelize_experts",
-    "shard_expert_state",
     "split_expert_params",
 ]

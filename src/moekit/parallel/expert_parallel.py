@@ -140,7 +140,9 @@ class ExpertParallelMoE(MoE):
 
     def load_dense_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True):
         """Load a single-process MoE state dict, keeping this rank's slice of each expert tensor."""
-        return self.load_state_dict(shard_expert_state(self, state_dict), strict=strict)
+        lo, hi = self.first_expert, self.first_expert + self.n_local
+        local = {k: v[lo:hi] if k.startswith("experts.") else v for k, v in state_dict.items()}
+        return self.load_state_dict(local, strict=strict)
 
     def dense_state_dict(self) -> dict[str, Tensor]:
         """The single-process MoE state dict, expert tensors gathered. Every rank must call it."""
@@ -167,15 +169,6 @@ def gather_experts(local_LX: Tensor, group: ProcessGroup | None = None) -> Tenso
     parts = [torch.empty_like(local_LX) for _ in range(R)]
     dist.all_gather(parts, local_LX.contiguous(), group=group)
     return torch.cat(parts)
-
-
-def shard_expert_state(ep: ExpertParallelMoE, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A dense MoE state dict with each `experts.*` tensor cut to `ep`'s rows [first, first+L)."""
-    lo, hi = ep.first_expert, ep.first_expert + ep.n_local
-    return {
-        key: value[lo:hi] if key.startswith("experts.") else value
-        for key, value in state_dict.items()
-    }
 
 
 def split_expert_params(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

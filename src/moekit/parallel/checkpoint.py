@@ -1,0 +1,130 @@
+"""Checkpoints of models holding `ExpertParallelMoE` layers, in the single-process format.
+
+Expert tensors are gathered into the dense layout on save and sliced per rank on load, so a
+checkpoint written with one expert-parallel size loads with any other, or with no parallelism
+at all (`moekit.MoE` / `moekit.load`). Every function here is collective: call it on all ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.parallel.expert_parallel import ExpertParallelMoE, gather_experts
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _expert_layers(model: nn.Module) -> dict[str, ExpertParallelMoE]:
+    """State-dict prefix ("blocks.1.ffn." ...) -> expert-parallel layer, for every such layer."""
+    return {
+        (f"{name}." if name else ""): m
+        for name, m in model.named_modules()
+        if isinstance(m, ExpertParallelMoE)
+    }
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict the model would have without expert parallelism (experts gathered)."""
+    state = model.state_dict()
+    for prefix, layer in _expert_layers(model).items():
+        for name, p in layer.experts.named_parameters():
+            state[f"{prefix}experts.{name}"] = gather_experts(p.detach(), layer.group)
+    return state
+
+
+def shard_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A dense state dict cut to this rank's experts for every expert-parallel layer."""
+    ranges = {
+        f"{prefix}experts.": (layer.first_expert, layer.first_expert + layer.n_local)
+        for prefix, layer in _expert_layers(model).items()
+    }
+    out = {}
+    for key, value in state_dict.items():
+        hit = next((r for p, r in ranges.items() if key.startswith(p)), None)
+        out[key] = value[hit[0] : hit[1]] if hit else value
+    return out
+
+
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict: bool = True):
+    """Load a dense state dict (e.g. from a single-process model) into a sharded model."""
+    return model.load_state_dict(shard_state_dict(model, state_dict), strict=strict)
+
+
+def to_dense_model(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every `ExpertParallelMoE` replaced by its dense `moekit.MoE`."""
+    memo = {id(layer): layer.to_dense() for layer in _expert_layers(model).values()}
+    return copy.deepcopy(model, memo)
+
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """State-dict keys naming a tensor already named earlier (tied weights)."""
+    seen, aliases = set(), set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            aliases.add(key)
+        seen.add(id(t))
+    return aliases
+
+
+def save_safetensors(model: nn.Module, path: str | Path) -> None:
+    """Write the dense state dict to one safetensors file from global rank 0 (atomic rename)."""
+    state = full_state_dict(model)
+    if dist.get_rank() == 0:
+        aliases = _tied_aliases(model)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in aliases}
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def load_safetensors(model: nn.Module, path: str | Path) -> None:
+    """Load a dense safetensors file, each rank reading only its own experts' rows."""
+    prefixes = {
+        f"{prefix}experts.": (layer.first_expert, layer.first_expert + layer.n_local)
+        for prefix, layer in _expert_layers(model).items()
+    }
+    device = next(model.parameters()).device
+    state = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            hit = next((r for p, r in prefixes.items() if key.startswith(p)), None)
+            state[key] = f.get_slice(key)[hit[0] : hit[1]] if hit else f.get_tensor(key)
+    missing, unexpected = model.load_state_dict(
+        {k: v.to(device) for k, v in state.items()}, strict=False
+    )
+    missing = set(missing) - _tied_aliases(model)
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+
+
+def save_layer(layer: ExpertParallelMoE, directory: str | Path) -> None:
+    """config.json + model.safetensors for one layer, loadable by `load_layer` or as a MoE."""
+    directory = Path(directory)
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(layer.cfg.to_dict(), indent=2) + "\n")
+    dist.barrier()
+    save_safetensors(layer, directory / WEIGHTS_FILE)
+
+
+def load_layer(directory: str | Path, group=None, device: str | torch.device = "cpu"):
+    """An `ExpertParallelMoE` over `group` from a `save_layer` directory, any group size."""
+    directory = Path(directory)
+    cfg = MoEConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    with torch.device(device):
+        layer = ExpertParallelMoE(cfg, group, init_experts=False)
+    load_safetensors(layer, directory / WEIGHTS_FILE)
+    return layer
