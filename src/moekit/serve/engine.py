@@ -1,0 +1,178 @@
+"""`Engine`: dynamic batching of generation requests over one model.
+
+Requests wait in a bounded queue. A background asyncio task runs steps: between two steps it
+drops cancelled and timed-out sequences and admits waiting ones up to `max_batch`; the step
+itself (`ModelRunner.step`: one batched decode forward for every active sequence, then the
+prefill of the newcomers) runs on a worker thread so the HTTP event loop stays responsive.
+Outputs go back to each request as `Event`s on its own queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from moekit.model.transformer import Transformer
+from moekit.serve.config import EngineConfig
+from moekit.serve.prefix_cache import PrefixCache
+from moekit.serve.runner import ModelRunner, batch_invariant
+from moekit.serve.sequence import SamplingParams, Sequence
+from moekit.serve.stats import ServeStats
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class QueueFull(Exception):
+    """The waiting queue holds `max_queue` requests; retry later."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no new requests."""
+
+
+class Engine:
+    """Schedules `Sequence`s onto a `ModelRunner`; create and use inside one event loop."""
+
+    def __init__(self, model: Transformer, cfg: EngineConfig | None = None) -> None:
+        self.cfg = cfg or EngineConfig()
+        self.model = model.eval()
+        self.batch_invariant = batch_invariant(model)
+        exact = self.batch_invariant
+        max_batch = self.cfg.max_batch if exact else 1
+        use_prefix = exact and self.cfg.prefix_cache_tokens > 0 and model.is_lm
+        self.prefix = (
+            PrefixCache(self.cfg.prefix_cache_tokens, self.cfg.min_prefix) if use_prefix else None
+        )
+        self.runner = ModelRunner(model, max_batch, self.prefix)
+        self.stats = ServeStats(self.runner.moe_layers, self.runner.n_experts)
+        self.waiting: deque[Sequence] = deque()
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()  # one model call at a time (steps and routing jobs)
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    # lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="moekit-engine")
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish the queued and running ones, then end the loop."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except TimeoutError:
+                self._task.cancel()
+                for seq in [*self.waiting, *self.runner.active]:
+                    seq.finish("shutdown")
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self.runner.active)
+
+    # requests -----------------------------------------------------------------------------
+    def submit(self, prompt: Tensor, params: SamplingParams) -> Sequence:
+        """Queue a prompt (tokens [P] or vectors [P, d_in]); raises QueueFull or EngineStopped."""
+        if self._stopping:
+            raise EngineStopped("the server is shutting down")
+        if len(self.waiting) >= self.cfg.max_queue:
+            self.stats.rejected += 1
+            raise QueueFull(f"{len(self.waiting)} requests are waiting")
+        seq = Sequence(
+            id=uuid.uuid4().hex,
+            prompt=prompt,
+            params=params,
+            deadline=time.monotonic() + self.cfg.request_timeout_s,
+        )
+        seed = params.seed if params.seed is not None else int(torch.seed() % 2**63)
+        seq.generator.manual_seed(seed)
+        self.waiting.append(seq)
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(prompt)
+        self._wake.set()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a request (client gone); its row is freed before the next step."""
+        if not seq.done:
+            seq.cancelled = True
+            self._wake.set()
+
+    async def run_exclusive(self, fn: Callable[[], T]) -> T:
+        """Run fn on a worker thread between two steps (e.g. a routing inspection)."""
+        async with self._lock:
+            return await asyncio.to_thread(fn)
+
+    # the loop -----------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            self._retire(time.monotonic())
+            if not self.waiting and not self.runner.active:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            admitted = []
+            while self.waiting and self.runner.free_rows > len(admitted):
+                admitted.append(self.waiting.popleft())
+            try:
+                async with self._lock:
+                    result = await asyncio.to_thread(self.runner.step, admitted)
+            except Exception:  # a bug must not take the server down: fail this batch only
+                log.exception("engine step failed")
+                for seq in [*self.runner.active, *admitted]:
+                    seq.finish("error")
+                    self.runner.release(seq)
+                continue
+            self._deliver(result)
+
+    def _deliver(self, result) -> None:
+        s = self.stats
+        s.expert_tokens += result.expert_tokens[:, : s.expert_tokens.shape[1]]
+        if result.decoded:
+            s.steps += 1
+            s.batched_sequences += result.decoded
+        s.add_tokens(len(result.outputs))
+        for seq, value in result.outputs:
+            first = seq.t_first is None
+            seq.emit(value)
+            if first:
+                s.ttft.observe(seq.t_first - seq.t_submit)  # type: ignore[operator]
+            if len(seq.outputs) >= seq.params.max_new_tokens:
+                self._finish(seq, "length")
+
+    def _retire(self, now: float) -> None:
+        """Finish cancelled and timed-out sequences, waiting or running, and free their rows."""
+        for seq in list(self.waiting):
+            if seq.cancelled or now > seq.deadline:
+                self.waiting.remove(seq)
+                self._finish(seq, "cancelled" if seq.cancelled else "timeout")
+        for seq in list(self.runner.active):
+            if seq.cancelled or now > seq.deadline:
+                self._finish(seq, "cancelled" if seq.cancelled else "timeout")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.runner.release(seq)  # safe: called from the loop between steps
+        seq.finish(reason)
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        self.stats.latency.observe(seq.t_done - seq.t_submit)  # type: ignore[operator]

@@ -1,0 +1,149 @@
+"""Engine without HTTP: batching and prefix reuse give the outputs of one-at-a-time decoding."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+import moekit
+from moekit.model import ModelConfig, Transformer
+from moekit.serve.config import EngineConfig
+from moekit.serve.engine import Engine, QueueFull
+from moekit.serve.sequence import SamplingParams, Sequence
+from moekit.serve.slots import SlotCache, decode_step
+
+from .conftest import make_model
+
+
+async def _drain(seq: Sequence) -> None:
+    while (await seq.events.get()).kind != "done":
+        pass
+
+
+def _run(model: Transformer, prompts, params, **cfg) -> tuple[list[Sequence], Engine]:
+    """Submit every prompt at once and wait for all of them."""
+
+    async def main():
+        engine = Engine(model, EngineConfig(**cfg))
+        engine.start()
+        seqs = [engine.submit(p, params) for p in prompts]
+        await asyncio.gather(*(_drain(s) for s in seqs))
+        await engine.stop()
+        return seqs, engine
+
+    return asyncio.run(main())
+
+
+def test_decode_step_matches_full_forward():
+    model = make_model()
+    lengths = [3, 17, 9, 1]
+    prompts = [torch.randint(0, 256, (n,)) for n in lengths]
+    slots = SlotCache(model, 4)
+    for row, p in enumerate(prompts):
+        cache = model.new_cache()
+        model(p[None], cache=cache)
+        slots.load(row, cache)
+    nxt = torch.randint(0, 256, (4, 1))
+    out, infos = decode_step(model, slots, nxt)  # [4, V]
+    for row, p in enumerate(prompts):
+        ref = model(torch.cat([p, nxt[row]])[None])
+        torch.testing.assert_close(out[row], ref.out[0, -1], atol=1e-4, rtol=1e-4)
+        assert slots.lengths[row] == lengths[row] + 1
+        moe_ref = ref.layers[1].routing.experts[-1]  # last position, [k]
+        assert torch.equal(infos[1].routing.experts[row], moe_ref)
+
+
+def test_concurrent_greedy_equals_generate_alone():
+    """Different lengths, more requests than rows, prompts past the window (it slides)."""
+    model = make_model()
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,)) for n in (1, 5, 12, 30, 64, 80, 7)]
+    seqs, engine = _run(model, prompts, SamplingParams(max_new_tokens=40), max_batch=4)
+    for p, seq in zip(prompts, seqs, strict=True):
+        alone = model.generate(p[None], 40)[0, len(p) :].tolist()
+        assert seq.outputs == alone
+        assert seq.finish_reason == "length"
+    assert engine.stats.batched_sequences / engine.stats.steps > 2  # it did batch
+    assert engine.active == 0 and engine.runner.free_rows == 4
+
+
+def test_seeded_sampling_does_not_depend_on_batch():
+    model = make_model()
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    p = torch.tensor(list(b"def main():"))
+    (alone,), _ = _run(model, [p], params)
+    crowd, _ = _run(model, [torch.tensor(list(b"x = 1")), p, p[:4]], params)
+    assert crowd[1].outputs == alone.outputs
+    other = SamplingParams(max_new_tokens=20, temperature=1.0, seed=8)
+    (diff,), _ = _run(model, [p], other)
+    assert diff.outputs != alone.outputs
+
+
+def test_prefix_cache_hit_gives_the_same_output():
+    model = make_model()
+    shared = torch.tensor(list(b"import torch\nimport numpy as np\n"))
+    prompts = [torch.cat([shared, torch.tensor(list(s))]) for s in (b"x", b"def f(a):", b"y =")]
+
+    async def main(cache_tokens: int):
+        engine = Engine(model, EngineConfig(prefix_cache_tokens=cache_tokens))
+        engine.start()
+        out = []
+        for p in prompts:  # one after another, so later ones can hit
+            seq = engine.submit(p, SamplingParams(max_new_tokens=15))
+            await _drain(seq)
+            out.append(seq)
+        await engine.stop()
+        return out, engine
+
+    hit, engine = asyncio.run(main(4096))
+    miss, _ = asyncio.run(main(0))
+    assert [s.prefix_hit for s in hit] == [0, len(shared), len(shared)]
+    assert [s.prefix_hit for s in miss] == [0, 0, 0]
+    assert [s.outputs for s in hit] == [s.outputs for s in miss]
+    assert engine.prefix.stats.hits == 2
+
+
+def test_continuous_rollout_equals_generate():
+    torch.manual_seed(0)
+    moe = moekit.MoEConfig(d_model=32, d_hidden=32, n_experts=4, k=2)
+    cfg = ModelConfig(d_in=3, d_out=3, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, moe=moe)
+    model = Transformer(cfg).eval()
+    prompts = [torch.randn(n, 3) for n in (2, 9, 20)]
+    seqs, engine = _run(model, prompts, SamplingParams(max_new_tokens=12))
+    assert engine.prefix is None  # prefix reuse is for token prompts
+    for p, seq in zip(prompts, seqs, strict=True):
+        ref = model.generate(p[None], 12)[0, len(p) :]
+        torch.testing.assert_close(torch.stack(seq.outputs), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_capacity_limited_model_decodes_one_at_a_time():
+    moe = moekit.MoEConfig(d_model=64, d_hidden=64, n_experts=4, k=2, capacity_factor=1.0)
+    model = make_model(moe=moe)
+    engine = Engine(model, EngineConfig(max_batch=8))
+    assert not engine.batch_invariant
+    assert engine.runner.slots.n_slots == 1 and engine.prefix is None
+
+
+def test_queue_bound_cancel_and_timeout():
+    model = make_model()
+
+    async def main():
+        engine = Engine(model, EngineConfig(max_batch=1, max_queue=2, request_timeout_s=0.5))
+        p = torch.tensor([1, 2, 3])
+        long = SamplingParams(max_new_tokens=100000)
+        a, b = engine.submit(p, long), engine.submit(p, long)
+        with pytest.raises(QueueFull):
+            engine.submit(p, long)
+        assert engine.stats.rejected == 1
+        engine.start()
+        engine.cancel(b)  # still waiting: never runs
+        await asyncio.gather(_drain(a), _drain(b))
+        await engine.stop()
+        return a, b, engine
+
+    a, b, engine = asyncio.run(main())
+    assert b.finish_reason == "cancelled" and b.outputs == []
+    assert a.finish_reason == "timeout" and 0 < len(a.outputs) < 100000
+    assert engine.active == 0 and engine.stats.finished == {"cancelled": 1, "timeout": 1}
