@@ -11,6 +11,7 @@ from moekit.backends import get_backend
 from moekit.config import MoEConfig
 from moekit.dispatch import Plan, make_plan
 from moekit.experts import DenseMLP, Experts
+from moekit.librarian import deduplicated_compute
 from moekit.routing import Routing, build_router
 from moekit.routing.losses import router_losses, routing_metrics, weighted_aux_loss
 
@@ -131,8 +132,18 @@ class MoE(nn.Module):
         routing, plan = self.route(x_TD)
         if self.cfg.track_coactivation:
             self.count_coactivation(routing.experts)
-        y_TD = self.finish(x_TD, self.compute(x_TD, plan), plan)
-        return y_TD.reshape(*lead, self.cfg.d_model), self.info(routing, plan, lead)
+        threshold = self.cfg.dedup_threshold
+        if threshold is not None and not self.training:  # librarian merging, inference only
+            y_TD, plan, fired = deduplicated_compute(
+                x_TD, routing.experts, plan, self.compute, threshold
+            )
+        else:
+            y_TD, fired = self.compute(x_TD, plan), None
+        y_TD = self.finish(x_TD, y_TD, plan)
+        info = self.info(routing, plan, lead)
+        if fired is not None:
+            info.metrics["dedup_fraction"] = fired
+        return y_TD.reshape(*lead, self.cfg.d_model), info
 
     @torch.no_grad()
     def count_coactivation(self, experts_TK: Tensor) -> None:
