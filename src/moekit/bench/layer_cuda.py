@@ -228,7 +228,7 @@ def run(
         torch.cuda.empty_cache()
     if out_dir:
         gpu = "-".join(report["machine"]["gpu"].split())
-        stem = Path(out_dir) / f"{gpu}-{report['date']}{'-graph' if graph else ''}"
+        stem = Path(out_dir) / f"{gpu}-{report['date']}"
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
         stem.with_suffix(".md").write_text(_markdown(report))

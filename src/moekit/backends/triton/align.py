@@ -3,7 +3,8 @@
 Shape legend: S sorted token-slots, E experts, M tiles (each tile = up to BLOCK_M consecutive
 sorted rows of one expert). The number of tiles is data dependent, so the grid is sized from
 the static bound M <= min(S, cdiv(S, BLOCK_M) + E); tiles past the real count get expert E and
-their programs return at once. Nothing here synchronises with the host.
+their programs return at once. Nothing here synchronises with the host. Each program of the
+schedule kernel redoes the [E] prefix sum (cheap) and resolves 64 tiles, so it is one launch.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _schedule_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr,  # rows per tile; the grouped kernels use the same value
     BLOCK_E: tl.constexpr,  # next power of two >= E, so one vector holds every expert
-    BLOCK_T: tl.constexpr,  # tiles resolved per loop step (a [BLOCK_T, BLOCK_E] compare)
+    BLOCK_T: tl.constexpr,  # tiles resolved per program (a [BLOCK_T, BLOCK_E] compare)
 ):
     e = tl.arange(0, BLOCK_E)
     mask_e = e < E
@@ -42,14 +43,13 @@ def _schedule_kernel(
     start = end - tiles
     end = tl.where(mask_e, end, 2147483647)  # padding experts never own a tile
     base = lo - start * BLOCK_M  # row of tile m is base[e] + m * BLOCK_M
-    for m0 in range(0, n_tiles, BLOCK_T):
-        m = m0 + tl.arange(0, BLOCK_T)
-        owner = tl.sum((end[None, :] <= m[:, None]).to(tl.int32), 1)  # E past the last tile
-        pick = e[None, :] == owner[:, None]
-        row = tl.sum(tl.where(pick, base[None, :], 0), 1) + m * BLOCK_M
-        mask_m = m < n_tiles
-        tl.store(expert_M_ptr + m, owner, mask=mask_m)
-        tl.store(row_M_ptr + m, row, mask=mask_m)
+    m = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    owner = tl.sum((end[None, :] <= m[:, None]).to(tl.int32), 1)  # E past the last tile
+    pick = e[None, :] == owner[:, None]
+    row = tl.sum(tl.where(pick, base[None, :], 0), 1) + m * BLOCK_M
+    mask_m = m < n_tiles
+    tl.store(expert_M_ptr + m, owner, mask=mask_m)
+    tl.store(row_M_ptr + m, row, mask=mask_m)
 
 
 @torch.library.custom_op("moekit_triton::schedule", mutates_args=())
@@ -60,7 +60,7 @@ def schedule(offsets_E1: Tensor, n_rows: int, block_m: int) -> tuple[Tensor, Ten
     expert_M = torch.empty(n_tiles, dtype=torch.int32, device=offsets_E1.device)
     row_M = torch.empty(n_tiles, dtype=torch.int32, device=offsets_E1.device)
     if n_tiles:
-        _schedule_kernel[(1,)](
+        _schedule_kernel[(triton.cdiv(n_tiles, 64),)](
             offsets_E1,
             expert_M,
             row_M,
