@@ -5,6 +5,7 @@ from moekit.config import ExpertConfig, MoEConfig, RouterConfig
 from moekit.layer import MoE, MoEInfo
 from moekit.model.io import load
 from moekit.routing import Routing, register_router
+from moekit.system import System, SystemConfig
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,8 @@ __all__ = [
     "MoEInfo",
     "RouterConfig",
     "Routing",
+    "System",
+    "SystemConfig",
     "load",
     "reference",
     "register_router",
