@@ -8,7 +8,7 @@ from moekit import MoEConfig
 from moekit.model.config import ModelConfig
 from moekit.model.transformer import Transformer
 from moekit.parallel import gather_experts, parallelize_experts, split_expert_params
-from moekit.parallel.data_parallel import reduce_gradients_
+from moekit.parallel.data_parallel import reduce_expert_gradients_, reduce_gradients_
 
 
 def _model() -> Transformer:
@@ -23,10 +23,11 @@ def _batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 11, (2, 6), generator=g), torch.randint(0, 11, (2, 6), generator=g)
 
 
-def _mean_of_ranks(rank: int, world: int) -> None:
+def _oracle(rank: int, world: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The dense model on this rank's batch, and the mean over ranks of its gradients."""
     dense = _model()
     ref_out, ref_grads = None, {n: torch.zeros_like(p) for n, p in dense.named_parameters()}
-    for r in range(world):  # the oracle: mean over ranks of the dense model's gradients
+    for r in range(world):
         dense.zero_grad()
         out = dense(*_batch(r))
         out.loss.backward()
@@ -34,18 +35,50 @@ def _mean_of_ranks(rank: int, world: int) -> None:
             ref_out = out.out.detach()
         for n, p in dense.named_parameters():
             ref_grads[n] += p.grad / world
+    return ref_out, ref_grads
+
+
+def _check_grads(model: torch.nn.Module, ref_grads: dict[str, torch.Tensor]) -> None:
+    expert, _ = split_expert_params(model)
+    expert_ids = {id(p) for p in expert}
+    assert len(expert) == 4  # w1, w2 of two layers
+    for n, p in model.named_parameters():
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grad = gather_experts(grad) if id(p) in expert_ids else grad
+        torch.testing.assert_close(grad, ref_grads[n], rtol=1e-5, atol=1e-8, msg=n)
+
+
+def _mean_of_ranks(rank: int, world: int) -> None:
+    ref_out, ref_grads = _oracle(rank, world)
     model = parallelize_experts(_model())
     out = model(*_batch(rank))
     torch.testing.assert_close(out.out, ref_out, rtol=1e-6, atol=1e-7)
     out.loss.backward()
     reduce_gradients_(model)
-    expert, _ = split_expert_params(model)
-    expert_ids = {id(p) for p in expert}
-    assert len(expert) == 4  # w1, w2 of two layers
-    for n, p in model.named_parameters():
-        grad = gather_experts(p.grad) if id(p) in expert_ids else p.grad
-        torch.testing.assert_close(grad, ref_grads[n], rtol=1e-5, atol=1e-8, msg=n)
+    _check_grads(model, ref_grads)
 
 
 def test_gradients_equal_data_parallel_mean_of_ranks(launch):
     launch(_mean_of_ranks, 2)
+
+
+def _fsdp2(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    ref_out, ref_grads = _oracle(rank, world)
+    model = parallelize_experts(_model())
+    expert, _ = split_expert_params(model)
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.blocks:  # FSDP2 shards everything but the expert-parallel weights
+        fully_shard(block, mesh=mesh, ignored_params=set(expert))
+    fully_shard(model, mesh=mesh, ignored_params=set(expert))
+    out = model(*_batch(rank))
+    torch.testing.assert_close(out.out, ref_out, rtol=1e-6, atol=1e-7)
+    out.loss.backward()
+    reduce_expert_gradients_(model)
+    _check_grads(model, ref_grads)
+
+
+def test_fsdp2_for_the_other_parameters(launch):
+    launch(_fsdp2, 2)

@@ -124,7 +124,7 @@ def load_layer(directory: str | Path, group=None, device: str | torch.device = "
     """An `ExpertParallelMoE` over `group` from a `save_layer` directory, any group size."""
     directory = Path(directory)
     cfg = MoEConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-    with torch.device(device):
-        layer = ExpertParallelMoE(cfg, group, init_experts=False)
+    with torch.device(device), torch.random.fork_rng(devices=[]):
+        layer = ExpertParallelMoE(cfg, group)  # a throwaway initialisation, then the file
     load_safetensors(layer, directory / WEIGHTS_FILE)
     return layer

@@ -19,10 +19,8 @@ from torch.distributed import ProcessGroup
 from moekit.backends import get_backend
 from moekit.config import MoEConfig
 from moekit.dispatch import Plan, make_plan
-from moekit.experts import DenseMLP, Experts, init_expert_weights
 from moekit.layer import MoE
 from moekit.parallel.comm import _sync_split_sizes, all_to_all
-from moekit.routing import build_router
 
 EXPERT_PARALLEL_ATTR = "_moekit_expert_parallel"  # set True on every sharded expert parameter
 
@@ -33,59 +31,30 @@ def _group_size_and_rank(group: ProcessGroup | None) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _init_shard(experts: Experts, first_expert: int, seed: int, cfg: MoEConfig) -> None:
-    """Initialise each local expert from (seed, global expert index) alone.
-
-    The initial model is then the same whatever the group size, given the same seed.
-    """
-    w1, w2 = experts.w1, experts.w2
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        for i in range(w1.shape[0]):
-            torch.default_generator.manual_seed(seed + first_expert + i)
-            w1_cpu = torch.empty(w1.shape[1:], dtype=w1.dtype, device="cpu")
-            w2_cpu = torch.empty(w2.shape[1:], dtype=w2.dtype, device="cpu")
-            init_expert_weights(w1_cpu, w2_cpu, cfg.expert)
-            w1[i].copy_(w1_cpu)
-            w2[i].copy_(w2_cpu)
-
-
 class ExpertParallelMoE(MoE):
     """MoE with E experts split evenly over `group`: x [..., D] -> (y [..., D], MoEInfo).
 
-    Router, shared experts and dense fallback are replicated: seed every rank the same
-    (or call `broadcast_replicated_`) so they agree. `experts` holds this rank's L = E / R
-    experts, global indices [first_expert, first_expert + L). route / finish / info are
-    inherited from MoE unchanged; `compute` exchanges the kept token-slots.
+    Router, shared experts and dense fallback are replicated; `experts` holds this rank's
+    L = E / R experts, global indices [first_expert, first_expert + L). Built as `MoE(cfg)`
+    and then cut down, so with the same RNG seed on every rank it is the shard of the very
+    layer `MoE(cfg)` makes (at the cost of drawing all E experts once). route / finish / info
+    are inherited from MoE; `compute` exchanges the kept token-slots.
     """
 
-    def __init__(
-        self, cfg: MoEConfig, group: ProcessGroup | None = None, *, init_experts: bool = True
-    ) -> None:
+    def __init__(self, cfg: MoEConfig, group: ProcessGroup | None = None) -> None:
         R, rank = _group_size_and_rank(group)
         if cfg.n_experts % R:
             raise ValueError(
                 f"n_experts={cfg.n_experts} must be divisible by the expert-parallel group size {R}"
             )
-        nn.Module.__init__(self)  # MoE.__init__ would allocate all E experts on every rank
-        self.cfg, self.group = cfg, group
-        self.ep_size, self.ep_rank = R, rank
+        super().__init__(cfg)
+        self.group, self.ep_size, self.ep_rank = group, R, rank
         self.n_local = cfg.n_experts // R
         self.first_expert = rank * self.n_local
-        self.router = build_router(cfg)
-        with torch.random.fork_rng(devices=[]):  # replaced below or by a load: leave the RNG
-            self.experts = Experts(self.n_local, cfg.d_model, cfg.d_hidden, cfg.expert)
-        if init_experts:
-            seed = int(torch.randint(2**62, (1,), device="cpu"))  # same on equally seeded ranks
-            _init_shard(self.experts, self.first_expert, seed, cfg)
-        n_shared = cfg.n_shared_experts
-        self.shared = (
-            DenseMLP(cfg.d_model, n_shared * cfg.d_hidden, cfg.expert) if n_shared else None
-        )
-        self.fallback = (
-            DenseMLP(cfg.d_model, cfg.d_hidden, cfg.expert) if cfg.fallback == "dense" else None
-        )
-        for p in self.experts.parameters():
-            setattr(p, EXPERT_PARALLEL_ATTR, True)
+        lo, hi = self.first_expert, self.first_expert + self.n_local
+        for name, p in list(self.experts.named_parameters()):  # copies: the full ones are freed
+            setattr(self.experts, name, nn.Parameter(p.detach()[lo:hi].clone()))
+        self._mark_expert_params()
 
     # stage 3 ---------------------------------------------------------------------------------
     def compute(self, x_TD: Tensor, plan: Plan) -> Tensor:
@@ -130,19 +99,26 @@ class ExpertParallelMoE(MoE):
     def from_dense(cls, moe: MoE, group: ProcessGroup | None = None) -> ExpertParallelMoE:
         """This rank's shard of a single-process MoE (same weights on every rank expected).
 
-        The result is on the dense layer's device; the layer itself is left unchanged.
+        Copies, on the dense layer's devices and dtypes; the dense layer is left unchanged.
         """
-        with torch.random.fork_rng(devices=[]):
-            ep = cls(moe.cfg, group, init_experts=False)
-        ep.to(moe.router.weight.device)
-        ep.load_dense_state_dict(moe.state_dict())
+        with torch.random.fork_rng(devices=[]):  # a throwaway initialisation: leave the RNG
+            ep = cls(moe.cfg, group)
+        local = ep._local_slice(moe.state_dict())
+        ep.load_state_dict({k: v.clone() for k, v in local.items()}, assign=True)
+        ep._mark_expert_params()  # assign=True made new Parameter objects
         return ep.train(moe.training)
+
+    def _local_slice(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        lo, hi = self.first_expert, self.first_expert + self.n_local
+        return {k: v[lo:hi] if k.startswith("experts.") else v for k, v in state_dict.items()}
+
+    def _mark_expert_params(self) -> None:
+        for p in self.experts.parameters():
+            setattr(p, EXPERT_PARALLEL_ATTR, True)
 
     def load_dense_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True):
         """Load a single-process MoE state dict, keeping this rank's slice of each expert tensor."""
-        lo, hi = self.first_expert, self.first_expert + self.n_local
-        local = {k: v[lo:hi] if k.startswith("experts.") else v for k, v in state_dict.items()}
-        return self.load_state_dict(local, strict=strict)
+        return self.load_state_dict(self._local_slice(state_dict), strict=strict)
 
     def dense_state_dict(self) -> dict[str, Tensor]:
         """The single-process MoE state dict, expert tensors gathered. Every rank must call it."""
@@ -152,11 +128,12 @@ class ExpertParallelMoE(MoE):
         return state
 
     def to_dense(self) -> MoE:
-        """A single-process `moekit.MoE` with all experts. Every rank must call it."""
-        state = self.dense_state_dict()
+        """A single-process `moekit.MoE` with all experts (copies). Every rank must call it."""
+        local = {f"experts.{n}" for n, _ in self.experts.named_parameters()}
+        state = {k: v if k in local else v.clone() for k, v in self.dense_state_dict().items()}
         with torch.random.fork_rng(devices=[]):
-            moe = MoE(self.cfg).to(self.router.weight.device)
-        moe.load_state_dict(state)
+            moe = MoE(self.cfg)
+        moe.load_state_dict(state, assign=True)
         return moe.train(self.training)
 
     def extra_repr(self) -> str:
