@@ -54,7 +54,7 @@ class LiveView:
                 table.add_row(key, f"{self.last[key]:.4g}")
         for key, value in self.last_eval.items():
             if isinstance(value, float):
-                table.add_row(f"val {key}", f"{value:.4g}")
+                table.add_row(key if key.startswith("val") else f"val {key}", f"{value:.4g}")
         loads = Table(show_header=True, header_style="bold", box=None)
         loads.add_column("layer")
         loads.add_column("expert load (full bar = 2x uniform)")

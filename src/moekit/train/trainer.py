@@ -191,6 +191,8 @@ class Trainer:
 
     def _flush(self, view: LiveView, t0: float) -> float:
         records = self.log.buffer
+        if not records:
+            return t0
         tokens = len(records) * self.tokens_per_step
         rate = tokens / max(time.perf_counter() - t0, 1e-9)
         for rec in records:
