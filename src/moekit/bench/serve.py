@@ -163,8 +163,12 @@ def run(
     max_new_tokens: int = 64,
     prefix_len: int = 384,
     threads: int = 1,
+    random_init: bool = False,
 ) -> dict[str, Any]:
-    """Run the load test against `ckpt` and write the report files; returns the report."""
+    """Run the load test against `ckpt` and write the report files; returns the report.
+
+    random_init only labels the report (the checkpoint holds untrained weights).
+    """
     options = ["--max-batch", str(max(concurrency)), "--max-queue", str(4 * max(concurrency))]
     options += ["--threads", str(threads)]
     proc, url = _start(ckpt, options)
@@ -187,6 +191,7 @@ def run(
         "torch": torch.__version__,
         "threads": threads,
         "checkpoint": str(ckpt),
+        "random_init": random_init,
         "model": {"params": info["params"], "config": info["config"]},
         "max_new_tokens": max_new_tokens,
         "rows": rows,
@@ -205,6 +210,7 @@ def run(
 
 def _markdown(r: dict[str, Any]) -> str:
     m, p, cfg = r["machine"], r["prefix_cache"], r["model"]["config"]
+    weights = "random init (written by --random-init)" if r.get("random_init") else "as saved"
     lines = [
         f"# Serving benchmark, {r['date']}",
         "",
@@ -213,7 +219,7 @@ def _markdown(r: dict[str, Any]) -> str:
         f"Model: `{r['checkpoint']}`, d_model {cfg['d_model']}, {cfg['n_layers']} layers, "
         f"{cfg['moe']['n_experts']} experts top-{cfg['moe']['k']}, "
         f"{r['model']['params']['total']:,} params ({r['model']['params']['active']:,} active).  ",
-        f"Each request: greedy, streaming, {r['max_new_tokens']} new tokens.",
+        f"Weights: {weights}. Each request: greedy, streaming, {r['max_new_tokens']} new tokens.",
         "",
         "| concurrency | requests | req/s | tokens/s | speedup | latency p50/p95/p99 (s) "
         "| TTFT p50/p95/p99 (s) | 5xx |",
@@ -250,7 +256,15 @@ def main(argv: list[str] | None = None) -> None:
     if a.random_init and not (Path(a.ckpt) / "config.json").exists():
         random_checkpoint(a.ckpt)
     levels = tuple(int(c) for c in a.concurrency.split(","))
-    report = run(a.ckpt, levels, a.requests, a.out_dir, a.max_new_tokens, threads=a.threads)
+    report = run(
+        a.ckpt,
+        levels,
+        a.requests,
+        a.out_dir,
+        a.max_new_tokens,
+        threads=a.threads,
+        random_init=a.random_init,
+    )
     print(Path(report["files"][0]).read_text())
 
 
