@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from moekit import MoEConfig
 from moekit.model.config import ModelConfig
@@ -38,13 +39,13 @@ def _oracle(rank: int, world: int) -> tuple[torch.Tensor, dict[str, torch.Tensor
     return ref_out, ref_grads
 
 
-def _check_grads(model: torch.nn.Module, ref_grads: dict[str, torch.Tensor]) -> None:
+def _check_grads(model: torch.nn.Module, ref_grads: dict[str, torch.Tensor], ep_group=None):
     expert, _ = split_expert_params(model)
     expert_ids = {id(p) for p in expert}
     assert len(expert) == 4  # w1, w2 of two layers
     for n, p in model.named_parameters():
         grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        grad = gather_experts(grad) if id(p) in expert_ids else grad
+        grad = gather_experts(grad, ep_group) if id(p) in expert_ids else grad
         torch.testing.assert_close(grad, ref_grads[n], rtol=1e-5, atol=1e-8, msg=n)
 
 
@@ -60,6 +61,22 @@ def _mean_of_ranks(rank: int, world: int) -> None:
 
 def test_gradients_equal_data_parallel_mean_of_ranks(launch):
     launch(_mean_of_ranks, 2)
+
+
+def _ep_inside_dp(rank: int, world: int) -> None:
+    """4 ranks = 2 replicas x EP 2: EP groups {0, 1}, {2, 3}; replica groups {0, 2}, {1, 3}."""
+    ep_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    ep_group, dp_group = ep_groups[rank // 2], dp_groups[rank % 2]
+    _, ref_grads = _oracle(rank, world)
+    model = parallelize_experts(_model(), ep_group)
+    model(*_batch(rank)).loss.backward()
+    reduce_gradients_(model, dp_group=dp_group)
+    _check_grads(model, ref_grads, ep_group)
+
+
+def test_expert_parallel_inside_data_parallel(launch):
+    launch(_ep_inside_dp, 4)
 
 
 def _fsdp2(rank: int, world: int) -> None:

@@ -241,3 +241,26 @@ def _conversions(rank: int, world: int) -> None:
 
 def test_from_dense_and_to_dense_round_trip(launch):
     launch(_conversions, 2)
+
+
+def _inference_options(rank: int, world: int) -> None:
+    """Options that go through MoE.forward: co-activation counts, librarian dedup at eval."""
+    cfg = MoEConfig(
+        d_model=8, d_hidden=6, n_experts=4, k=3, backend="torch", track_coactivation=True,
+        dedup_threshold=1e-3,  # merges most slots: a visible change
+    )  # fmt: skip
+    torch.manual_seed(8)
+    dense = MoE(cfg).eval()
+    ep = ExpertParallelMoE.from_dense(dense)
+    x = torch.randn(7, 8, generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        y, info = ep(x)
+        y_ref, info_ref = dense(x)
+    _close(y, y_ref, "y")
+    assert info.metrics["dedup_fraction"] > 0
+    _close(info.metrics["dedup_fraction"], info_ref.metrics["dedup_fraction"], "dedup_fraction")
+    assert torch.equal(ep.coactivation, dense.coactivation) and ep.coactivation.sum() > 0
+
+
+def test_coactivation_and_dedup_work_through_the_exchange(launch):
+    launch(_inference_options, 2)
