@@ -80,9 +80,8 @@ def clean_price_frame(raw: pd.DataFrame, source: str, freq: str | None = None) -
     for col in ("date", "price"):
         if col not in raw.columns:
             raise ValueError(f"{source}: missing required column {col!r}")
-    frame = pd.DataFrame({"row": np.arange(1, len(raw) + 1)}, index=raw.index)
     raw = raw.reset_index(drop=True)
-    frame = frame.reset_index(drop=True)
+    frame = pd.DataFrame({"row": np.arange(1, len(raw) + 1)})
     dates = pd.to_datetime(raw["date"], errors="coerce")
     if dates.isna().any():
         i = int(np.flatnonzero(dates.isna().to_numpy())[0])

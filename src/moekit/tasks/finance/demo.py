@@ -75,6 +75,25 @@ def comparison_table(table: pd.DataFrame, metric: str, title: str) -> Table:
     return t
 
 
+def instrument_table(by_inst: pd.DataFrame) -> Table:
+    """Per instrument: its most-used expert (with that expert's prior class) and QLIKE."""
+    t = Table(title="QLIKE and routing per instrument")
+    for col in ("instrument", "class", "top expert", "share"):
+        t.add_column(col, justify="right" if col == "share" else "left")
+    for m in METHODS[:3]:
+        t.add_column(METHOD_NAMES[m], justify="right")
+    for _, r in by_inst.iterrows():
+        e = int(r["top_expert"])
+        t.add_row(
+            str(r["instrument"]),
+            str(r["asset_class"]),
+            f"{e} ({ASSET_CLASSES[e]})",
+            f"{r['top_expert_share']:.2f}",
+            *[f"{r[f'qlike_{m}']:.3f}" for m in METHODS[:3]],
+        )
+    return t
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """The same table as GitHub markdown (used for the guide)."""
     head = ["asset class", "rows"] + [
@@ -112,6 +131,7 @@ def run_pipeline(
     span = f"walk-forward test years {years[0]}-{years[-1]}"
     console.print(comparison_table(table, "qlike", f"QLIKE of variance forecasts, {span}"))
     console.print(comparison_table(table, "mse", f"MSE of log-volatility forecasts, {span}"))
+    console.print(instrument_table(by_inst))
     console.print(
         "Routing agreement (top-1 expert): "
         + ", ".join(f"{k}={v:.3f}" for k, v in agreement.items())

@@ -36,6 +36,7 @@ class ModelConfig:
     batch_size: int = 512
     lr: float = 3e-3
     weight_decay: float = 1e-4
+    grad_clip: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -49,8 +50,9 @@ class ModelConfig:
         for field in ("sign_weight", "prior_weight", "weight_decay"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field}: must be >= 0")
-        if self.lr <= 0 or self.prior_half_life <= 0:
-            raise ValueError("lr/prior_half_life: must be > 0")
+        for field in ("lr", "prior_half_life", "grad_clip"):
+            if not getattr(self, field) > 0:
+                raise ValueError(f"{field}: must be > 0, got {getattr(self, field)}")
 
     def prior_weight_at(self, epoch: int) -> float:
         """Weight of the rule-prior term at ``epoch`` (0-based): halves every half-life."""
@@ -77,6 +79,7 @@ class _Forecaster(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.proj = nn.Linear(n_features, cfg.d_model)
+        self.skip = nn.Linear(n_features, 1)  # linear path to the log-vol output
         self.vol_head = nn.Linear(cfg.d_model, 1)
         self.sign_head = nn.Linear(cfg.d_model, 1)
 
@@ -88,9 +91,8 @@ class _Forecaster(nn.Module):
         h = F.gelu(self.proj(x))  # [N, D]
         y, info = self.block(h)
         z = h + y  # [N, D]
-        out = ForecastOutput(
-            self.vol_head(z).squeeze(-1), self.sign_head(z).squeeze(-1), z.new_zeros(())
-        )
+        logvol = (self.vol_head(z) + self.skip(x)).squeeze(-1)  # [N]
+        out = ForecastOutput(logvol, self.sign_head(z).squeeze(-1), z.new_zeros(()))
         if info is not None:
             out.aux_loss = info.aux_loss
             out.probs = info.routing.probs
@@ -164,7 +166,7 @@ def vol_loss(pred: Tensor, target: Tensor, kind: str, scale: float = 1.0) -> Ten
     log-vol std used to standardise. QLIKE: exp(d) - d - 1 with d = 2 * (log-vol error)."""
     if kind == "mse":
         return F.mse_loss(pred, target)
-    d = (2.0 * scale * (target - pred)).clamp(max=20.0)
+    d = (2.0 * scale * (target - pred)).clamp(max=8.0)
     return (torch.exp(d) - d - 1.0).mean()
 
 
@@ -206,6 +208,7 @@ def train_forecaster(
                 loss = loss + w_prior * F.nll_loss(logp, pt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(idx)
