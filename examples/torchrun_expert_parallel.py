@@ -21,7 +21,7 @@ from moekit.model.config import ModelConfig
 from moekit.model.transformer import Transformer
 from moekit.parallel import ExpertParallelMoE, parallelize_experts
 from moekit.parallel.checkpoint import save_safetensors
-from moekit.parallel.data_parallel import reduce_gradients_
+from moekit.parallel.data_parallel import clip_grad_norm_, reduce_gradients_
 
 
 def main() -> None:
@@ -56,6 +56,7 @@ def main() -> None:
         opt.zero_grad()
         out.loss.backward()
         reduce_gradients_(model)  # replicated grads averaged, expert grads scaled to match
+        clip_grad_norm_(model, 1.0)  # one norm over all ranks' experts: the same clip everywhere
         opt.step()
         if step % 5 == 0 or step == args.steps - 1:
             loss = out.loss.detach().clone()

@@ -9,7 +9,11 @@ from moekit import MoEConfig
 from moekit.model.config import ModelConfig
 from moekit.model.transformer import Transformer
 from moekit.parallel import gather_experts, parallelize_experts, split_expert_params
-from moekit.parallel.data_parallel import reduce_expert_gradients_, reduce_gradients_
+from moekit.parallel.data_parallel import (
+    clip_grad_norm_,
+    reduce_expert_gradients_,
+    reduce_gradients_,
+)
 
 
 def _model() -> Transformer:
@@ -57,6 +61,11 @@ def _mean_of_ranks(rank: int, world: int) -> None:
     out.loss.backward()
     reduce_gradients_(model)
     _check_grads(model, ref_grads)
+    # named_parameters lists tied weights once, as parameters() (and so the clipping) does
+    ref_norm = torch.stack([g.square().sum() for g in ref_grads.values()]).sum().sqrt()
+    norm = clip_grad_norm_(model, max_norm=0.5 * float(ref_norm))
+    torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+    _check_grads(model, {n: g * 0.5 for n, g in ref_grads.items()})
 
 
 def test_gradients_equal_data_parallel_mean_of_ranks(launch):

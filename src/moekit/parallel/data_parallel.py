@@ -56,3 +56,32 @@ def reduce_gradients_(model: nn.Module, dp_group: ProcessGroup | None = None) ->
         for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             g.copy_(part.view_as(g))
     reduce_expert_gradients_(model, dp_group, W)
+
+
+def clip_grad_norm_(
+    model: nn.Module, max_norm: float, ep_group: ProcessGroup | None = None
+) -> torch.Tensor:
+    """Clip by the norm of the whole model's gradient, the same factor on every rank.
+
+    A local `torch.nn.utils.clip_grad_norm_` would see only this rank's experts and clip the
+    replicated parameters differently per rank. Call after the gradient reduction; plain
+    tensors only (FSDP2's sharded gradients need its own clipping). Returns the total norm.
+    """
+    expert, other = split_expert_params(model)
+    device = next(model.parameters()).device
+
+    def square_sum(params: list[nn.Parameter]) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for p in params:
+            if p.grad is not None:
+                total = total + p.grad.float().square().sum()
+        return total
+
+    expert_sq = square_sum(expert)
+    dist.all_reduce(expert_sq, group=ep_group)  # each expert lives on one rank of the group
+    norm = (square_sum(other) + expert_sq).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in expert + other:
+        if p.grad is not None:
+            p.grad.mul_(scale.to(p.grad.dtype))
+    return norm
