@@ -6,7 +6,8 @@ dh1 overwrites h1 in place once dW2 has read it, so the backward holds one [S, H
 
   dh kernel:    g = dy[token] @ w2[e]^T; d weight_s = <g, a_s> (+ <dy, b2[e]>);
                 dh1 = weight * g * act'(h1) (gated: gate and up halves)
-  wgrad kernel: dW2[e] = a^T (weight * dy[token]),  dW1[e] = x[token]^T dh1,  db = column sums
+  wgrad kernel: dW2[e] = (weight * a)^T dy[token] (a materialised once for the kept rows,
+                freed before dW1 exists), dW1[e] = x[token]^T dh1, db = column sums
   dX:           per-slot dh1 @ w1[e]^T (the grouped GEMM of up.py), then the combine of down.py
 
 Shape legend: T tokens, K slots per token, S sorted slots, E experts, M tiles, D model dim,
@@ -111,6 +112,58 @@ def _dh_kernel(
     a_val = a_val.to(dtype).to(tl.float32)  # the forward fed the rounded activation to w2
     partial = tl.sum(tl.where(mask_o, g * a_val, 0.0), 1)
     tl.store(dwp_ptr + rows.to(tl.int64) * stride_pm + pid_n, partial, mask=mask_m)
+
+
+@triton.jit
+def _scaled_act_kernel(
+    # pointers
+    h1_ptr,  # [S, H1] saved pre-activation
+    weight_ptr,  # [S] gate weight of each sorted slot
+    offsets_ptr,  # [E + 1] int64; rows past offsets[E] are dropped and skipped
+    out_ptr,  # [S, H] out: weight * act(h1), kept rows only
+    # dims
+    H,
+    E,
+    # strides
+    stride_hm,
+    stride_hn,
+    stride_om,
+    stride_on,
+    # meta-parameters
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_H: tl.constexpr,  # columns per program
+    ACT: tl.constexpr,  # activation code
+    GATED: tl.constexpr,  # h1 holds gate then up halves
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_m = rows < tl.load(offsets_ptr + E)
+    mask = mask_m[:, None] & (cols < H)[None, :]
+    h_ptrs = h1_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :] * stride_hn
+    a = act_fwd(tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32), ACT)
+    if GATED:
+        a *= tl.load(h_ptrs + H * stride_hn, mask=mask, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    a = a.to(dtype).to(tl.float32)  # the forward fed the rounded activation to w2
+    weight = tl.load(weight_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
+    o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(o_ptrs, (a * weight[:, None]).to(dtype), mask=mask)
+
+
+def _scaled_act(h1_SH1: Tensor, weight_S: Tensor, offsets_E1: Tensor, activation: str) -> Tensor:
+    """[S, H] weight * act(h1) for the kept rows: dW2's left operand, computed once."""
+    code, gated = act_code(activation)
+    S, H1 = h1_SH1.shape
+    H = H1 // 2 if gated else H1
+    out = h1_SH1.new_empty(S, H)
+    block_r, block_h = (16, 16) if h1_SH1.device.type == "cpu" else (32, 256)
+    grid = (triton.cdiv(S, block_r), triton.cdiv(H, block_h))
+    _scaled_act_kernel[grid](
+        h1_SH1, weight_S, offsets_E1, out, H, offsets_E1.shape[0] - 1,
+        *h1_SH1.stride(), *out.stride(),
+        BLOCK_R=block_r, BLOCK_H=block_h, ACT=code, GATED=gated,
+    )  # fmt: skip
+    return out
 
 
 @triton.jit
@@ -266,23 +319,21 @@ def backward(
     n_tiles = expert_M.shape[0]
     dy_TD = dy_TD.contiguous()
     # weight gradients, in each weight's own dtype and layout
-    dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+    dw2 = torch.empty_like(w2)
     db1 = torch.empty_like(b1) if b1 is not None else w1.new_empty(0)
     db2 = torch.empty_like(b2) if b2 is not None else w2.new_empty(0)
     wg = cfg["wgrad"]
     if x_TD.dtype == torch.float32:  # two fp32 operands per stage: keep to 2 stages of 64 x 64
         wg = dict(wg, block_p=min(wg["block_p"], 64), block_q=min(wg["block_q"], 64), num_stages=2)
-    _wgrad(
-        h1_SH1,
-        dy_TD,
-        dw2,
-        db2 if b2 is not None else None,
-        offsets_E1,
-        wg,
-        right_idx=token_S,
-        scale=weight_S,
-        activation=activation,
-    )
+    if b2 is None:  # dW2 = (weight * a)^T dy[token]: a materialised once, a plain GEMM loop
+        aw_SH = _scaled_act(h1_SH1, weight_S, offsets_E1, activation)
+        _wgrad(aw_SH, dy_TD, dw2, None, offsets_E1, wg, right_idx=token_S)
+        del aw_SH  # freed before dW1 is allocated: the peak stays at h1 + dW1 + dW2
+    else:  # db2 needs weight * dy rows: recompute a and scale dy inside the loop
+        _wgrad(
+            h1_SH1, dy_TD, dw2, db2, offsets_E1, wg,
+            right_idx=token_S, scale=weight_S, activation=activation,
+        )  # fmt: skip
     code, gated = act_code(activation)
     dh1 = h1_SH1  # in place: dW2 above was the last reader of h1
     dh_cfg = for_dtype(cfg["dh"], x_TD.dtype)
@@ -329,6 +380,7 @@ def backward(
         extra = (dy_TD.index_select(0, token_S).to(torch.float32) * bias_SD).sum(1)
         dweight = dweight + torch.where(kept, extra, 0.0)
 
+    dw1 = torch.empty_like(w1)
     _wgrad(x_TD, dh1, dw1, db1 if b1 is not None else None, offsets_E1, wg, left_idx=token_S)
 
     # dX: per-slot rows dh1 @ w1[e]^T, summed per token in slot order
