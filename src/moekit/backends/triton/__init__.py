@@ -4,7 +4,7 @@ device (`align`), so the layer runs under CUDA graphs and torch.compile.
 
 Files: align (tile schedule), up (gather + up-projection + activation), down (down-projection
 + deterministic combine), backward (dh, weight gradients, dX and the autograd Function),
-configs (tuned configs as data, per shape class: the decode class streams weights once).
+decode (the small-batch column split), configs (tuned configs as data, per shape class).
 Shape legend: T tokens, S sorted token-slots, E experts, D model dim, H1 = w1's last dim.
 """
 

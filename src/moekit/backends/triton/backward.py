@@ -426,7 +426,9 @@ class FusedExperts(torch.autograd.Function):
         T, S = x_TD.shape[0], token_S.shape[0]
         key = config_key(x_TD.device, S, offsets_E1.shape[0] - 1)
         block_m = config_by_key(x_TD.device, key)["block_m"]
-        expert_M, row_M = schedule(offsets_E1, S, block_m)
+        # decode: each GEMM program finds its own tile (one launch fewer on the latency path)
+        inline = key in ("decode", "interpreter")
+        expert_M, row_M = (None, None) if inline else schedule(offsets_E1, S, block_m)
         h1, a, inv_S = up(
             x_TD, token_S, order_S, w1, b1, expert_M, row_M, offsets_E1, activation, block_m, key,
             train,

@@ -4,7 +4,8 @@ With few rows per expert the grouped kernels are bound by reading the weights of
 hit, once. One BLOCK_M tile then covers all of an expert's rows (the shape class picks
 BLOCK_M from S / E), and the N dimension of the weights is split finely enough that at least
 two CTAs per SM stream disjoint column blocks, so the whole chip pulls on HBM at once.
-The grid stays sized from the static tile bound, so this adds no host sync.
+The grid stays sized from the static tile bound, so this adds no host sync. In this class the
+forward GEMM programs also find their own tile (`up.find_tile`): one launch fewer.
 """
 
 from __future__ import annotations

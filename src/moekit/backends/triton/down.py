@@ -25,15 +25,15 @@ def down(
     a_SH: Tensor,
     w2: Tensor,
     b2: Tensor | None,
-    expert_M: Tensor,
-    row_M: Tensor,
+    expert_M: Tensor | None,
+    row_M: Tensor | None,
     offsets_E1: Tensor,
     block_m: int,
     cfg_key: str,
 ) -> Tensor:
     """out [S, D] = a @ w2[e] + b2[e] for the kept sorted rows (rows past them unwritten)."""
     cfg = config_by_key(a_SH.device, cfg_key)["down"]
-    schedule = (expert_M, row_M)
+    schedule = (expert_M, row_M) if expert_M is not None else None
     return grouped_gemm(a_SH, w2, schedule, offsets_E1, a_SH.shape[0], cfg, block_m, bias=b2)[1]
 
 

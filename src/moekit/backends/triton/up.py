@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moekit.backends.triton.align import max_tiles
 from moekit.backends.triton.configs import config_by_key, for_dtype
 from moekit.backends.triton.decode import spread
 from moekit.config import GATED_ACTIVATIONS
@@ -73,6 +74,21 @@ def tile_of(pid, n_tiles, n_blocks_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def find_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, first sorted row) of tile pid_m from the offsets: align.py's schedule, inline."""
+    e_vec = tl.arange(0, BLOCK_E)
+    mask_e = e_vec < E
+    lo = tl.load(offsets_ptr + e_vec, mask=mask_e, other=0).to(tl.int32)
+    hi = tl.load(offsets_ptr + e_vec + 1, mask=mask_e, other=0).to(tl.int32)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    end = tl.cumsum(tiles, 0)
+    base = lo - (end - tiles) * BLOCK_M
+    end = tl.where(mask_e, end, 2147483647)
+    e = tl.sum((end <= pid_m).to(tl.int32), 0)
+    return e, tl.sum(tl.where(e_vec == e, base, 0), 0) + pid_m * BLOCK_M
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     # pointers
     a_ptr,  # [rows of A, K] left operand (x when gathering, else sorted rows)
@@ -83,8 +99,8 @@ def _grouped_gemm_kernel(
     bias_ptr,  # [E, N or 2N]; unused if not HAS_BIAS
     pre_ptr,  # [S, N or 2N] out: pre-activation (saved for backward); unused if not STORE_PRE
     out_ptr,  # [S, N] out
-    expert_M_ptr,  # [M] int32 expert of each tile (E = empty tile)
-    row_M_ptr,  # [M] int32 first sorted row of each tile
+    expert_M_ptr,  # [M] int32 expert of each tile (E = empty tile); unused if INLINE_SCHEDULE
+    row_M_ptr,  # [M] int32 first sorted row of each tile; unused if INLINE_SCHEDULE
     offsets_ptr,  # [E + 1] int64 expert row offsets
     # dims
     n_tiles,
@@ -115,12 +131,18 @@ def _grouped_gemm_kernel(
     STORE_PRE: tl.constexpr,  # also write the pre-activation (training)
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 ("ieee" or "tf32")
     WRITE_INV: tl.constexpr,  # also invert the sort for the combine (saves two launches)
+    INLINE_SCHEDULE: tl.constexpr,  # find the tile from the offsets here (decode: one launch less)
+    BLOCK_E: tl.constexpr,  # next power of two >= E, for INLINE_SCHEDULE
 ):
     pid_m, pid_n = tile_of(tl.program_id(0), n_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
-    e = tl.load(expert_M_ptr + pid_m)
+    if INLINE_SCHEDULE:
+        e, row0 = find_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    else:
+        e = tl.load(expert_M_ptr + pid_m)
+        row0 = tl.load(row_M_ptr + pid_m)
     if e >= E:  # past the real tile count: nothing to do
         return
-    rows = tl.load(row_M_ptr + pid_m) + tl.arange(0, BLOCK_M)
+    rows = row0 + tl.arange(0, BLOCK_M)
     mask_m = rows < tl.load(offsets_ptr + e + 1)
     if WRITE_INV and pid_n == 0:
         slot = tl.load(order_ptr + rows, mask=mask_m, other=0)
@@ -167,7 +189,7 @@ def _grouped_gemm_kernel(
 def grouped_gemm(
     a: Tensor,
     b_EKN: Tensor,
-    schedule: tuple[Tensor, Tensor],
+    schedule: tuple[Tensor, Tensor] | None,
     offsets_E1: Tensor,
     n_rows: int,
     cfg: dict,
@@ -183,6 +205,7 @@ def grouped_gemm(
     A is x [T, K] gathered through gather_S, or sorted rows [S, K]. B [E, K, N1] by strides,
     N1 = 2N when the activation is gated. Rows past offsets_E1[E] are left unwritten.
     inverse = (order_S, inv_S): also write inv_S[order_S[row]] = row for the kept rows.
+    schedule None: each program finds its tile from the offsets (no schedule launch).
     """
     code, gated = act_code(activation) if activation is not None else (0, False)
     cfg = for_dtype(cfg, a.dtype)
@@ -192,8 +215,12 @@ def grouped_gemm(
     N = N1 // 2 if gated else N1
     out = a.new_empty(n_rows, N)
     pre = a.new_empty(n_rows if store_pre else 0, N1)
-    expert_M, row_M = schedule
-    n_tiles = expert_M.shape[0]
+    if schedule is None:
+        n_tiles = max_tiles(n_rows, E, block_m)
+        expert_M = row_M = offsets_E1
+    else:
+        expert_M, row_M = schedule
+        n_tiles = expert_M.shape[0]
     if n_tiles == 0 or N == 0:
         return pre, out
     cfg = spread(cfg, n_tiles, N, a.device)
@@ -230,6 +257,8 @@ def grouped_gemm(
         STORE_PRE=store_pre,
         PRECISION=dot_precision(a.dtype),
         WRITE_INV=inverse is not None,
+        INLINE_SCHEDULE=schedule is None,
+        BLOCK_E=triton.next_power_of_2(max(E, 2)),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -243,8 +272,8 @@ def up(
     order_S: Tensor,
     w1: Tensor,
     b1: Tensor | None,
-    expert_M: Tensor,
-    row_M: Tensor,
+    expert_M: Tensor | None,
+    row_M: Tensor | None,
     offsets_E1: Tensor,
     activation: str,
     block_m: int,
@@ -257,7 +286,7 @@ def up(
     h1, a = grouped_gemm(
         x_TD,
         w1,
-        (expert_M, row_M),
+        (expert_M, row_M) if expert_M is not None else None,
         offsets_E1,
         token_S.shape[0],
         config_by_key(x_TD.device, cfg_key)["up"],
