@@ -24,8 +24,8 @@ from moekit.train.trainer import Trainer
 from moekit.viz import category_shares
 
 
-def demo_config(out: str, seed: int = 0, steps: int = 250) -> RunConfig:
-    """Small enough to train in well under a minute per model on two CPU cores."""
+def demo_config(out: str, seed: int = 0, steps: int = 1500) -> RunConfig:
+    """Small enough that both models train in under a minute on two idle CPU cores."""
     moe = moekit.MoEConfig(
         d_model=48,
         d_hidden=64,
@@ -68,7 +68,7 @@ def routing_table(routing: dict[str, list[list[float]]], categories: list[str]) 
     return table
 
 
-def run_demo(out_dir: str | Path = "moekit-out", seed: int = 0, steps: int = 250) -> dict:
+def run_demo(out_dir: str | Path = "moekit-out", seed: int = 0, steps: int = 1500) -> dict:
     """Train both models, print the comparison, return both summaries."""
     console = Console()
     out = Path(out_dir)
