@@ -110,6 +110,9 @@ def _sinkhorn(moe: MoE, logits: Tensor) -> tuple[list[list[int]], Tensor, Tensor
     """k rounds: balance exp(logits / tau) with alternating normalisations, take the row max."""
     r, k = moe.cfg.router, moe.cfg.k
     T, E = logits.shape
+    if T == 0:
+        empty = logits.new_zeros(0, k)
+        return [], empty, empty
     scores = (logits.detach() / r.sinkhorn_tau).tolist()
     allowed = [[True] * E for _ in range(T)]
     if r.sinkhorn_candidates is not None and r.sinkhorn_candidates < E:

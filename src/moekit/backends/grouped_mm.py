@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import cache
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.dispatch import Plan
@@ -53,7 +54,7 @@ def experts_forward(
     expert_S = plan.expert_S.clamp_max(E - 1)
     # every grouped_mm input is zeroed past the kept rows: the gradients grouped_mm returns
     # for those rows are unspecified and must not flow back into x, b1 or the activation
-    x_SD = torch.where(kept_S.unsqueeze(-1), x_TD.index_select(0, plan.token_S), 0.0)
+    x_SD = torch.where(kept_S.unsqueeze(-1), F.embedding(plan.token_S, x_TD), 0.0)
     h = torch._grouped_mm(x_SD, w1.to(x_TD.dtype), offs=ends_E)  # [S, H1]
     if b1 is not None:
         h = h + b1.to(h.dtype).index_select(0, expert_S)
