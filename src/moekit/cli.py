@@ -90,6 +90,18 @@ def _add_bench(parent) -> None:
     memory.add_argument("--dim", type=int, default=512)
     memory.add_argument("--out-dir", type=str, default="docs/benchmarks")
     sub.add_subcommand("memory", memory)
+    serve = ArgumentParser(description="Load-test `moekit serve` on a checkpoint (real server).")
+    serve.add_argument("ckpt", type=str, help="checkpoint or run directory")
+    serve.add_argument("--concurrency", type=list[int], default=[1, 8, 32])
+    serve.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    serve.add_argument("--max-new-tokens", type=int, default=64)
+    serve.add_argument("--threads", type=int, default=1, help="server torch threads")
+    serve.add_argument("--out-dir", type=str, default="docs/benchmarks")
+    sub.add_subcommand("serve", serve)
+    librarian = ArgumentParser(description="Librarian deduplication: firing rate and output error.")
+    librarian.add_argument("--tokens", type=int, default=2048)
+    librarian.add_argument("--out-dir", type=str, default="docs/benchmarks")
+    sub.add_subcommand("librarian", librarian)
 
 
 def _add_finance(parent) -> None:
@@ -102,6 +114,29 @@ def _add_finance(parent) -> None:
     sub.add_subcommand("demo", demo)
 
 
+def _serve_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Serve a checkpoint over HTTP (OpenAPI docs at /docs).")
+    p.add_argument("ckpt", type=str, help="checkpoint or run directory")
+    p.add_argument("--host", type=str, default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int | None, default=None, help="torch CPU threads")
+    p.add_argument("--max-batch", type=int | None, default=None, help="sequences per step")
+    p.add_argument("--max-queue", type=int | None, default=None, help="queued requests before 429")
+    return p
+
+
+def _layer_demo_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        description="A bare MoE layer learns a 4-regime regression (< 1 min on a CPU); prints "
+        "expert load and regime -> expert routing purity, writes a heatmap."
+    )
+    p.add_argument("--out", type=str, default="moekit-out", help="directory for the heatmap")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=600)
+    return p
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="moekit", description="Mixture-of-Experts on PyTorch.")
     sub = parser.add_subcommands(dest="command")
@@ -110,6 +145,8 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("eval", _eval_parser())
     sub.add_subcommand("generate", _generate_parser())
     sub.add_subcommand("plot", _plot_parser())
+    sub.add_subcommand("serve", _serve_parser())
+    sub.add_subcommand("layer-demo", _layer_demo_parser())
     _add_bench(sub)
     _add_finance(sub)
     return parser
@@ -162,6 +199,47 @@ def _run_bench(args: Namespace) -> None:
 
         a = args.memory
         bench_memory(sizes=tuple(a.sizes), dim=a.dim, out_dir=a.out_dir)
+    elif args.bench == "serve":
+        from moekit.bench.serve import run as run_serve
+
+        a = args.serve
+        run_serve(
+            a.ckpt,
+            concurrency=tuple(a.concurrency),
+            requests=a.requests,
+            out_dir=a.out_dir,
+            max_new_tokens=a.max_new_tokens,
+            threads=a.threads,
+        )
+    elif args.bench == "librarian":
+        from moekit.bench.librarian import main as run_librarian
+
+        a = args.librarian
+        run_librarian(["--tokens", str(a.tokens), "--out-dir", a.out_dir])
+
+
+def _run_serve(args: Namespace) -> None:
+    from moekit.serve import run_server
+
+    options = {
+        k: v
+        for k, v in (("max_batch", args.max_batch), ("max_queue", args.max_queue))
+        if v is not None
+    }
+    run_server(
+        args.ckpt,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        threads=args.threads,
+        **options,
+    )
+
+
+def _run_layer_demo(args: Namespace) -> None:
+    from moekit.demo import run_demo
+
+    run_demo(out_dir=args.out, seed=args.seed, steps=args.steps)
 
 
 def _run_finance(args: Namespace) -> None:
@@ -178,6 +256,8 @@ _HANDLERS = {
     "plot": _run_plot,
     "bench": _run_bench,
     "finance": _run_finance,
+    "serve": _run_serve,
+    "layer-demo": _run_layer_demo,
 }
 
 
