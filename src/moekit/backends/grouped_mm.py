@@ -54,15 +54,18 @@ def experts_forward(
     expert_S = plan.expert_S.clamp_max(E - 1)
     # every grouped_mm input is zeroed past the kept rows: the gradients grouped_mm returns
     # for those rows are unspecified and must not flow back into x, b1 or the activation
-    x_SD = torch.where(kept_S.unsqueeze(-1), F.embedding(plan.token_S, x_TD), 0.0)
-    h = torch._grouped_mm(x_SD, w1.to(x_TD.dtype), offs=ends_E)  # [S, H1]
+    keep_S1 = kept_S.unsqueeze(-1)
+    x_SD = torch.where(keep_S1, F.embedding(plan.token_S, x_TD), 0.0)
+    # outputs past the kept rows are unspecified (NaN possible): zero them before any
+    # elementwise op, whose backward would turn 0 * NaN into NaN gradients (b1, gate weights)
+    h = torch.where(keep_S1, torch._grouped_mm(x_SD, w1.to(x_TD.dtype), offs=ends_E), 0.0)
     if b1 is not None:
         h = h + b1.to(h.dtype).index_select(0, expert_S)
-    a_SH = torch.where(kept_S.unsqueeze(-1), activate(h, activation), 0.0)
-    out_SD = torch._grouped_mm(a_SH, w2.to(x_TD.dtype), offs=ends_E)
+    a_SH = torch.where(keep_S1, activate(h, activation), 0.0)
+    out_SD = torch.where(keep_S1, torch._grouped_mm(a_SH, w2.to(x_TD.dtype), offs=ends_E), 0.0)
     if b2 is not None:
         out_SD = out_SD + b2.to(out_SD.dtype).index_select(0, expert_S)
-    scale_S = plan.weight_S.unsqueeze(-1)
-    contrib_SD = torch.where(kept_S.unsqueeze(-1), out_SD.to(scale_S.dtype) * scale_S, 0.0)
+    # dropped slots carry weight 0, so their (finite) rows add nothing
+    contrib_SD = out_SD.to(plan.weight_S.dtype) * plan.weight_S.unsqueeze(-1)
     y_TD = torch.zeros(x_TD.shape, dtype=contrib_SD.dtype, device=x_TD.device)
     return y_TD.index_add(0, plan.token_S, contrib_SD).to(x_TD.dtype)
