@@ -6,7 +6,16 @@ from pathlib import Path
 import moekit
 
 SRC = Path(moekit.__file__).parent
-HOT = ["routing", "backends", "dispatch.py", "layer.py", "experts.py"]
+HOT = [
+    "routing",
+    "backends",
+    "parallel/expert_parallel.py",
+    "parallel/comm.py",
+    "dispatch.py",
+    "layer.py",
+    "experts.py",
+    "librarian.py",
+]
 SYNCS = {"item", "tolist", "cpu", "nonzero"}
 
 
