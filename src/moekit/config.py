@@ -17,6 +17,14 @@ INITS = ("normal", "xavier", "depth_scaled")
 FALLBACKS = ("zero", "dense")
 
 
+def strict_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
+    """cls(**data), refusing keys that are not fields with a ValueError naming them."""
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what}: {', '.join(unknown)}")
+    return cls(**data)
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
@@ -216,8 +224,4 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MoEConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return strict_from_dict(cls, data, "MoEConfig field(s)")

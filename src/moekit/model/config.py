@@ -7,10 +7,10 @@ A model reads tokens (``vocab_size``) or continuous vectors (``d_in``) and write
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from moekit.config import ACTIVATIONS, MoEConfig
+from moekit.config import ACTIVATIONS, MoEConfig, strict_from_dict
 
 NORMS = ("rms", "layer")
 
@@ -121,8 +121,4 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return strict_from_dict(cls, data, "ModelConfig field(s)")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from moekit.config import strict_from_dict
 
 
 @dataclass
@@ -39,8 +41,4 @@ class EngineConfig:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> EngineConfig:
         """Build from keyword options, refusing names that are not fields."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown engine option(s): {', '.join(unknown)}")
-        return cls(**options)
+        return strict_from_dict(cls, options, "engine option(s)")
