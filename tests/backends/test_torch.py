@@ -44,3 +44,23 @@ def test_all_tokens_dropped_gives_zeros():
     e = moe.experts
     y = torch_backend.experts_forward(torch.randn(3, 4), plan, e.w1, e.w2, None, None, "swiglu")
     assert torch.equal(y, torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_inference_path_writes_the_same_output(bias):
+    """Under no_grad the slices are written in place; the result must not change."""
+    torch.manual_seed(1)
+    cfg = moekit.MoEConfig(
+        d_model=8, d_hidden=12, n_experts=5, k=2, expert=moekit.ExpertConfig(bias=bias)
+    )
+    moe = moekit.MoE(cfg).double().eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(std=0.5)
+    x = torch.randn(31, 8, dtype=torch.float64)
+    y_grad, _ = moe(x)
+    with torch.no_grad():
+        y_inf, _ = moe(x)
+    y_ref, _ = moekit.reference.moe_forward(moe, x)
+    assert torch.allclose(y_inf, y_grad, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(y_inf, y_ref, rtol=1e-10, atol=1e-12)

@@ -38,18 +38,24 @@ def _mlp(
     b2: Tensor | None,
     act: str,
     scale: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """x [..., n, D] -> [..., n, D] with per-batch weights w1 [..., D, H1], w2 [..., H, D].
 
     `scale` [..., n, 1] (the gate weights) multiplies the activation before w2 when given:
-    the same product as scaling the output, on H columns instead of D.
+    the same product as scaling the output, on H columns instead of D. `out` receives the
+    result in place (inference only).
     """
     h = x @ w1
     if b1 is not None:
         h = h + b1.unsqueeze(-2)
     a = activate(h, act)
-    out = (a * scale.to(a.dtype) if scale is not None else a) @ w2
-    return out + b2.unsqueeze(-2) if b2 is not None else out
+    a = a * scale.to(a.dtype) if scale is not None else a
+    if out is not None:  # no autograd: write in place
+        torch.matmul(a, w2, out=out)
+        return out.add_(b2.unsqueeze(-2)) if b2 is not None else out
+    y = a @ w2
+    return y + b2.unsqueeze(-2) if b2 is not None else y
 
 
 def _per_expert(x_ND: Tensor, sizes: list[int], w1, w2, b1, b2, act: str, scale_N1) -> Tensor:
@@ -59,6 +65,14 @@ def _per_expert(x_ND: Tensor, sizes: list[int], w1, w2, b1, b2, act: str, scale_
     b1_e = b1.unbind(0) if b1 is not None else [None] * len(sizes)
     b2_e = b2.unbind(0) if b2 is not None else [None] * len(sizes)
     scale_e = scale_N1.split(sizes) if scale_N1 is not None else [None] * len(sizes)
+    if not torch.is_grad_enabled():  # inference: write each slice in place, no final cat
+        out_ND = x_ND.new_empty(x_ND.shape[0], w2.shape[-1])
+        for e, (x_nD, out_nD) in enumerate(
+            zip(x_ND.split(sizes), out_ND.split(sizes), strict=True)
+        ):
+            if x_nD.shape[0]:
+                _mlp(x_nD, w1_e[e], w2_e[e], b1_e[e], b2_e[e], act, scale_e[e], out=out_nD)
+        return out_ND
     pieces = [
         _mlp(x_nD, w1_e[e], w2_e[e], b1_e[e], b2_e[e], act, scale_e[e])
         for e, x_nD in enumerate(x_ND.split(sizes))
