@@ -34,15 +34,21 @@ def _plain(value: Any) -> Any:
 def train(args: Any) -> dict[str, Any]:
     """Validate the whole run config, then train (or resume) and print where things went."""
     try:
-        cfg = RunConfig(**{k: _plain(args[k]) for k in ("task", "model", "train", "seed", "out")})
+        cfg = RunConfig(
+            **{k: _plain(args[k]) for k in ("task", "model", "train", "parallel", "seed", "out")}
+        )
         trainer = Trainer(cfg)
     except ValueError as err:
         _fail(str(err))
     resume = cfg.out if args.resume == "auto" else args.resume
     try:
         summary = trainer.fit(resume=resume)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
+    finally:
+        trainer.close()
+    if not trainer.is_main:  # expert parallel: rank 0 reports
+        return summary
     if summary["stopped_by_signal"]:
         print(
             f"stopped by signal {summary['stopped_by_signal']} at step {summary['step']}; "

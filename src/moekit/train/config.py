@@ -1,4 +1,4 @@
-"""`TrainConfig` (optimisation, logging, checkpoints) and `RunConfig` (task + model + train).
+"""`TrainConfig` (optimisation, logging, checkpoints), `ParallelConfig` and `RunConfig`.
 
 `RunConfig` is what `moekit train CONFIG` parses: YAML keys and `--dotted.overrides` map
 onto these dataclasses, and every bad value raises a ValueError naming its key.
@@ -81,17 +81,35 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Multi-process training, launched with torchrun."""
+
+    ep: int = 1  # expert parallelism: experts split over this many ranks (= world size)
+
+    def __post_init__(self) -> None:
+        if self.ep < 1:
+            raise ValueError(f"parallel.ep={self.ep} must be >= 1")
+
+
+@dataclass
 class RunConfig:
     """One training run. The model's input/output sizes are filled from the task."""
 
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
     out: str = "runs/latest"  # run directory: logs, plots, checkpoints/
 
     def __post_init__(self) -> None:
-        for name, cls in (("task", TaskConfig), ("model", ModelConfig), ("train", TrainConfig)):
+        sections = (
+            ("task", TaskConfig),
+            ("model", ModelConfig),
+            ("train", TrainConfig),
+            ("parallel", ParallelConfig),
+        )
+        for name, cls in sections:
             value = getattr(self, name)
             if isinstance(value, dict):
                 try:
