@@ -1,36 +1,6 @@
 import torch
 
-import moekit
-from moekit.model import ModelConfig
 from moekit.tasks import TaskConfig, build_task
-from moekit.train import RunConfig, TrainConfig, Trainer
-
-
-def _train(tmp_path, task: TaskConfig, steps: int, lr: float):
-    cfg = RunConfig(
-        task=task,
-        model=ModelConfig(
-            d_model=32,
-            n_layers=2,
-            n_heads=2,
-            d_ff=64,
-            max_seq_len=task.seq_len,
-            moe=moekit.MoEConfig(d_model=32, d_hidden=32, n_experts=4, k=2),
-        ),
-        train=TrainConfig(
-            steps=steps,
-            batch_size=16,
-            lr=lr,
-            warmup_steps=5,
-            eval_interval=steps,
-            live="off",
-            threads=1,
-        ),
-        out=str(tmp_path),
-    )
-    trainer = Trainer(cfg)
-    before = trainer.evaluate()
-    return trainer, before, trainer.fit()
 
 
 def test_batches_are_deterministic_and_labelled():
@@ -54,7 +24,7 @@ def test_every_family_appears_and_varies():
         assert batch.x[cats == c].std() > 0.2, task.categories[c]
 
 
-def test_loss_halves_in_a_short_run(tmp_path):
+def test_loss_halves_in_a_short_run(tmp_path, train_briefly):
     task = TaskConfig(name="signals", seq_len=32, val_sequences=64)
-    _, before, after = _train(tmp_path, task, steps=40, lr=5e-3)
+    _, before, after = train_briefly(tmp_path, task, steps=40, lr=5e-3)
     assert after["val"]["mse"] <= 0.5 * before["mse"]

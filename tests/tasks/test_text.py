@@ -3,38 +3,8 @@ import math
 import pytest
 import torch
 
-import moekit
-from moekit.model import ModelConfig
 from moekit.tasks import TaskConfig, build_task
 from moekit.tasks.text import CATEGORIES, TextTask, byte_classes, stdlib_files
-from moekit.train import RunConfig, TrainConfig, Trainer
-
-
-def _train(tmp_path, task: TaskConfig, steps: int, lr: float):
-    cfg = RunConfig(
-        task=task,
-        model=ModelConfig(
-            d_model=32,
-            n_layers=2,
-            n_heads=2,
-            d_ff=64,
-            max_seq_len=task.seq_len,
-            moe=moekit.MoEConfig(d_model=32, d_hidden=32, n_experts=4, k=2),
-        ),
-        train=TrainConfig(
-            steps=steps,
-            batch_size=16,
-            lr=lr,
-            warmup_steps=5,
-            eval_interval=steps,
-            live="off",
-            threads=1,
-        ),
-        out=str(tmp_path),
-    )
-    trainer = Trainer(cfg)
-    before = trainer.evaluate()
-    return trainer, before, trainer.fit()
 
 
 def test_corpus_is_stdlib_source_split_by_file():
@@ -62,9 +32,9 @@ def test_batches_and_byte_categories():
     assert TextTask.decode(TextTask.encode("héllo")) == "héllo"
 
 
-def test_loss_halves_in_a_short_run(tmp_path):
+def test_loss_halves_in_a_short_run(tmp_path, train_briefly):
     task = TaskConfig(name="text", seq_len=64, max_bytes=400_000, val_sequences=32)
-    _, before, after = _train(tmp_path, task, steps=250, lr=1e-2)
+    _, before, after = train_briefly(tmp_path, task, steps=250, lr=1e-2)
     assert abs(before["bpb"] - math.log2(256)) < 0.3  # uniform over bytes at init
     assert after["val"]["val_loss"] <= 0.5 * before["val_loss"]
     assert after["val"]["bpb"] == pytest.approx(after["val"]["val_loss"] / math.log(2))

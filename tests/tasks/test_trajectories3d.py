@@ -1,37 +1,7 @@
 import torch
 
-import moekit
-from moekit.model import ModelConfig
 from moekit.tasks import TaskConfig, build_task
 from moekit.tasks.trajectories3d import kepler, random_rotation
-from moekit.train import RunConfig, TrainConfig, Trainer
-
-
-def _train(tmp_path, task: TaskConfig, steps: int, lr: float):
-    cfg = RunConfig(
-        task=task,
-        model=ModelConfig(
-            d_model=32,
-            n_layers=2,
-            n_heads=2,
-            d_ff=64,
-            max_seq_len=task.seq_len,
-            moe=moekit.MoEConfig(d_model=32, d_hidden=32, n_experts=4, k=2),
-        ),
-        train=TrainConfig(
-            steps=steps,
-            batch_size=16,
-            lr=lr,
-            warmup_steps=5,
-            eval_interval=steps,
-            live="off",
-            threads=1,
-        ),
-        out=str(tmp_path),
-    )
-    trainer = Trainer(cfg)
-    before = trainer.evaluate()
-    return trainer, before, trainer.fit()
 
 
 def test_batches_are_deterministic_unit_scale_and_labelled():
@@ -55,9 +25,9 @@ def test_kepler_orbit_is_a_closed_ellipse_and_rotation_is_proper():
     assert torch.allclose(R @ R.T, torch.eye(3), atol=1e-5) and torch.det(R) > 0
 
 
-def test_loss_halves_in_a_short_run_and_3d_plot(tmp_path):
+def test_loss_halves_in_a_short_run_and_3d_plot(tmp_path, train_briefly):
     task = TaskConfig(name="trajectories3d", seq_len=32, val_sequences=64)
-    trainer, before, after = _train(tmp_path, task, steps=40, lr=5e-3)
+    trainer, before, after = train_briefly(tmp_path, task, steps=40, lr=5e-3)
     assert after["val"]["mse"] <= 0.5 * before["mse"]
     assert after["val"]["err3d"] < before["err3d"]
     assert (tmp_path / "plots" / "trajectories3d.png").stat().st_size > 10_000
