@@ -18,6 +18,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 import moekit
+from moekit.viz import plot_specialisation
 
 REGIMES = ("calm", "trending", "oscillating", "volatile")
 
@@ -85,27 +86,6 @@ def purity(counts: Tensor) -> float:
     return float(counts.max(1).values.sum() / counts.sum().clamp_min(1))
 
 
-def save_heatmap(counts: Tensor, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    share = counts / counts.sum(1, keepdim=True).clamp_min(1)
-    fig, ax = plt.subplots(figsize=(6, 3))
-    im = ax.imshow(share.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(counts.shape[1]), [f"e{e}" for e in range(counts.shape[1])])
-    ax.set_yticks(range(len(REGIMES)), REGIMES)
-    ax.set_xlabel("expert")
-    ax.set_title("share of each regime's tokens by top expert")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def run_demo(
     out_dir: str = "moekit-out", seed: int = 0, steps: int = 600, console: Console | None = None
 ) -> dict:
@@ -163,7 +143,12 @@ def run_demo(
         table.add_row(name, *[f"{v:.2f}" for v in share.tolist()], f"{share.max():.2f}")
     table.add_row("[bold]load", *[f"{v:.2f}" for v in load.tolist()], "")
     console.print(table)
-    heatmap = save_heatmap(counts, Path(out_dir) / "regime_expert_heatmap.png")
+    heatmap = plot_specialisation(
+        {"0": counts.tolist()},
+        list(REGIMES),
+        Path(out_dir) / "regime_expert_heatmap.png",
+        title="share of each regime's tokens by top expert",
+    )
     result = {
         "val_mse": val_mse,
         "target_variance": baseline,

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from moekit.viz.figure import save_figure  # noqa: E402
+
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], r[key]) for r in records if key in r]
@@ -63,9 +65,4 @@ def plot_dashboard(records: list[dict[str, Any]], path: str | Path, title: str =
         ax.set(title=f"layer {layer}: expert load / uniform", xlabel="step", ylabel="expert")
         fig.colorbar(im, ax=ax)
     fig.suptitle(title or "training dashboard")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from moekit.viz.figure import save_figure  # noqa: E402
+
 
 def category_shares(counts: list[list[float]]) -> np.ndarray:
     """[C, E] counts -> each category's share of its token-slots per expert (rows sum to 1)."""
@@ -40,9 +42,4 @@ def plot_specialisation(
                 ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=6, color="black")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title or "routing specialisation: share of each category's tokens per expert")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

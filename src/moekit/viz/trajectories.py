@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from moekit.viz.figure import save_figure  # noqa: E402
+
 
 @torch.no_grad()
 def plot_rollouts(
@@ -36,9 +38,4 @@ def plot_rollouts(
         ax.tick_params(labelsize=6)
     fig.axes[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"3D rollout: {S} context points, {horizon} forecast (predictions fed back)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
