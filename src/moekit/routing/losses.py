@@ -15,19 +15,18 @@ from moekit.routing.base import Routing
 LOSS_NAMES = ("load_balance", "z_loss", "entropy", "seq_balance")
 
 
-def _choice_fraction(experts_TK: Tensor, n_experts: int, dtype: torch.dtype) -> Tensor:
-    """f_e: the fraction of chosen token-slots that went to expert e (pre-capacity)."""
-    valid = experts_TK >= 0
-    counts_E = torch.zeros(n_experts, dtype=dtype, device=experts_TK.device)
-    counts_E.scatter_add_(0, experts_TK.clamp_min(0).reshape(-1), valid.reshape(-1).to(dtype))
-    return counts_E / counts_E.sum().clamp_min(1.0)
+def _balance(experts_BTK: Tensor, probs_BTE: Tensor) -> Tensor:
+    """Switch Transformer eq. 4, E * sum_e f_e * P_e (1.0 when balanced), per group B -> [B].
 
-
-def _balance(experts_TK: Tensor, probs_TE: Tensor) -> Tensor:
-    """Switch Transformer eq. 4: E * sum_e f_e * P_e, 1.0 when perfectly balanced."""
-    E = probs_TE.shape[-1]
-    f_E = _choice_fraction(experts_TK, E, probs_TE.dtype)
-    return E * (f_E * probs_TE.mean(0)).sum()
+    f_e: fraction of the group's chosen token-slots (pre-capacity) that went to expert e;
+    P_e: the group's mean router probability for e. Empty slots (-1) count for nothing.
+    """
+    B, _, E = probs_BTE.shape
+    counts_BE = torch.zeros(B, E, dtype=probs_BTE.dtype, device=probs_BTE.device)
+    valid = (experts_BTK >= 0).to(probs_BTE.dtype).reshape(B, -1)
+    counts_BE.scatter_add_(1, experts_BTK.clamp_min(0).reshape(B, -1), valid)
+    f_BE = counts_BE / counts_BE.sum(-1, keepdim=True).clamp_min(1.0)
+    return E * (f_BE * probs_BTE.mean(1)).sum(-1)
 
 
 def router_losses(routing: Routing, seq_shape: tuple[int, ...] = ()) -> dict[str, Tensor]:
@@ -39,21 +38,16 @@ def router_losses(routing: Routing, seq_shape: tuple[int, ...] = ()) -> dict[str
         return dict.fromkeys(LOSS_NAMES, zero)
     log_probs = probs_TE.clamp_min(torch.finfo(probs_TE.dtype).tiny).log()
     losses = {
-        "load_balance": _balance(experts_TK, probs_TE),
+        "load_balance": _balance(experts_TK[None], probs_TE[None])[0],
         "z_loss": torch.logsumexp(logits_TE, dim=-1).square().mean(),  # ST-MoE eq. 5
         "entropy": -(probs_TE * log_probs).sum(-1).mean(),
     }
     if len(seq_shape) >= 2:  # DeepSeek-V3 sequence-wise balance: the Switch loss per sequence
         B = T // seq_shape[-1]
-        per_seq = [
-            _balance(e, p)
-            for e, p in zip(
-                experts_TK.view(B, -1, experts_TK.shape[-1]).unbind(0),
-                probs_TE.view(B, -1, probs_TE.shape[-1]).unbind(0),
-                strict=True,
-            )
-        ]
-        losses["seq_balance"] = torch.stack(per_seq).mean()
+        per_seq_B = _balance(
+            experts_TK.view(B, -1, experts_TK.shape[-1]), probs_TE.view(B, -1, probs_TE.shape[-1])
+        )
+        losses["seq_balance"] = per_seq_B.mean()
     else:
         losses["seq_balance"] = losses["load_balance"]
     return losses
