@@ -10,26 +10,27 @@ import torch
 
 from moekit.memory._schema import Node
 
+# Id lists travel as one JSON parameter, so the statement text never depends on the input.
+EXPERTS_OF = (
+    "SELECT node_id, expert FROM node_experts"
+    " WHERE node_id IN (SELECT value FROM json_each(?)) ORDER BY node_id, expert"
+)
+ROWS_OF = (
+    "SELECT id, layer, step, metadata, count FROM nodes"
+    " WHERE id IN (SELECT value FROM json_each(?))"
+)
+
 
 def fetch_rows(con: sqlite3.Connection, ids: set[int]) -> dict[int, tuple]:
     """(experts, metadata, layer, step, count) of each id, in two indexed queries."""
-    out: dict[int, tuple] = {}
+    id_list = json.dumps(sorted(int(i) for i in ids))
     experts: dict[int, list[int]] = {i: [] for i in ids}
-    id_list = sorted(ids)
-    for start in range(0, len(id_list), 500):
-        chunk = id_list[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        for node_id, expert in con.execute(
-            f"SELECT node_id, expert FROM node_experts WHERE node_id IN ({marks})"
-            " ORDER BY node_id, expert",
-            chunk,
-        ):
-            experts[node_id].append(expert)
-        for node_id, layer, step, md, count in con.execute(
-            f"SELECT id, layer, step, metadata, count FROM nodes WHERE id IN ({marks})", chunk
-        ):
-            out[node_id] = (tuple(experts[node_id]), json.loads(md), layer, step, count)
-    return out
+    for node_id, expert in con.execute(EXPERTS_OF, (id_list,)):
+        experts[node_id].append(expert)
+    return {
+        node_id: (tuple(experts[node_id]), json.loads(md), layer, step, count)
+        for node_id, layer, step, md, count in con.execute(ROWS_OF, (id_list,))
+    }
 
 
 def fetch_node(con: sqlite3.Connection, node_id: int) -> Node | None:

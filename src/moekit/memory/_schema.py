@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,29 @@ NEIGHBORS = """
     WHERE a.node_id = ? AND b.node_id != a.node_id
     GROUP BY b.node_id ORDER BY weight DESC, b.node_id LIMIT ?
 """
+
+
+# PRAGMA takes no bound parameters, so the values it may be given are spelled out here.
+PRAGMAS: dict[str, tuple[str, ...]] = {
+    "page_size": ("16384",),
+    "journal_mode": ("WAL",),
+    "synchronous": ("NORMAL", "FULL"),
+}
+
+
+def set_pragma(con: sqlite3.Connection, name: str, value: str) -> Any:
+    """Run `PRAGMA name=value` for an allow-listed pair; returns the first result cell, if any.
+
+    The text sent to SQLite comes from `PRAGMAS`, never from the caller's string.
+    """
+    allowed = PRAGMAS.get(name)
+    if allowed is None:
+        raise ValueError(f"pragma: {name!r} is not one of {sorted(PRAGMAS)}")
+    canonical = next((a for a in allowed if a == str(value).upper()), None)
+    if canonical is None:
+        raise ValueError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+    row = con.execute(f"PRAGMA {name}={canonical}").fetchone()
+    return None if row is None else row[0]
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,11 +23,20 @@ from moekit.memory import _validate as v
 from moekit.memory._index import NO_LAYER, VectorCache, faiss_available
 from moekit.memory._plan import Item, plan_batch
 from moekit.memory._reads import fetch_node, fetch_rows
-from moekit.memory._schema import EVICTION_ORDER, NEIGHBORS, SCHEMA, SCHEMA_VERSION, Hit, Node
+from moekit.memory._schema import (
+    EVICTION_ORDER,
+    NEIGHBORS,
+    PRAGMAS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    Hit,
+    Node,
+    set_pragma,
+)
 
 COS_TOL = 1e-6  # float32 slack when comparing a cosine with dedup_threshold
 _INDEXES = ("auto", "torch", "faiss")
-_SYNC_MODES = ("normal", "full")
+_SYNC_MODES = tuple(m.lower() for m in PRAGMAS["synchronous"])
 
 
 class KnowledgeStore:
@@ -76,11 +85,11 @@ class KnowledgeStore:
         con = self._db
         # Only takes effect on a new file: 16 KiB pages pack several float32 rows of a few hundred
         # dims per page (4 KiB pages would hold one 2 KiB row each).
-        con.execute("PRAGMA page_size=16384")
-        mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        set_pragma(con, "page_size", "16384")
+        mode = set_pragma(con, "journal_mode", "WAL")
         if mode.lower() != "wal":
             raise ValueError(f"path: could not enable WAL journaling (got {mode!r})")
-        con.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        set_pragma(con, "synchronous", synchronous)
         with self._write():
             for stmt in SCHEMA:
                 con.execute(stmt)
