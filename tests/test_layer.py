@@ -4,6 +4,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.oracle import against_reference, rel
+from tests.oracle import make_moe as oracle_moe
 
 import moekit
 
@@ -11,41 +13,10 @@ ROUTERS = ("topk", "sigmoid", "expert_choice", "sinkhorn")
 
 
 def make_moe(kind, capacity_factor, activation, dtype, bias=True, **extra):
-    cfg = moekit.MoEConfig(
-        d_model=8,
-        d_hidden=6,
-        n_experts=4,
-        k=2,
-        capacity_factor=capacity_factor,
-        router=moekit.RouterConfig(kind=kind, load_balance_weight=0.1, z_loss_weight=0.01),
-        expert=moekit.ExpertConfig(activation=activation, bias=bias),
-        backend="torch",
-        **extra,
-    )
-    moe = moekit.MoE(cfg).to(dtype).eval()
-    with torch.no_grad():  # spread the logits so routing is decisive, and biases nonzero
-        moe.router.weight.normal_()
-        for p in moe.experts.parameters():
-            p.normal_(std=0.5)
-    return moe
-
-
-def run_both(moe, x):
-    """Outputs and gradients (x, every parameter) of the layer and of the reference."""
-    results = []
-    for fn in (moe, lambda t: moekit.reference.moe_forward(moe, t)):
-        moe.zero_grad()
-        xi = x.detach().clone().requires_grad_()
-        y, info = fn(xi)
-        g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
-        ((y * g).sum() + info.aux_loss).backward()
-        grads = {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
-        results.append((y.detach(), info, xi.grad.clone(), grads))
-    return results
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    """The oracle's layer with loss weights large enough to show in the gradients."""
+    router = moekit.RouterConfig(kind=kind, load_balance_weight=0.1, z_loss_weight=0.01)
+    expert = moekit.ExpertConfig(activation=activation, bias=bias)
+    return oracle_moe(router, dtype=dtype, capacity_factor=capacity_factor, expert=expert, **extra)
 
 
 @pytest.mark.parametrize("kind", ROUTERS)
@@ -56,7 +27,7 @@ def test_matches_reference(kind, capacity_factor, activation, dtype, tol):
     torch.manual_seed(0)
     moe = make_moe(kind, capacity_factor, activation, dtype)
     x = torch.randn(3, 5, 8, dtype=dtype)
-    (y, info, gx, grads), (y_ref, info_ref, gx_ref, grads_ref) = run_both(moe, x)
+    (y, info, gx, grads), (y_ref, info_ref, gx_ref, grads_ref) = against_reference(moe, x)
     assert y.shape == x.shape and y.dtype == dtype
     assert torch.equal(info.routing.experts, info_ref.routing.experts)
     assert rel(y, y_ref) < tol
@@ -76,7 +47,7 @@ def test_every_activation_matches_reference(activation):
     torch.manual_seed(1)
     moe = make_moe("topk", None, activation, torch.float64)
     x = torch.randn(7, 8, dtype=torch.float64)
-    (y, *_), (y_ref, *_) = run_both(moe, x)
+    (y, *_), (y_ref, *_) = against_reference(moe, x)
     assert rel(y, y_ref) < 1e-10
 
 
@@ -100,7 +71,7 @@ def test_shared_experts_and_dense_fallback_match_reference():
     torch.manual_seed(3)
     moe = make_moe("topk", 0.25, "swiglu", torch.float64, n_shared_experts=2, fallback="dense")
     x = torch.randn(16, 8, dtype=torch.float64)
-    (y, info, gx, _), (y_ref, info_ref, gx_ref, _) = run_both(moe, x)
+    (y, info, gx, _), (y_ref, info_ref, gx_ref, _) = against_reference(moe, x)
     assert info.metrics["unrouted_fraction"] > 0  # some tokens lost every expert
     assert rel(y, y_ref) < 1e-10 and rel(gx, gx_ref) < 1e-10
     lost = ~(info.routing.experts >= 0).any(-1)
@@ -112,7 +83,7 @@ def test_renormalize_after_drop_restores_weight_sum():
     torch.manual_seed(4)
     moe = make_moe("topk", 0.5, "swiglu", torch.float64, renormalize_after_drop=True)
     x = torch.randn(20, 8, dtype=torch.float64)
-    (y, info, *_), (y_ref, *_) = run_both(moe, x)
+    (y, info, *_), (y_ref, *_) = against_reference(moe, x)
     assert rel(y, y_ref) < 1e-10
     w = info.routing.weights
     survived = (info.routing.experts >= 0).any(-1)

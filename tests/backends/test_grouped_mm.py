@@ -1,5 +1,8 @@
+from dataclasses import replace
+
 import pytest
 import torch
+from tests.oracle import forward_backward, make_moe
 
 import moekit
 from moekit.backends import get_backend, unsupported_reason
@@ -13,39 +16,21 @@ from moekit.backends import get_backend, unsupported_reason
 @pytest.mark.parametrize("bias", [False, True])
 def test_grouped_mm_matches_torch_backend(capacity_factor, bias):
     torch.manual_seed(0)
-    cfg = moekit.MoEConfig(
+    moe = make_moe(
+        dtype=torch.float32,
         d_model=16,
         d_hidden=8,
         n_experts=6,
-        k=2,
         capacity_factor=capacity_factor,
         expert=moekit.ExpertConfig(bias=bias),
-        backend="torch",
     )
-    moe = moekit.MoE(cfg)
-    with torch.no_grad():
-        moe.router.weight.normal_()
-        if bias:
-            moe.experts.b1.normal_()
-            moe.experts.b2.normal_()
     x = torch.randn(37, 16)
-    outs = []
-    for backend in ("torch", "grouped_mm"):
-        moe.cfg.backend = backend
-        moe.zero_grad()
-        xi = x.clone().requires_grad_()
-        y, _ = moe(xi)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        outs.append(
-            (
-                y,
-                xi.grad,
-                moe.experts.w1.grad.clone(),
-                moe.experts.w2.grad.clone(),
-                moe.router.weight.grad.clone(),
-            )
-        )
-    for a, b in zip(*outs, strict=True):
+    gmm = moekit.MoE(replace(moe.cfg, backend="grouped_mm")).eval()
+    gmm.load_state_dict(moe.state_dict())
+    y, _, gx, grads = forward_backward(moe, moe, x)
+    y_gmm, _, gx_gmm, grads_gmm = forward_backward(gmm, gmm, x)
+    assert set(grads) == set(grads_gmm) and {"experts.w1", "router.weight"} <= set(grads)
+    for a, b in ((y, y_gmm), (gx, gx_gmm), *((grads[n], grads_gmm[n]) for n in grads)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tests.oracle import make_moe
 
 import moekit
 from moekit.backends import unsupported_reason
@@ -21,22 +22,18 @@ def _backends(dtype):
 
 
 def _moe(kind, cf, backend):
-    cfg = moekit.MoEConfig(
+    torch.manual_seed(0)
+    return make_moe(
+        kind,
+        dtype=torch.float32,
+        router_std=0.3,
+        expert_std=0.1,
         d_model=64,
         d_hidden=32,
         n_experts=8,
-        k=2,
         capacity_factor=cf,
-        router=moekit.RouterConfig(kind=kind),
         backend=backend,
     )
-    torch.manual_seed(0)
-    moe = moekit.MoE(cfg).eval()
-    with torch.no_grad():
-        moe.router.weight.normal_(std=0.3)
-        moe.experts.w1.normal_(std=0.1)
-        moe.experts.w2.normal_(std=0.1)
-    return moe
 
 
 @pytest.mark.parametrize("kind", ROUTERS)

@@ -4,44 +4,25 @@ import math
 
 import pytest
 import torch
+from tests.oracle import against_reference, rel
+from tests.oracle import make_moe as oracle_moe
 
 import moekit
 from moekit.routing.attention import AttentionRouter
 
 
 def make_moe(capacity_factor=None, heads=3, dim=5, dtype=torch.float64, **router):
-    cfg = moekit.MoEConfig(
-        d_model=8,
-        d_hidden=6,
-        n_experts=6,
-        k=2,
-        capacity_factor=capacity_factor,
-        router=moekit.RouterConfig(
-            kind="attention", attention_heads=heads, attention_dim=dim, **router
-        ),
-        expert=moekit.ExpertConfig(bias=True),
-        backend="torch",
+    """The oracle's layer with an attention router over 6 experts."""
+    router = moekit.RouterConfig(
+        kind="attention", attention_heads=heads, attention_dim=dim, **router
     )
-    moe = moekit.MoE(cfg).to(dtype).eval()
-    with torch.no_grad():  # decisive logits and nonzero biases
-        moe.router.weight.normal_()
-        for p in moe.experts.parameters():
-            p.normal_(std=0.5)
-    return moe
-
-
-def run(fn, moe, x):
-    moe.zero_grad()
-    xi = x.detach().clone().requires_grad_()
-    y, info = fn(xi)
-    g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
-    ((y * g).sum() + info.aux_loss).backward()
-    grads = {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
-    return y.detach(), info, xi.grad.clone(), grads
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    return oracle_moe(
+        router,
+        dtype=dtype,
+        n_experts=6,
+        capacity_factor=capacity_factor,
+        expert=moekit.ExpertConfig(bias=True),
+    )
 
 
 def test_registered_with_its_own_parameters():
@@ -56,8 +37,7 @@ def test_matches_reference_float64(capacity_factor):
     torch.manual_seed(0)
     moe = make_moe(capacity_factor)
     x = torch.randn(3, 7, 8, dtype=torch.float64)
-    y, info, gx, grads = run(moe, moe, x)
-    y_ref, info_ref, gx_ref, grads_ref = run(lambda t: moekit.reference.moe_forward(moe, t), moe, x)
+    (y, info, gx, grads), (y_ref, info_ref, gx_ref, grads_ref) = against_reference(moe, x)
     assert torch.equal(info.routing.experts, info_ref.routing.experts)
     if capacity_factor is not None:
         assert info.metrics["dropped_fraction"] > 0  # capacity really dropped slots
@@ -100,12 +80,12 @@ def test_float32_and_constellations_match_reference():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [({"attention_heads": 0}, "attention_heads"), ({"attention_dim": 0}, "attention_dim")],
+    ("options", "field"),
+    [({"heads": 0}, r"router\.options\.heads=0"), ({"dim": 1.5}, r"router\.options\.dim=1\.5")],
 )
-def test_bad_sizes_name_the_field(kwargs, field):
+def test_bad_sizes_name_the_field(options, field):
     with pytest.raises(ValueError, match=field):
-        moekit.RouterConfig(kind="attention", **kwargs)
+        moekit.RouterConfig(kind="attention", options=options)
 
 
 def test_trains_the_router_projections():
