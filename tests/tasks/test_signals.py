@@ -16,7 +16,7 @@ def test_batches_are_deterministic_and_labelled():
 
 
 def test_every_family_appears_and_varies():
-    task = build_task(TaskConfig(name="signals", noise=0.0))
+    task = build_task(TaskConfig(name="signals", options={"noise": 0.0}))
     batch = task.train_batch(0, 0, 400)
     cats = batch.category[:, 0]
     assert set(cats.tolist()) == set(range(len(task.categories)))

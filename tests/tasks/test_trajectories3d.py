@@ -5,7 +5,7 @@ from moekit.tasks.trajectories3d import kepler, random_rotation
 
 
 def test_batches_are_deterministic_unit_scale_and_labelled():
-    task = build_task(TaskConfig(name="trajectories3d", seq_len=24, noise=0.0), seed=1)
+    task = build_task(TaskConfig(name="trajectories3d", seq_len=24, options={"noise": 0.0}), seed=1)
     a, b = task.train_batch(2, 1, 20), task.train_batch(2, 1, 20)
     assert torch.equal(a.x, b.x)
     assert a.x.shape == a.y.shape == (20, 24, 3)

@@ -1,43 +1,103 @@
 """What a training task provides: deterministic batches, a metric and input categories.
 
 Batches are a pure function of (seed, split, step, micro-step), so a resumed run sees the
-same data as an uninterrupted one and no data-loader state needs saving.
+same data as an uninterrupted one and no data-loader state needs saving. Tasks are found by
+name in a registry: `@register_task("name", options=MyOptions)` on a `Task` subclass.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-TASKS = ("signals", "trajectories3d", "text")
+_TASKS: dict[str, type[Task]] = {}
+_FLAT_OPTIONS = ("noise", "max_bytes", "val_every")  # task options of the older flat layout
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a task with nothing to configure beyond `TaskConfig`."""
+
+
+def register_task(name: str, options: type = NoOptions) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator adding a task under `name`; `options` is its own config dataclass."""
+    if not dataclasses.is_dataclass(options):
+        raise TypeError(f"options of task {name!r} must be a dataclass, got {options!r}")
+
+    def wrap(cls: type[Task]) -> type[Task]:
+        if name in _TASKS and _TASKS[name] is not cls:
+            raise ValueError(f"task {name!r} is already registered by {_TASKS[name].__qualname__}")
+        cls.name, cls.Options = name, options
+        _TASKS[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_tasks() -> tuple[str, ...]:
+    return tuple(sorted(_TASKS))
+
+
+def task_class(name: str) -> type[Task]:
+    """The task registered as `name`; a ValueError naming task.name otherwise."""
+    if name not in _TASKS:
+        raise ValueError(f"task.name={name!r} is not one of {available_tasks()}")
+    return _TASKS[name]
+
+
+def _options_of(name: str, options: dict[str, Any]) -> Any:
+    """The named task's options dataclass built from a dict, naming any key it lacks."""
+    cls = task_class(name).Options
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        allowed = ", ".join(sorted(known)) or "none"
+        raise ValueError(
+            f"task.options.{unknown[0]} is not an option of task {name!r} (options: {allowed})"
+        )
+    return cls(**options)
 
 
 @dataclass
 class TaskConfig:
-    """Which task and its data options (options a task does not use are ignored)."""
+    """Which task, the sizes every task has, and the named task's own `options`."""
 
     name: str = "signals"
     seq_len: int = 64  # positions per training sequence
-    noise: float = 0.01  # signals / trajectories: observation noise std (unit-scale data)
-    max_bytes: int = 4_000_000  # text: cap on corpus bytes read (train + val)
-    val_every: int = 20  # text: every Nth stdlib file (by sorted path) goes to validation
     val_sequences: int = 128  # fixed validation sequences
+    options: dict[str, Any] = field(default_factory=dict)  # fields of the task's Options class
 
     def __post_init__(self) -> None:
-        if self.name not in TASKS:
-            raise ValueError(f"task.name={self.name!r} is not one of {TASKS}")
-        for name in ("seq_len", "max_bytes", "val_sequences"):
+        for name in ("seq_len", "val_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"task.{name}={getattr(self, name)} must be >= 1")
-        if self.val_every < 2:
-            raise ValueError(f"task.val_every={self.val_every} must be >= 2")
-        if not 0.0 <= self.noise < 1.0:
-            raise ValueError(f"task.noise={self.noise} must be in [0, 1)")
+        if dataclasses.is_dataclass(self.options) and not isinstance(self.options, type):
+            self.options = dataclasses.asdict(self.options)
+        if not isinstance(self.options, dict):
+            raise ValueError(f"task.options={self.options!r} must be a mapping of option values")
+        _options_of(self.name, self.options)  # options left out take the task's defaults
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskConfig:
+        """A config from a dict, also in the flat layout of older runs (options beside `name`)."""
+        data = dict(data)
+        flat = {k: data.pop(k) for k in _FLAT_OPTIONS if k in data}
+        if flat:  # the flat layout ignored the options a task did not use
+            used = {
+                f.name for f in dataclasses.fields(task_class(data.get("name", cls.name)).Options)
+            }
+            data["options"] = {
+                **{k: v for k, v in flat.items() if k in used},
+                **data.get("options", {}),
+            }
+        return cls(**data)
 
 
 @dataclass
@@ -59,14 +119,19 @@ def generator(seed: int, *parts: Any) -> torch.Generator:
 
 
 class Task:
-    """Base class: subclasses set the class attributes and implement `make_batch`."""
+    """Base class: subclasses set the class attributes and implement `make_batch`.
+
+    `name` and `Options` are set by `register_task`; `self.options` is this run's instance.
+    """
 
     name = ""
+    Options: type = NoOptions
     categories: tuple[str, ...] = ()
     metric = "val_loss"  # name of the headline metric (lower is better)
 
     def __init__(self, cfg: TaskConfig, seed: int = 0) -> None:
         self.cfg, self.seed = cfg, seed
+        self.options = self.Options(**cfg.options)
 
     def model_fields(self) -> dict[str, int | None]:
         """ModelConfig fields the task fixes: vocab_size, or d_in and d_out."""
@@ -97,15 +162,5 @@ class Task:
 
 
 def build_task(cfg: TaskConfig, seed: int = 0) -> Task:
-    """The task named by cfg.name."""
-    if cfg.name == "signals":
-        from moekit.tasks.signals import SignalsTask
-
-        return SignalsTask(cfg, seed)
-    if cfg.name == "trajectories3d":
-        from moekit.tasks.trajectories3d import TrajectoriesTask
-
-        return TrajectoriesTask(cfg, seed)
-    from moekit.tasks.text import TextTask
-
-    return TextTask(cfg, seed)
+    """The task registered under cfg.name."""
+    return task_class(cfg.name)(cfg, seed)

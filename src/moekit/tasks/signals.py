@@ -8,11 +8,12 @@ projected onto a random direction. Periods span 8-40 steps; amplitudes are about
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from moekit.tasks.base import Batch, Task
+from moekit.tasks.base import Batch, Task, register_task
 
 CATEGORIES = (
     "sine",
@@ -69,10 +70,21 @@ def make_signal(kind: str, t: Tensor, gen: torch.Generator) -> Tensor:
     return amp * (x * math.cos(angle) + y * math.sin(angle))
 
 
+@dataclass
+class SignalsOptions:
+    """Options of `signals`."""
+
+    noise: float = 0.01  # observation noise std (the signals have amplitude about 1)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.noise < 1.0:
+            raise ValueError(f"task.options.noise={self.noise} must be in [0, 1)")
+
+
+@register_task("signals", options=SignalsOptions)
 class SignalsTask(Task):
     """Input the signal up to t, predict its value at t + 1 (d_in = d_out = 1)."""
 
-    name = "signals"
     categories = CATEGORIES
     metric = "mse"
 
@@ -84,7 +96,7 @@ class SignalsTask(Task):
         t = torch.arange(S + 1, dtype=torch.float32)
         cats = torch.randint(0, len(CATEGORIES), (batch_size,), generator=gen)
         series = torch.stack([make_signal(CATEGORIES[int(c)], t, gen) for c in cats])  # [B, S+1]
-        series = series + self.cfg.noise * torch.randn(series.shape, generator=gen)
+        series = series + self.options.noise * torch.randn(series.shape, generator=gen)
         x, y = series[:, :-1, None], series[:, 1:, None]  # [B, S, 1]
         return Batch(x=x, y=y, category=cats[:, None].expand(-1, S).contiguous())
 

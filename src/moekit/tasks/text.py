@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from moekit.tasks.base import Batch, Task, TaskConfig
+from moekit.tasks.base import Batch, Task, TaskConfig, register_task
 
 CATEGORIES = ("lower", "upper", "digit", "space", "newline", "punct", "quote", "other")
 _SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
@@ -52,7 +53,21 @@ def byte_classes() -> Tensor:
     return table
 
 
-def load_corpus(cfg: TaskConfig) -> dict[str, Tensor]:
+@dataclass
+class TextOptions:
+    """Options of `text`: how much of the standard library is read and how it is split."""
+
+    max_bytes: int = 4_000_000  # cap on corpus bytes read (train + val)
+    val_every: int = 20  # every Nth file (by sorted path) goes to validation
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1:
+            raise ValueError(f"task.options.max_bytes={self.max_bytes} must be >= 1")
+        if self.val_every < 2:
+            raise ValueError(f"task.options.val_every={self.val_every} must be >= 2")
+
+
+def load_corpus(cfg: TextOptions) -> dict[str, Tensor]:
     """{'train', 'val'}: uint8 byte tensors split by file, about cfg.max_bytes in total.
 
     Validation gets 1 / val_every of the byte budget, so both splits fill up even when the
@@ -76,20 +91,23 @@ def load_corpus(cfg: TaskConfig) -> dict[str, Tensor]:
     }
 
 
+@register_task("text", options=TextOptions)
 class TextTask(Task):
     """Next-byte prediction: x = bytes [t, t + S), y = bytes [t + 1, t + S + 1)."""
 
-    name = "text"
     categories = CATEGORIES
     metric = "bpb"
 
     def __init__(self, cfg: TaskConfig, seed: int = 0) -> None:
         super().__init__(cfg, seed)
-        self.corpus = load_corpus(cfg)
+        self.corpus = load_corpus(self.options)
         self.classes = byte_classes()
         for split, data in self.corpus.items():
             if len(data) <= cfg.seq_len + 1:
-                raise ValueError(f"task.max_bytes={cfg.max_bytes} leaves too little {split} text")
+                raise ValueError(
+                    f"task.options.max_bytes={self.options.max_bytes} leaves too little "
+                    f"{split} text"
+                )
 
     def model_fields(self) -> dict[str, int | None]:
         return {"vocab_size": 256, "d_in": None, "d_out": None}

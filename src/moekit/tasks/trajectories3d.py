@@ -9,12 +9,13 @@ spread; the metric is the mean Euclidean error of the next-position forecast.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from moekit.tasks.base import Batch, Task, TaskConfig, generator
+from moekit.tasks.base import Batch, Task, TaskConfig, generator, register_task
 
 CATEGORIES = ("helix", "kepler", "lissajous3d", "lorenz", "spline")
 _LORENZ_BANK = 32  # precomputed attractor runs to cut windows from
@@ -87,10 +88,21 @@ def spline(n: int, gen: torch.Generator) -> Tensor:
     )
 
 
+@dataclass
+class TrajectoriesOptions:
+    """Options of `trajectories3d`."""
+
+    noise: float = 0.01  # observation noise std (the paths have unit spread)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.noise < 1.0:
+            raise ValueError(f"task.options.noise={self.noise} must be in [0, 1)")
+
+
+@register_task("trajectories3d", options=TrajectoriesOptions)
 class TrajectoriesTask(Task):
     """Input positions up to t, predict the position at t + 1 (d_in = d_out = 3)."""
 
-    name = "trajectories3d"
     categories = CATEGORIES
     metric = "err3d"
 
@@ -130,7 +142,7 @@ class TrajectoriesTask(Task):
         S = self.cfg.seq_len
         cats = torch.randint(0, len(CATEGORIES), (batch_size,), generator=gen)
         paths = torch.stack([self.trajectory(CATEGORIES[int(c)], S + 1, gen, split) for c in cats])
-        paths = paths + self.cfg.noise * torch.randn(paths.shape, generator=gen)  # [B, S+1, 3]
+        paths = paths + self.options.noise * torch.randn(paths.shape, generator=gen)  # [B, S+1, 3]
         return Batch(paths[:, :-1], paths[:, 1:], cats[:, None].expand(-1, S).contiguous())
 
     def metrics(self, out: Tensor, batch: Batch, task_loss: Tensor) -> dict[str, Tensor]:
