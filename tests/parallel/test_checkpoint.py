@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from safetensors.torch import load_file
+from tests.tiny import tiny_model
 
 from moekit import MoE, MoEConfig
-from moekit.model.config import ModelConfig
 from moekit.model.transformer import Transformer
 from moekit.parallel import ExpertParallelMoE, parallelize_experts
 from moekit.parallel.checkpoint import (
@@ -54,10 +54,8 @@ def test_layer_saved_on_2_ranks_loads_on_4_and_as_a_plain_moe(launch, tmp_path):
 
 
 def _tiny_model() -> Transformer:
-    torch.manual_seed(4)
-    cfg = ModelConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True)
-    cfg.moe = MoEConfig(d_model=16, d_hidden=8, n_experts=4, k=2, backend="torch")
-    return Transformer(cfg)
+    """The shared tiny model with both layers MoE and tied embeddings."""
+    return tiny_model(seed=4, n_layers=2, moe_every=1, tie_embeddings=True)
 
 
 def _model_round_trip(rank: int, world: int, path: str) -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from tests.tiny import tiny_model
 
-from moekit import MoEConfig
-from moekit.model.config import ModelConfig
 from moekit.model.transformer import Transformer
 from moekit.parallel import gather_experts, parallelize_experts, split_expert_params
 from moekit.parallel.data_parallel import (
@@ -17,10 +16,8 @@ from moekit.parallel.data_parallel import (
 
 
 def _model() -> Transformer:
-    torch.manual_seed(4)
-    cfg = ModelConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True)
-    cfg.moe = MoEConfig(d_model=16, d_hidden=8, n_experts=4, k=2, backend="torch")
-    return Transformer(cfg)
+    """The shared tiny model with both layers MoE and tied embeddings."""
+    return tiny_model(seed=4, n_layers=2, moe_every=1, tie_embeddings=True)
 
 
 def _batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:

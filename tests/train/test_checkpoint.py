@@ -7,18 +7,16 @@ import time
 
 import pytest
 import torch
+from tests.tiny import tiny_model
 
-from moekit.model import Transformer, load
+from moekit.model import load
 from moekit.train import checkpoint as ckpt_mod
 from moekit.train import list_checkpoints, pick_checkpoint, save_checkpoint
 from moekit.train.checkpoint import prune_checkpoints
 
 
 def _model(seed=0):
-    torch.manual_seed(seed)
-    from moekit.model import ModelConfig
-
-    return Transformer(ModelConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=16))
+    return tiny_model(seed)
 
 
 def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
