@@ -98,6 +98,18 @@ def test_amp_switch_autocasts_to_bfloat16():
     assert all(p.dtype == torch.float32 for p in system.parameters())
 
 
+def test_amp_dtype_takes_either_precision_spelling():
+    x, target = batch()
+    losses = []
+    for amp in ("bfloat16", "bf16"):
+        system = make_system(amp_dtype=amp)
+        opt = torch.optim.SGD(system.parameters(), lr=1e-2)
+        losses.append([system.training_step((x, target), opt, nn.MSELoss())["loss"] for _ in "ab"])
+    assert all(torch.equal(a, b) for a, b in zip(*losses, strict=True))
+    with pytest.raises(ValueError, match="amp_dtype='int8' is not one of fp32, bf16, fp16"):
+        make_cfg(amp_dtype="int8")
+
+
 def _saved_bytes(system, x):
     """Bytes autograd keeps for backward during one forward pass."""
     total = 0

@@ -18,6 +18,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 import moekit
+from moekit.train.step import StepLoss, TrainStep
 from moekit.viz import plot_specialisation
 
 REGIMES = ("calm", "trending", "oscillating", "volatile")
@@ -86,6 +87,11 @@ def purity(counts: Tensor) -> float:
     return float(counts.max(1).values.sum() / counts.sum().clamp_min(1))
 
 
+def _sync_loss_text(loss: Tensor) -> str:
+    """The progress bar's loss. NOTE: host sync, every 50 steps, for display only."""
+    return f"loss {loss.item():.4f}"
+
+
 def run_demo(
     out_dir: str = "moekit-out", seed: int = 0, steps: int = 600, console: Console | None = None
 ) -> dict:
@@ -103,6 +109,15 @@ def run_demo(
     model = RegimeMoE(d_in, cfg)
     train, val = make_regimes(8192, d_in, seed), make_regimes(2048, d_in, seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    step = TrainStep(model)
+
+    def forward(idx: Tensor) -> tuple[Tensor, moekit.MoEInfo]:
+        return model(train.x[idx])
+
+    def loss(out: tuple[Tensor, moekit.MoEInfo], idx: Tensor) -> StepLoss:
+        pred, info = out
+        return StepLoss(nn.functional.mse_loss(pred, train.y[idx]), info.aux_loss)
+
     start = time.perf_counter()
     columns = (
         TextColumn("[bold]training"),
@@ -112,15 +127,11 @@ def run_demo(
     )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("train", total=steps, loss="")
-        for step in range(steps):
-            idx = torch.randint(0, train.x.shape[0], (256,))
-            pred, info = model(train.x[idx])
-            loss = nn.functional.mse_loss(pred, train.y[idx]) + info.aux_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step % 50 == 0 or step == steps - 1:
-                progress.update(task, loss=f"loss {loss.item():.4f}")  # sync point: display only
+        for i in range(steps):
+            idx = torch.randint(0, train.x.shape[0], (256,))  # [256] rows of this step
+            record = step(opt, [idx], forward, loss)
+            if i % 50 == 0 or i == steps - 1:
+                progress.update(task, loss=_sync_loss_text(record["loss"]))
             progress.advance(task)
     elapsed = time.perf_counter() - start
     model.eval()

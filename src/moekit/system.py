@@ -5,7 +5,8 @@ It composes pieces that exist on their own (`MoE` layers, `KnowledgeStore`,
 ``compile`` (`torch.compile` of the wrapped model), ``amp_dtype`` (`torch.autocast`) and
 ``checkpointing`` (non-reentrant `torch.utils.checkpoint` around each MoE block). Checkpointing
 re-runs each block's forward in backward, so layer buffers updated in forward (co-activation
-counts, the sigmoid router's bias) are updated twice per training step.
+counts, the sigmoid router's bias) are updated twice per training step. The training step is
+the library's `moekit.train.step.TrainStep`.
 Shape legend: B batch, S sequence, T tokens, D model dim.
 """
 
@@ -21,8 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from moekit.config import MoEConfig
 from moekit.layer import MoE, MoEInfo
 from moekit.memory import Hit, KnowledgeRecorder, KnowledgeStore
-
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+from moekit.train.step import Precision, StepConfig, StepLoss, TrainStep
 
 
 @dataclass
@@ -36,7 +36,7 @@ class SystemConfig:
     compile: bool = False  # torch.compile the wrapped model
     compile_mode: str | None = None  # torch.compile mode, e.g. "reduce-overhead"
     compile_backend: str = "inductor"
-    amp_dtype: str | None = None  # "bfloat16" | "float16": autocast the forward pass
+    amp_dtype: str | None = None  # "bfloat16" | "float16" (or bf16 | fp16): autocast the forward
     checkpointing: bool = False  # recompute each MoE block in backward instead of storing it
     knowledge_path: str | None = None  # SQLite file of a KnowledgeStore; None = no memory
     knowledge_every: int = 100  # record on training steps 1, every + 1, 2 * every + 1, ...
@@ -52,14 +52,18 @@ class SystemConfig:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1 or None")
         if not isinstance(self.n_layers, int) or self.n_layers < 1:
             raise ValueError(f"n_layers={self.n_layers!r} must be an integer >= 1")
-        if self.amp_dtype is not None and self.amp_dtype not in AMP_DTYPES:
-            raise ValueError(f"amp_dtype={self.amp_dtype!r} is not one of None, {list(AMP_DTYPES)}")
+        Precision.parse(self.amp_dtype, "amp_dtype")  # a ValueError naming amp_dtype
         if self.knowledge_every < 1:
             raise ValueError(f"knowledge_every={self.knowledge_every} must be >= 1")
         if not -self.n_layers <= self.knowledge_layer < self.n_layers:
             raise ValueError(
                 f"knowledge_layer={self.knowledge_layer} is not a layer of n_layers={self.n_layers}"
             )
+
+    @property
+    def precision(self) -> Precision:
+        """amp_dtype in the training step's vocabulary (None = fp32)."""
+        return Precision.parse(self.amp_dtype, "amp_dtype")
 
 
 @dataclass
@@ -137,12 +141,12 @@ class System(nn.Module):
                 cfg.knowledge_path, dim=cfg.moe.d_model, dedup_threshold=cfg.knowledge_dedup
             )
             self.recorder = KnowledgeRecorder(self.store, every=cfg.knowledge_every)
-        self._scaler: torch.amp.GradScaler | None = None
+        self._step: TrainStep | None = None  # built on the first step, where the device is known
 
     def forward(self, x: Tensor) -> SystemOutput:
-        amp = self.cfg.amp_dtype
+        dtype = self.cfg.precision.dtype
         with torch.autocast(
-            x.device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp is not None
+            x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
         ):
             return _as_output(self.forward_fn(x), x)
 
@@ -152,34 +156,24 @@ class System(nn.Module):
         Returns tensors (no host sync): loss, task_loss, aux_loss and "metrics", the layers'
         metrics keyed "layer{i}/{name}". Records knowledge on the recorder's sampled steps.
         """
-        self.train()
-        x, target = batch
-        optimizer.zero_grad(set_to_none=True)
-        out = self(x)
-        task = loss_fn(out.y.float(), target)  # loss in float32 whatever the autocast dtype
-        loss = task + out.aux_loss.float()
-        if self.cfg.amp_dtype == "float16":  # float16 gradients underflow without scaling
-            if self._scaler is None:
-                self._scaler = torch.amp.GradScaler(x.device.type)
-            self._scaler.scale(loss).backward()
-            self._scaler.step(optimizer)
-            self._scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        if self._step is None:  # float16 gradients underflow without the step's scaler
+            self._step = TrainStep(self, StepConfig(precision=self.cfg.precision))
+        outputs: list[SystemOutput] = []
+
+        def loss(out: SystemOutput, batch: tuple[Tensor, Tensor]) -> StepLoss:
+            outputs.append(out)
+            task = loss_fn(out.y.float(), batch[1])  # float32 whatever the autocast dtype
+            metrics = {
+                f"layer{i}/{name}": value
+                for i, info in enumerate(out.infos)
+                for name, value in info.metrics.items()
+            }
+            return StepLoss(task, out.aux_loss.float(), metrics={"metrics": metrics})
+
+        record = self._step(optimizer, [batch], lambda b: self(b[0]), loss)
         self.steps += 1
-        self.record_knowledge(out)
-        metrics = {
-            f"layer{i}/{name}": value
-            for i, info in enumerate(out.infos)
-            for name, value in info.metrics.items()
-        }
-        return {
-            "loss": loss.detach(),
-            "task_loss": task.detach(),
-            "aux_loss": out.aux_loss.detach(),
-            "metrics": metrics,
-        }
+        self.record_knowledge(outputs[0])
+        return record
 
     def record_knowledge(self, out: SystemOutput) -> list[int]:
         """Step hook: on sampled calls, store each sequence's pooled hidden state and experts.

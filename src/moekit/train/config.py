@@ -11,8 +11,9 @@ from typing import Any
 
 from moekit.model.config import ModelConfig
 from moekit.tasks.base import TaskConfig
+from moekit.train.step import Precision
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", *(p.value for p in Precision))  # torch names (bfloat16, ...) read as these
 LIVE_MODES = ("auto", "rich", "plain", "off")
 
 
@@ -68,8 +69,14 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("train.weight_decay and train.grad_clip must be >= 0")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision={self.precision!r} is not one of {PRECISIONS}")
+        if self.precision != "auto":
+            try:
+                self.precision = Precision.parse(self.precision).value
+            except ValueError:
+                raise ValueError(
+                    f"train.precision={self.precision!r} is not one of {PRECISIONS} "
+                    "(or bfloat16, float16, float32)"
+                ) from None
         if self.live not in LIVE_MODES:
             raise ValueError(f"train.live={self.live!r} is not one of {LIVE_MODES}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):

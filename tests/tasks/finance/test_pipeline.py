@@ -13,9 +13,15 @@ from rich.console import Console
 from moekit.tasks.finance.demo import DemoConfig, run_pipeline
 from moekit.tasks.finance.evaluate import WalkForwardConfig, run_walk_forward
 from moekit.tasks.finance.features import FEATURE_COLUMNS, FeatureConfig, build_panel
-from moekit.tasks.finance.model import ModelConfig, build_models, predict, train_forecaster
+from moekit.tasks.finance.model import (
+    ForecastConfig,
+    build_models,
+    forecast_moe,
+    predict,
+    train_forecaster,
+)
 
-TINY = ModelConfig(d_model=16, d_hidden=16, epochs=2, batch_size=256)
+TINY = ForecastConfig(moe=forecast_moe(d_model=16, d_hidden=16), epochs=2, batch_size=256)
 WF = WalkForwardConfig(test_years=(2014,))
 CUT = pd.Timestamp("2014-06-30")
 
@@ -23,17 +29,21 @@ CUT = pd.Timestamp("2014-06-30")
 def test_dense_matches_moe_active_parameters() -> None:
     moe, dense = build_models(len(FEATURE_COLUMNS), TINY)
     a, b = moe.active_parameters(), dense.active_parameters()
-    assert abs(a - b) <= 3 * TINY.d_model  # equal to within one hidden unit
+    assert abs(a - b) <= 3 * TINY.moe.d_model  # equal to within one hidden unit
     total = sum(p.numel() for p in moe.parameters())
     assert a < total  # the MoE holds more parameters than it uses per row
 
 
-def test_model_config_validation_and_prior_decay() -> None:
+def test_forecast_config_validation_and_prior_decay() -> None:
     with pytest.raises(ValueError, match="vol_loss"):
-        ModelConfig(vol_loss="mae")
-    with pytest.raises(ValueError, match="k"):
-        ModelConfig(k=7)
-    cfg = ModelConfig(prior_weight=2.0, prior_half_life=3.0)
+        ForecastConfig(vol_loss="mae")
+    with pytest.raises(ValueError, match="k=7"):
+        forecast_moe(k=7)
+    with pytest.raises(ValueError, match="moe"):
+        ForecastConfig(moe=3)
+    assert ForecastConfig(moe={"d_model": 8, "d_hidden": 4}).moe.d_model == 8
+    assert forecast_moe(k=1).router.renormalize is False  # k=1 keeps the router trainable
+    cfg = ForecastConfig(prior_weight=2.0, prior_half_life=3.0)
     assert cfg.prior_weight_at(0) == 2.0
     assert cfg.prior_weight_at(3) == pytest.approx(1.0)
 
@@ -43,8 +53,8 @@ def test_rule_prior_pulls_router_to_rule_classes() -> None:
     x = rng.standard_normal((600, 5)).astype(np.float32)
     prior = (x[:, 0] > 0).astype(np.int64) * 4  # two prior classes: experts 0 and 4
     y = np.zeros(600, np.float32)
-    cfg = ModelConfig(d_model=16, d_hidden=16, epochs=15, batch_size=100, prior_weight=5.0,
-                      prior_half_life=100.0, lr=1e-2)  # fmt: skip
+    cfg = ForecastConfig(moe=forecast_moe(d_model=16, d_hidden=16), epochs=15, batch_size=100,
+                         prior_weight=5.0, prior_half_life=100.0, lr=1e-2)  # fmt: skip
     moe, _ = build_models(5, cfg)
     train_forecaster(moe, x, y, y, prior)
     out = predict(moe, x)

@@ -1,8 +1,9 @@
 """Finance task: route market data to asset-class experts and forecast volatility.
 
 Modules: ``data`` (loading), ``clean`` (validation), ``features``, ``garch``, ``rules``
-(threshold router baseline), ``model`` (MoE and dense forecasters), ``evaluate``
-(walk-forward, metrics), ``plots`` and ``demo`` (``run_demo``).
+(threshold router baseline), ``model`` (MoE and dense forecasters, trained by
+``moekit.train.step``), ``evaluate`` (walk-forward, metrics), ``plots`` and ``demo``
+(``run_demo``).
 """
 
 from moekit.tasks.finance.data import ASSET_CLASSES, Instrument

@@ -30,7 +30,7 @@ from moekit.tasks.finance.evaluate import (
     sign_accuracy,
 )
 from moekit.tasks.finance.features import FeatureConfig, build_panel
-from moekit.tasks.finance.model import ModelConfig
+from moekit.tasks.finance.model import ForecastConfig
 from moekit.tasks.finance.rules import RuleConfig
 
 METHOD_NAMES = {"moe": "MoE", "dense": "Dense", "garch": "GARCH(1,1)", "persist": "Persistence"}
@@ -44,7 +44,9 @@ class DemoConfig:
     walk_forward: WalkForwardConfig = field(
         default_factory=lambda: WalkForwardConfig(test_years=(2015, 2016, 2017, 2018))
     )
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(epochs=12, batch_size=1024))
+    model: ForecastConfig = field(
+        default_factory=lambda: ForecastConfig(epochs=12, batch_size=1024)
+    )
     rules: RuleConfig = field(default_factory=RuleConfig)
     make_plots: bool = True
 
@@ -52,7 +54,7 @@ class DemoConfig:
         for name, kind in (
             ("features", FeatureConfig),
             ("walk_forward", WalkForwardConfig),
-            ("model", ModelConfig),
+            ("model", ForecastConfig),
             ("rules", RuleConfig),
         ):
             if not isinstance(getattr(self, name), kind):

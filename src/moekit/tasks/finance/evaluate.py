@@ -15,7 +15,7 @@ from scipy.optimize import linear_sum_assignment
 
 from moekit.tasks.finance.data import ASSET_CLASSES, Instrument
 from moekit.tasks.finance.features import FEATURE_COLUMNS, Standardizer, add_garch
-from moekit.tasks.finance.model import ModelConfig, build_models, predict, train_forecaster
+from moekit.tasks.finance.model import ForecastConfig, build_models, predict, train_forecaster
 from moekit.tasks.finance.rules import RuleConfig, rule_route
 
 METHODS: tuple[str, ...] = ("moe", "dense", "garch", "persist")
@@ -89,7 +89,7 @@ def run_walk_forward(
     instruments: list[Instrument],
     panel: pd.DataFrame,
     wf: WalkForwardConfig,
-    model_cfg: ModelConfig,
+    model_cfg: ForecastConfig,
     rule_cfg: RuleConfig | None = None,
 ) -> WalkForwardResult:
     """Fit and predict every fold; returns out-of-sample predictions of all four methods."""

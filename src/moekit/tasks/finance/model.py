@@ -8,7 +8,7 @@ and the forecasting loss decides later.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,17 +17,34 @@ from torch import Tensor, nn
 
 import moekit
 from moekit.experts import DenseMLP
+from moekit.train.step import StepConfig, StepLoss, TrainStep
+
+
+def forecast_moe(
+    d_model: int = 32, d_hidden: int = 32, n_experts: int = 6, k: int = 1, router: str = "topk"
+) -> moekit.MoEConfig:
+    """The forecaster's MoE layer: dropless, SwiGLU experts without bias.
+
+    At k = 1 the router keeps its raw probability as the gate weight: renormalised it would be
+    1 and give the router no task gradient (Switch Transformer style).
+    """
+    return moekit.MoEConfig(
+        d_model=d_model,
+        d_hidden=d_hidden,
+        n_experts=n_experts,
+        k=k,
+        capacity_factor=None,
+        router=moekit.RouterConfig(kind=router, renormalize=k > 1),
+        expert=moekit.ExpertConfig(activation="swiglu", bias=False, init_std=0.1),
+    )
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Sizes, router prior and optimisation settings shared by both forecasters."""
+class ForecastConfig:
+    """Both forecasters: the MoE layer (its width is the network's), losses, router prior and
+    optimisation."""
 
-    d_model: int = 32
-    d_hidden: int = 32
-    n_experts: int = 6
-    k: int = 1
-    router: str = "topk"
+    moe: moekit.MoEConfig = field(default_factory=forecast_moe)
     vol_loss: str = "qlike"  # "qlike" (targets the mean variance) or "mse" (the median)
     sign_weight: float = 0.5
     prior_weight: float = 1.0
@@ -40,19 +57,21 @@ class ModelConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for field in ("d_model", "d_hidden", "n_experts", "k", "epochs", "batch_size"):
-            if int(getattr(self, field)) < 1:
-                raise ValueError(f"{field}: must be >= 1, got {getattr(self, field)}")
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", moekit.MoEConfig.from_dict(self.moe))
+        if not isinstance(self.moe, moekit.MoEConfig):
+            raise ValueError(f"moe: expected a MoEConfig, got {type(self.moe).__name__}")
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.vol_loss not in ("qlike", "mse"):
             raise ValueError(f"vol_loss: must be 'qlike' or 'mse', got {self.vol_loss!r}")
-        if self.k > self.n_experts:
-            raise ValueError(f"k: must be <= n_experts={self.n_experts}, got {self.k}")
-        for field in ("sign_weight", "prior_weight", "weight_decay"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"{field}: must be >= 0")
-        for field in ("lr", "prior_half_life", "grad_clip"):
-            if not getattr(self, field) > 0:
-                raise ValueError(f"{field}: must be > 0, got {getattr(self, field)}")
+        for name in ("sign_weight", "prior_weight", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0")
+        for name in ("lr", "prior_half_life", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
 
     def prior_weight_at(self, epoch: int) -> float:
         """Weight of the rule-prior term at ``epoch`` (0-based): halves every half-life."""
@@ -75,13 +94,14 @@ class ForecastOutput:
 class _Forecaster(nn.Module):
     """Shared input projection and heads; subclasses provide ``block(h) -> (y, info)``."""
 
-    def __init__(self, n_features: int, cfg: ModelConfig) -> None:
+    def __init__(self, n_features: int, cfg: ForecastConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.proj = nn.Linear(n_features, cfg.d_model)
+        D = cfg.moe.d_model
+        self.proj = nn.Linear(n_features, D)
         self.skip = nn.Linear(n_features, 1)  # linear path to the log-vol output
-        self.vol_head = nn.Linear(cfg.d_model, 1)
-        self.sign_head = nn.Linear(cfg.d_model, 1)
+        self.vol_head = nn.Linear(D, 1)
+        self.sign_head = nn.Linear(D, 1)
 
     def block(self, h: Tensor) -> tuple[Tensor, moekit.MoEInfo | None]:
         raise NotImplementedError
@@ -104,21 +124,9 @@ class _Forecaster(nn.Module):
 class MoEForecaster(_Forecaster):
     """MLP whose hidden block is a ``moekit.MoE`` with one expert per asset class."""
 
-    def __init__(self, n_features: int, cfg: ModelConfig) -> None:
+    def __init__(self, n_features: int, cfg: ForecastConfig) -> None:
         super().__init__(n_features, cfg)
-        self.moe = moekit.MoE(
-            moekit.MoEConfig(
-                d_model=cfg.d_model,
-                d_hidden=cfg.d_hidden,
-                n_experts=cfg.n_experts,
-                k=cfg.k,
-                capacity_factor=None,
-                # top-1 with renormalisation would give weight 1 and no task gradient to the
-                # router; raw probabilities keep it trainable (Switch Transformer style).
-                router=moekit.RouterConfig(kind=cfg.router, renormalize=cfg.k > 1),
-                expert=moekit.ExpertConfig(activation="swiglu", bias=False, init_std=0.1),
-            )
-        )
+        self.moe = moekit.MoE(cfg.moe)
 
     def block(self, h: Tensor) -> tuple[Tensor, moekit.MoEInfo]:
         return self.moe(h)
@@ -127,16 +135,16 @@ class MoEForecaster(_Forecaster):
         """Parameters used per row: everything except the non-selected experts."""
         total = sum(p.numel() for p in self.parameters())
         expert = sum(p.numel() for p in self.moe.experts.parameters())
-        return total - expert + expert * self.cfg.k // self.cfg.n_experts
+        return total - expert + expert * self.cfg.moe.k // self.cfg.moe.n_experts
 
 
 class DenseForecaster(_Forecaster):
     """Same network with one dense SwiGLU MLP sized to the MoE's active parameter count."""
 
-    def __init__(self, n_features: int, cfg: ModelConfig, d_hidden: int) -> None:
+    def __init__(self, n_features: int, cfg: ForecastConfig, d_hidden: int) -> None:
         super().__init__(n_features, cfg)
         self.mlp = DenseMLP(
-            cfg.d_model, d_hidden, moekit.ExpertConfig(activation="swiglu", init_std=0.1)
+            cfg.moe.d_model, d_hidden, moekit.ExpertConfig(activation="swiglu", init_std=0.1)
         )
 
     def block(self, h: Tensor) -> tuple[Tensor, None]:
@@ -147,12 +155,12 @@ class DenseForecaster(_Forecaster):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_models(n_features: int, cfg: ModelConfig) -> tuple[MoEForecaster, DenseForecaster]:
+def build_models(n_features: int, cfg: ForecastConfig) -> tuple[MoEForecaster, DenseForecaster]:
     """The MoE forecaster and a dense one with (to within one hidden unit) equal active
     parameters: the dense hidden width absorbs k experts plus the router."""
     torch.manual_seed(cfg.seed)
     moe = MoEForecaster(n_features, cfg)
-    per_unit = 3 * cfg.d_model  # SwiGLU: two input columns and one output row per unit
+    per_unit = 3 * cfg.moe.d_model  # SwiGLU: two input columns and one output row per unit
     extra = moe.active_parameters() - sum(
         p.numel() for n, p in moe.named_parameters() if not n.startswith("moe.")
     )
@@ -189,32 +197,38 @@ def train_forecaster(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_batches = max(1, int(np.ceil(len(xt) / cfg.batch_size)))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * n_batches)
+    step = TrainStep(model, StepConfig(max_grad_norm=cfg.grad_clip))
     history = []
     model.train()
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(xt), generator=gen)
         w_prior = cfg.prior_weight_at(epoch)
-        total = 0.0
-        for b in range(n_batches):
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            out = model(xt[idx])
-            loss = vol_loss(out.logvol, vt[idx], cfg.vol_loss, y_scale)
-            loss = loss + cfg.sign_weight * F.binary_cross_entropy_with_logits(
+
+        def loss(out: ForecastOutput, idx: Tensor, w_prior: float = w_prior) -> StepLoss:
+            task = vol_loss(out.logvol, vt[idx], cfg.vol_loss, y_scale)
+            task = task + cfg.sign_weight * F.binary_cross_entropy_with_logits(
                 out.sign_logit, st[idx]
             )
-            loss = loss + out.aux_loss
+            prior_term = None
             if pt is not None and out.probs is not None and w_prior > 0:
                 logp = torch.log(out.probs.clamp_min(1e-9))  # [B, E]
-                loss = loss + w_prior * F.nll_loss(logp, pt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+                prior_term = w_prior * F.nll_loss(logp, pt[idx])
+            return StepLoss(task, out.aux_loss, penalty=prior_term)
+
+        total = torch.zeros((), dtype=torch.float64)  # float64: the sum a Python float makes
+        for b in range(n_batches):
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]  # [B] rows
+            record = step(opt, [idx], lambda i: model(xt[i]), loss)
             sched.step()
-            total += float(loss.detach()) * len(idx)
-        history.append(total / len(xt))
+            total = total + record["loss"].double() * len(idx)
+        history.append(_sync_mean(total, len(xt)))
     model.eval()
     return history
+
+
+def _sync_mean(total: Tensor, n: int) -> float:
+    """An epoch's summed loss as a mean. NOTE: host sync, once per epoch."""
+    return total.item() / n
 
 
 @torch.no_grad()
