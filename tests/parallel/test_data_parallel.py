@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from tests.tiny import tiny_model
@@ -10,6 +12,7 @@ from moekit.model.transformer import Transformer
 from moekit.parallel import gather_experts, parallelize_experts, split_expert_params
 from moekit.parallel.data_parallel import (
     clip_grad_norm_,
+    data_parallel,
     reduce_expert_gradients_,
     reduce_gradients_,
 )
@@ -67,6 +70,24 @@ def _mean_of_ranks(rank: int, world: int) -> None:
 
 def test_gradients_equal_data_parallel_mean_of_ranks(launch):
     launch(_mean_of_ranks, 2)
+
+
+def _ddp(rank: int, world: int) -> None:
+    """DDP (on its own group) for the replicated parameters, the experts scaled by hand."""
+    ref_out, ref_grads = _oracle(rank, world)
+    model = parallelize_experts(_model())
+    wrapped = data_parallel(model, dist.new_group(list(range(world))))
+    for micro in range(2):  # the first backward accumulates without an all-reduce
+        with wrapped.no_sync() if micro == 0 else contextlib.nullcontext():
+            out = wrapped(*_batch(rank))
+            (out.loss / 2).backward()
+    torch.testing.assert_close(out.out, ref_out, rtol=1e-6, atol=1e-7)
+    reduce_expert_gradients_(model)
+    _check_grads(model, ref_grads)
+
+
+def test_ddp_for_the_other_parameters(launch):
+    launch(_ddp, 2)
 
 
 def _ep_inside_dp(rank: int, world: int) -> None:

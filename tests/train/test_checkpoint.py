@@ -12,7 +12,7 @@ from tests.tiny import tiny_model
 from moekit.model import load
 from moekit.train import checkpoint as ckpt_mod
 from moekit.train import list_checkpoints, pick_checkpoint, save_checkpoint
-from moekit.train.checkpoint import prune_checkpoints
+from moekit.train.checkpoint import load_trainer_state, prune_checkpoints
 
 
 def _model(seed=0):
@@ -81,3 +81,16 @@ def test_prune_keeps_best_and_latest(tmp_path):
     assert [c["step"] for c in list_checkpoints(tmp_path)] == [2, 4, 5, 6]
     assert pick_checkpoint(tmp_path).name == "step-0000004"
     assert pick_checkpoint(tmp_path, "latest").name == "step-0000006"
+
+
+@pytest.mark.parametrize(
+    "content", [b"not a checkpoint", None], ids=["garbage", "a list, not a state"]
+)
+def test_unreadable_or_foreign_state_is_refused_by_name(tmp_path, content):
+    path = tmp_path / "trainer_state.pt"
+    if content is None:
+        torch.save([1, 2, 3], path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"trainer_state\.pt: refused"):
+        load_trainer_state(path)

@@ -5,14 +5,21 @@ averaged over all ranks, as in plain data parallelism. An expert's gradient alre
 sum over its expert-parallel group (the all-to-all brought every rank's tokens to it); it
 still needs the sum over the replicas holding the same experts (`dp_group`), and the same
 1 / world_size scale, so that both kinds follow the gradient of the mean of the ranks' losses.
+
+`data_parallel` hands the replicated parameters to torch's DDP (bucketed all-reduce overlapped
+with backward); `reduce_expert_gradients_` then scales the experts'. `reduce_gradients_` does
+both after backward by hand, for a loop that cannot wrap its model.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
+from torch.nn.parallel import DistributedDataParallel
 
 from moekit.parallel.expert_parallel import split_expert_params
 
@@ -23,6 +30,27 @@ def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     return [p.grad for p in params]
+
+
+def data_parallel(model: nn.Module, group: ProcessGroup | None = None) -> DistributedDataParallel:
+    """DDP over `group` for every parameter except the expert-parallel ones.
+
+    Run the forward through the returned wrapper. Buffers stay rank-local (as without DDP);
+    parameters no rank used get no gradient, as in one process. Give DDP its own group when
+    the experts' all-to-all uses the default one, so their collectives never interleave.
+    """
+    expert, _ = split_expert_params(model)
+    expert_ids = {id(p) for p in expert}
+    ignored = [name for name, p in model.named_parameters() if id(p) in expert_ids]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    # torch >= 2.13 names the buffer switch forward_sync_buffers; older ones broadcast_buffers
+    params = inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = (
+        "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    )
+    return DistributedDataParallel(
+        model, process_group=group, find_unused_parameters=True, **{no_buffer_sync: False}
+    )
 
 
 def reduce_expert_gradients_(

@@ -1,26 +1,36 @@
 """Checkpoint directories, written atomically, with best-K / latest-N retention.
 
-    checkpoints/step-0000100/  config.json  model.safetensors  trainer_state.pt  meta.json
+    checkpoints/step-0000100/  config.json  model.safetensors  trainer_state.pt  meta.json  run.json
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so an
 interrupted write never leaves a directory that looks complete; readers skip hidden ones.
+The trainer state holds tensors and plain Python values only and loads with
+`weights_only=True`: a state file holding anything else is refused, never unpickled.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load_model
+from torch import nn
 
-from moekit.model.io import CONFIG_FILE, save_model_files
+from moekit.model.io import CONFIG_FILE, WEIGHTS_FILE, save_model_files
 from moekit.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from moekit.train.parallelism import SingleProcess
 
 STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
+RUN_FILE = "run.json"  # the run config, beside each checkpoint and in the run directory
+_STATE_KEYS = {"step", "optimizer", "scaler", "rng"}
 
 
 def checkpoint_name(step: int) -> str:
@@ -33,8 +43,12 @@ def save_checkpoint(
     state: dict[str, Any] | None,
     step: int,
     metric: float | None = None,
+    texts: dict[str, str] | None = None,
 ) -> Path:
-    """Write a complete checkpoint for `step` under ckpt_root and return its path."""
+    """Write a complete checkpoint for `step` under ckpt_root and return its path.
+
+    `texts` are further files (name -> content), written inside the same atomic rename.
+    """
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
@@ -45,6 +59,8 @@ def save_checkpoint(
         save_model_files(model, tmp)
         if state is not None:
             torch.save(state, tmp / STATE_FILE)
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text)
         meta = {"step": step, "metric": metric}
         (tmp / META_FILE).write_text(json.dumps(meta) + "\n")
         _fsync_dir(tmp)
@@ -113,29 +129,64 @@ def pick_checkpoint(path: str | Path, which: str = "best") -> Path:
     return ckpts[-1]["path"]
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG the training step can touch, to restore on resume."""
-    import random
+def load_trainer_state(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A trainer state file as written by `save_checkpoint`; refuses anything else by name.
 
-    import numpy as np
-
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    Loaded with `weights_only=True`, so a file holding other objects (a pickle from elsewhere
+    that would run code) raises ValueError and nothing in it is executed.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # any unreadable state is refused the same way
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        reason = f"it names {found.group(1)}" if found else type(err).__name__
+        raise ValueError(
+            f"{path}: refused, not a trainer state of tensors and plain values ({reason})"
+        ) from err
+    if not isinstance(state, dict) or not state.keys() >= _STATE_KEYS:
+        raise ValueError(f"{path}: refused, not a trainer state (needs keys {sorted(_STATE_KEYS)})")
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    import random
+class Checkpointer:
+    """One run's checkpoints: every rank calls `save`; the main rank writes them and prunes."""
 
-    import numpy as np
+    def __init__(
+        self,
+        root: str | Path,
+        run: dict[str, Any],
+        keep_last: int,
+        keep_best: int,
+        parallel: SingleProcess,
+    ) -> None:
+        self.root, self.run = Path(root), run
+        self.keep_last, self.keep_best = keep_last, keep_best
+        self.parallel = parallel
 
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def save(
+        self, model: nn.Module, state: dict[str, Any], step: int, metric: float | None
+    ) -> Path:
+        """Write weights (the dense model), trainer state and run config for `step`."""
+        dense = self.parallel.dense(model)  # collective when the experts are sharded
+        if not self.parallel.is_main:
+            return self.root / checkpoint_name(step)
+        run = json.dumps(self.run, indent=2) + "\n"
+        path = save_checkpoint(self.root, dense, state, step, metric, texts={RUN_FILE: run})
+        prune_checkpoints(self.root, self.keep_last, self.keep_best)
+        return path
+
+    def restore(
+        self, path: str | Path, model: nn.Module, device: torch.device
+    ) -> tuple[Path, dict[str, Any]]:
+        """Load the latest checkpoint's weights into `model`; return it and its trainer state."""
+        if not self.parallel.resumable:
+            raise ValueError("resuming is not supported with parallel.ep > 1")
+        ckpt = pick_checkpoint(path, which="latest")
+        state = load_trainer_state(ckpt / STATE_FILE, device)
+        if state["optimizer"] is None:
+            raise ValueError(f"{ckpt} was written with parallel.ep > 1 and cannot be resumed")
+        load_model(model, str(ckpt / WEIGHTS_FILE), device=str(device))
+        return ckpt, state

@@ -11,7 +11,7 @@ import torch
 
 from moekit.model import load
 from moekit.tasks import build_task
-from moekit.train.checkpoint import pick_checkpoint
+from moekit.train.checkpoint import RUN_FILE, pick_checkpoint
 from moekit.train.config import RunConfig
 from moekit.train.metrics import evaluate_model
 from moekit.train.trainer import Trainer
@@ -64,7 +64,7 @@ def train(args: Any) -> dict[str, Any]:
 def run_config_of(path: Any) -> RunConfig:
     """The run config saved beside a checkpoint."""
     ckpt = pick_checkpoint(path)
-    return RunConfig(**json.loads((ckpt / "run.json").read_text()))
+    return RunConfig(**json.loads((ckpt / RUN_FILE).read_text()))
 
 
 def evaluate(path: str, batch_size: int = 64) -> dict[str, Any]:

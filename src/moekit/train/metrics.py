@@ -12,23 +12,23 @@ from torch import Tensor
 from moekit.model import ModelOutput, Transformer
 from moekit.routing.losses import LOSS_NAMES
 from moekit.tasks import Batch, Task
+from moekit.train.step import StepLoss
 
 
-def step_metrics(out: ModelOutput) -> dict[str, Any]:
-    """Detached device tensors: losses, unweighted aux parts (mean over MoE layers),
-    expert load [E] and dropped fraction per MoE layer (keys are layer indices)."""
-    rec: dict[str, Any] = {
-        "loss": out.loss.detach(),  # type: ignore[union-attr]
-        "task_loss": out.task_loss.detach(),  # type: ignore[union-attr]
-        "aux_loss": out.aux_loss.detach(),
-    }
+def model_loss(out: ModelOutput, batch: Batch) -> StepLoss:
+    """A transformer output's loss terms for `TrainStep`, with its routing metrics.
+
+    Metrics: unweighted aux parts (mean over MoE layers), and per MoE layer (keyed by its
+    index) the expert load [E] and the dropped fraction.
+    """
+    metrics: dict[str, Any] = {}
     moe = {str(i): info for i, info in enumerate(out.layers) if info is not None}
     if moe:
         for name in LOSS_NAMES:
-            rec[name] = torch.stack([m.metrics[name] for m in moe.values()]).mean()
-        rec["expert_load"] = {i: m.metrics["expert_load"] for i, m in moe.items()}
-        rec["dropped_fraction"] = {i: m.metrics["dropped_fraction"] for i, m in moe.items()}
-    return rec
+            metrics[name] = torch.stack([m.metrics[name] for m in moe.values()]).mean()
+        metrics["expert_load"] = {i: m.metrics["expert_load"] for i, m in moe.items()}
+        metrics["dropped_fraction"] = {i: m.metrics["dropped_fraction"] for i, m in moe.items()}
+    return StepLoss(out.task_loss, out.aux_loss, metrics=metrics)  # type: ignore[arg-type]
 
 
 def routing_counts(out: ModelOutput, batch: Batch, n_categories: int) -> dict[str, Tensor]:

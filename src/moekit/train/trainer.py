@@ -5,13 +5,16 @@ from a checkpoint (weights, optimizer, scaler, RNG states, step) reproduces the 
 of an uninterrupted run exactly on CPU in fp32. SIGINT / SIGTERM finish the current step,
 write a checkpoint and return normally.
 
-With `parallel.ep = N > 1` (one process per rank, started by torchrun) every MoE layer's
-experts are split over the N ranks. `train.batch_size` is per rank: the step's global batch
-is `task.train_batch(s, micro, N * batch_size)` and rank r trains on rows
+The pieces are their own objects: `TrainStep` (forward, precision, accumulation, clipping),
+the parallelism (`train.parallelism`, chosen once from `cfg.parallel`) and the
+`Checkpointer`. With `parallel.ep = N > 1` (one process per rank, started by torchrun)
+`train.batch_size` is per rank: the step's global batch is
+`task.train_batch(s, micro, N * batch_size)` and rank r trains on rows
 [r * batch_size, (r + 1) * batch_size). Gradients are averaged over ranks and clipped by the
 whole model's norm; rank 0 alone logs, plots and writes checkpoints, which hold the dense
 model (`moekit.load` reads them). Logged step metrics are rank 0's; evaluation runs the full
-validation set on every rank. Such runs cannot be resumed (the optimizer state is sharded).
+validation set on every rank; ranks agree on a stop signal every `log_interval` steps. Such
+runs cannot be resumed (the optimizer state is sharded).
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import random
 import signal
 import threading
 import time
@@ -31,38 +32,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from safetensors.torch import load_model
 
-from moekit.model import ModelConfig, Transformer
-from moekit.model.io import WEIGHTS_FILE
-from moekit.parallel import parallelize_experts
-from moekit.parallel.checkpoint import to_dense_model
-from moekit.parallel.data_parallel import clip_grad_norm_, reduce_gradients_
+from moekit.model import ModelConfig, ModelOutput, Transformer
 from moekit.tasks import Batch, Task, build_task
-from moekit.train.checkpoint import (
-    STATE_FILE,
-    checkpoint_name,
-    pick_checkpoint,
-    prune_checkpoints,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from moekit.train.checkpoint import RUN_FILE, Checkpointer
 from moekit.train.config import RunConfig
 from moekit.train.live import LiveView
 from moekit.train.logging import RunLog
-from moekit.train.metrics import evaluate_model, step_metrics
+from moekit.train.metrics import evaluate_model, model_loss
 from moekit.train.optim import build_optimizer, set_lr
-
-RUN_FILE = "run.json"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), Python and NumPy."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
+from moekit.train.parallelism import build_parallelism, resolve_device
+from moekit.train.rng import rng_state, seed_everything, set_rng_state
+from moekit.train.step import StepConfig, TrainStep, resolve_precision
 
 
 def model_config_for(cfg: ModelConfig, task: Task) -> ModelConfig:
@@ -75,121 +56,67 @@ def model_config_for(cfg: ModelConfig, task: Task) -> ModelConfig:
     return replace(cfg, **fields)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def init_expert_parallel(ep: int, device: torch.device) -> tuple[torch.device, bool]:
-    """Join the torchrun process group for `parallel.ep` (gloo on CPU, NCCL on CUDA).
-
-    Returns this rank's device (cuda:LOCAL_RANK on GPUs) and whether the group was created
-    here. Raises ValueError outside torchrun or when ep is not the world size.
-    """
-    created = False
-    if not dist.is_initialized():
-        missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
-        if missing:
-            raise ValueError(
-                f"parallel.ep={ep} needs one process per rank: launch with "
-                f"`torchrun --nproc-per-node {ep} -m moekit.cli train CONFIG --parallel.ep {ep}` "
-                f"({', '.join(missing)} not set)"
-            )
-        world = int(os.environ["WORLD_SIZE"])
-        if world != ep:
-            raise ValueError(f"parallel.ep={ep} must equal the number of processes ({world})")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        created = True
-    if dist.get_world_size() != ep:
-        raise ValueError(
-            f"parallel.ep={ep} must equal the number of processes ({dist.get_world_size()})"
-        )
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device, created
-
-
 class Trainer:
     """Trains `cfg.model` on `cfg.task`; everything goes into the run directory `cfg.out`."""
 
     def __init__(self, cfg: RunConfig, task: Task | None = None, title: str = "training") -> None:
         self.cfg, self.title = cfg, title
+        tc = cfg.train
         self.run_dir = Path(cfg.out)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.ep = cfg.parallel.ep
-        self.device = resolve_device(cfg.train.device)
-        self._owns_group = False
-        if self.ep > 1:
-            self.device, self._owns_group = init_expert_parallel(self.ep, self.device)
-        self.rank = dist.get_rank() if self.ep > 1 else 0
-        self.is_main = self.rank == 0
+        self.parallel = build_parallelism(cfg.parallel, resolve_device(tc.device))
+        self.device = self.parallel.device
+        self.is_main = self.parallel.is_main
         seed_everything(cfg.seed)  # the same seed on every rank: identical initial weights
         self.task = task or build_task(cfg.task, cfg.seed)
-        if cfg.train.threads is not None:
-            torch.set_num_threads(cfg.train.threads)
-        self.model = Transformer(model_config_for(cfg.model, self.task)).to(self.device)
-        self.params = self.model.num_params()  # of the whole model, before any sharding
-        if self.ep > 1:
-            self.model = parallelize_experts(self.model, None)
-        self.optimizer = build_optimizer(self.model, cfg.train)
-        self.dtype = self._autocast_dtype(cfg.train.precision)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        if tc.threads is not None:
+            torch.set_num_threads(tc.threads)
+        model = Transformer(model_config_for(cfg.model, self.task)).to(self.device)
+        self.params = model.num_params()  # of the whole model, before any sharding
+        self.model = self.parallel.shard(model)
+        self.optimizer = build_optimizer(self.model, tc)
+        self.forward_model = self.parallel.wrap(self.model)
+        step_cfg = StepConfig(
+            precision=resolve_precision(tc.precision, self.device),
+            max_grad_norm=tc.grad_clip if tc.grad_clip > 0 else math.inf,  # 0: measure only
+            aux_weight=model.cfg.aux_loss_weight,
+        )
+        self.step_fn = TrainStep(self.model, step_cfg, self.parallel)
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints", cfg.to_dict(), tc.keep_last, tc.keep_best, self.parallel
+        )
         self.step = 0
         self.log = RunLog(self.run_dir)
-        self.val = [b.to(self.device) for b in self.task.val_batches(cfg.train.eval_batch_size)]
+        self.val = [b.to(self.device) for b in self.task.val_batches(tc.eval_batch_size)]
         self.stop_signal: int | None = None
-        self._signal_seen = 0  # expert parallel: a signal this rank got, agreed on each step
+        self._signal_seen = 0  # a signal this rank got; the ranks agree on it in the loop
         self.last_eval: dict[str, Any] | None = None
         self.throughput: list[float] = []
 
-    def _autocast_dtype(self, precision: str) -> torch.dtype | None:
-        if precision == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else None
-        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        return self.step_fn.scaler
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return self.step_fn.autocast()
 
     # one optimiser step ---------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         """Forward/backward over grad_accum micro-batches, clip, step. Returns device tensors."""
-        tc = self.cfg.train
-        self.model.train()
-        lrs = set_lr(self.optimizer, self.step, tc)
-        parts: list[dict[str, Any]] = []
-        for micro in range(tc.grad_accum):
-            batch = self._train_batch(micro)
-            with self.autocast():
-                out = self.model(batch.x, batch.y)
-            self.scaler.scale(out.loss / tc.grad_accum).backward()
-            parts.append(step_metrics(out))
-        if self.ep > 1:
-            reduce_gradients_(self.model)  # mean over ranks, experts included
-        self.scaler.unscale_(self.optimizer)
-        max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-        if self.ep > 1:
-            grad_norm = clip_grad_norm_(self.model, max_norm)  # whole model's norm
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"step": self.step + 1, **_mean(parts), "lr": lrs, "grad_norm": grad_norm}
+        lrs = set_lr(self.optimizer, self.step, self.cfg.train)
+        batches = [self._train_batch(m) for m in range(self.cfg.train.grad_accum)]
+        record = self.step_fn(self.optimizer, batches, self._forward, model_loss)
+        grad_norm = record.pop("grad_norm")
+        return {"step": self.step + 1, **record, "lr": lrs, "grad_norm": grad_norm}
+
+    def _forward(self, batch: Batch) -> ModelOutput:
+        return self.forward_model(batch.x, batch.y)
 
     def _train_batch(self, micro: int) -> Batch:
         """This rank's micro-batch: its slice of the step's global batch."""
-        B = self.cfg.train.batch_size
-        batch = self.task.train_batch(self.step, micro, B * self.ep)
-        if self.ep > 1:
-            rows = slice(self.rank * B, (self.rank + 1) * B)
+        B, world = self.cfg.train.batch_size, self.parallel.world
+        batch = self.task.train_batch(self.step, micro, B * world)
+        if world > 1:
+            rows = self.parallel.local_rows(B)
             batch = Batch(batch.x[rows], batch.y[rows], batch.category[rows])
         return batch.to(self.device)
 
@@ -201,10 +128,11 @@ class Trainer:
 
     # checkpoints ----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """Everything but the weights a resume needs: tensors and plain values only."""
         return {
             "step": self.step,
             # expert parallel: each rank holds its experts' moments, so none is saved
-            "optimizer": self.optimizer.state_dict() if self.ep == 1 else None,
+            "optimizer": self.optimizer.state_dict() if self.parallel.resumable else None,
             "scaler": self.scaler.state_dict(),
             "scheduler": {"kind": "warmup_cosine", "step": self.step},
             "rng": rng_state(),
@@ -214,24 +142,11 @@ class Trainer:
 
     def save(self, metric: float | None) -> Path:
         """Write a checkpoint; with expert parallelism a collective, rank 0 writing."""
-        model = to_dense_model(self.model) if self.ep > 1 else self.model
-        if not self.is_main:
-            return self.ckpt_dir / checkpoint_name(self.step)
-        path = save_checkpoint(self.ckpt_dir, model, self.state(), self.step, metric)
-        (path / "run.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        tc = self.cfg.train
-        prune_checkpoints(self.ckpt_dir, tc.keep_last, tc.keep_best)
-        return path
+        return self.checkpointer.save(self.model, self.state(), self.step, metric)
 
     def restore(self, path: str | Path) -> Path:
         """Load weights and trainer state from a checkpoint (or a run dir's latest one)."""
-        if self.ep > 1:
-            raise ValueError("resuming is not supported with parallel.ep > 1")
-        ckpt = pick_checkpoint(path, which="latest")
-        state = torch.load(ckpt / STATE_FILE, map_location=self.device, weights_only=False)
-        if state["optimizer"] is None:
-            raise ValueError(f"{ckpt} was written with parallel.ep > 1 and cannot be resumed")
-        load_model(self.model, str(ckpt / WEIGHTS_FILE), device=str(self.device))
+        ckpt, state = self.checkpointer.restore(path, self.model, self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
@@ -248,9 +163,8 @@ class Trainer:
             return
 
         def handler(signum: int, _frame: Any) -> None:
-            if self.ep > 1:
-                self._signal_seen = signum  # every rank stops after the same step
-            else:
+            self._signal_seen = signum
+            if self.parallel.world == 1:  # nothing to agree on: stop after the current step
                 self.stop_signal = signum
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -290,22 +204,17 @@ class Trainer:
     @property
     def tokens_per_step(self) -> int:
         tc = self.cfg.train
-        return tc.batch_size * tc.grad_accum * self.cfg.task.seq_len * self.ep
+        return tc.batch_size * tc.grad_accum * self.cfg.task.seq_len * self.parallel.world
 
-    def _agree_on_stop(self) -> None:
-        """Expert parallel: stop on every rank when any rank got a signal (a collective)."""
-        if self.ep == 1:
-            return
-        flag = torch.tensor([self._signal_seen], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            self.stop_signal = int(flag.item())
+    def _check_stop(self, done: bool) -> None:
+        """Act on a signal: at once in one process; every log_interval (and at the end) when
+        the ranks must agree, since agreeing is a collective."""
+        if self.parallel.world == 1 or done or self.step % self.cfg.train.log_interval == 0:
+            self.stop_signal = self.parallel._sync_agree_on_stop(self._signal_seen)
 
     def close(self) -> None:
         """Leave the process group if this trainer created it."""
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self._owns_group = False
+        self.parallel.close()
 
     def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
         """Train to cfg.train.steps (from a checkpoint when `resume`); returns a summary."""
@@ -326,8 +235,8 @@ class Trainer:
                 if main:
                     self.log.add_step(record)
                 self.step += 1
-                self._agree_on_stop()
                 done = self.step == tc.steps
+                self._check_stop(done)
                 if main and (self.step % tc.log_interval == 0 or done):
                     t0 = self._flush(view, t0)
                 metric, slow = None, False
@@ -356,7 +265,7 @@ class Trainer:
         """Dashboard (and the task's plots when final); rank 0 draws, all ranks must call."""
         from moekit.viz import plot_run
 
-        model = to_dense_model(self.model) if final and self.ep > 1 else self.model
+        model = self.parallel.dense(self.model) if final else self.model
         if not self.is_main:
             return []
         paths = plot_run(self.run_dir)
@@ -376,16 +285,3 @@ class Trainer:
             "checkpoint": ckpt,
             "plots": plots,
         }
-
-
-def _mean(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Average micro-batch metrics (nested dicts of tensors)."""
-    if len(parts) == 1:
-        return parts[0]
-    out: dict[str, Any] = {}
-    for key, value in parts[0].items():
-        if isinstance(value, dict):
-            out[key] = _mean([p[key] for p in parts])
-        else:
-            out[key] = sum(p[key] for p in parts) / len(parts)
-    return out
