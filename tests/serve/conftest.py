@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -47,21 +48,36 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m moekit.serve` in a subprocess; ready once /health answers."""
+    """`python -m moekit.serve` in a subprocess; ready once /health answers.
 
-    def __init__(self, ckpt: Path, *options: str) -> None:
+    tls: the context that trusts the server's certificate (serves HTTPS; pass --ssl-* options);
+    env: extra environment ($MOEKIT_API_KEY of the calling shell is never inherited).
+    """
+
+    def __init__(
+        self,
+        ckpt: Path,
+        *options: str,
+        tls: ssl.SSLContext | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = tls or True
         cmd = [sys.executable, "-m", "moekit.serve", str(ckpt), "--port", str(self.port)]
         cmd += ["--device", "cpu", "--threads", "1", "--log-level", "warning", *options]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        base = {k: v for k, v in os.environ.items() if k != "MOEKIT_API_KEY"}
+        full_env = {**base, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.proc.stdout.read().decode()}")  # type: ignore[union-attr]
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                health = httpx.get(self.url + "/health", timeout=1, verify=self.verify)
+                if health.status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.2)

@@ -1,13 +1,14 @@
 """`create_app`: the FastAPI application around one model and its engine.
 
 Client mistakes come back as 4xx with an `ErrorResponse` naming the field; an unexpected
-error in a handler is logged and answered 500 without stopping the server.
+error in a handler is logged and answered 500 without stopping the server. Keys and rate
+limits (`SecurityConfig`) are enforced by a middleware before any route runs.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,22 +22,21 @@ from moekit.model.transformer import Transformer
 from moekit.serve import openai_compat, routes
 from moekit.serve.config import EngineConfig
 from moekit.serve.engine import Engine
-from moekit.serve.inputs import ApiError
+from moekit.serve.inputs import ApiError, error_response
 from moekit.serve.metrics import build_registry
 from moekit.serve.schemas import ErrorResponse
+from moekit.serve.security import Guard, GuardCollector, SecurityConfig, SecurityMiddleware
 from moekit.serve.state import ServerState
 
 log = logging.getLogger(__name__)
 ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "Invalid request (the field is named)"},
-    429: {"model": ErrorResponse, "description": "Queue full; retry after Retry-After seconds"},
+    429: {"model": ErrorResponse, "description": "Busy or rate-limited; retry after Retry-After s"},
 }
-
-
-def _error(status: int, message: str, kind: str, field: str | None, **extra: Any) -> JSONResponse:
-    body: dict[str, Any] = {"error": {"message": message, "type": kind, "field": field}}
-    body.update(extra)
-    return JSONResponse(body, status_code=status)
+UNAUTHORIZED = {
+    "description": "Missing or invalid API key",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+}
 
 
 def _field(loc: tuple | list) -> str:
@@ -47,9 +47,7 @@ def _field(loc: tuple | list) -> str:
 def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
-        resp = _error(err.status, err.message, err.kind, err.field)
-        resp.headers.update(err.headers or {})
-        return resp
+        return error_response(err.status, err.message, err.kind, err.field, err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -62,31 +60,39 @@ def _install_handlers(app: FastAPI) -> None:
             for e in errors
         ]
         message = f"{field}: {first.get('msg', 'invalid')}"
-        return _error(422, message, "invalid_request_error", field, detail=detail)
+        return error_response(422, message, "invalid_request_error", field, detail=detail)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        resp = _error(err.status_code, str(err.detail), "http_error", None)
-        resp.headers.update(err.headers or {})
-        return resp
+        return error_response(err.status_code, str(err.detail), "http_error", None, err.headers)
 
     @app.exception_handler(Exception)
     async def crash(_: Request, err: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _error(500, f"internal error: {type(err).__name__}", "server_error", None)
+        return error_response(500, f"internal error: {type(err).__name__}", "server_error", None)
 
 
 def create_app(
-    model: Transformer, name: str = "moekit", engine: EngineConfig | None = None
+    model: Transformer,
+    name: str = "moekit",
+    engine: EngineConfig | None = None,
+    security: SecurityConfig | None = None,
 ) -> FastAPI:
-    """A FastAPI app serving `model`; its engine starts and drains with the app's lifespan."""
+    """A FastAPI app serving `model`; its engine starts and drains with the app's lifespan.
+
+    `security` (default: no keys, no rate limit) is checked before any route runs.
+    """
     cfg = engine or EngineConfig()
+    policy = security or SecurityConfig()
+    guard = Guard(policy)
     device = next(model.parameters()).device
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = Engine(model, cfg)
-        app.state.serve = ServerState(model, name, cfg, eng, device, build_registry(eng))
+        registry = build_registry(eng)
+        registry.register(GuardCollector(guard))
+        app.state.serve = ServerState(model, name, cfg, eng, device, registry)
         eng.start()
         try:
             yield
@@ -100,10 +106,33 @@ def create_app(
         lifespan=lifespan,
         responses=ERRORS,
     )
+    app.state.security = policy
     _install_handlers(app)
     app.include_router(routes.router)
     app.include_router(openai_compat.router)
+    app.add_middleware(SecurityMiddleware, guard=guard)
+    if policy.api_keys:
+        _document_bearer(app, guard.is_open)
     return app
+
+
+def _document_bearer(app: FastAPI, is_open: Callable[[str], bool]) -> None:
+    """Declare the Bearer scheme in the OpenAPI schema (so /docs can send a key)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+            for path, operations in schema["paths"].items():
+                for op in operations.values():
+                    if not is_open(path):
+                        op["security"] = [{"bearer": []}]
+                        op["responses"]["401"] = UNAUTHORIZED
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def default_device(device: str) -> torch.device:

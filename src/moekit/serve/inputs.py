@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import codecs
 import math
+from typing import Any
 
 import torch
+from starlette.responses import JSONResponse
 from torch import Tensor
 
 from moekit.model.transformer import Transformer
@@ -27,6 +29,20 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.field, self.kind = status, message, field, kind
         self.headers = headers
+
+
+def error_response(
+    status: int,
+    message: str,
+    kind: str,
+    field: str | None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """The JSON body of every error answer: {"error": {"message", "type", "field"}, ...}."""
+    body: dict[str, Any] = {"error": {"message": message, "type": kind, "field": field}}
+    body.update(extra)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _invalid(field: str, message: str) -> ApiError:

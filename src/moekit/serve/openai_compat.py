@@ -17,6 +17,7 @@ from moekit.serve.schemas import (
     ModelInput,
     Usage,
 )
+from moekit.serve.security import log_exchange
 from moekit.serve.sequence import SamplingParams, Sequence
 from moekit.serve.state import ServerState
 from moekit.serve.stream import SSE_HEADERS, follow, sse, submit
@@ -55,7 +56,8 @@ async def completions(body: CompletionRequest, request: Request):
     s: ServerState = request.app.state.serve
     if not s.byte_level:
         raise ApiError(422, "prompt: /v1/completions needs a byte-level token model", "prompt")
-    x = model_input(ModelInput(prompt=_prompt(body)), s.model, s.cfg)
+    prompt = _prompt(body)
+    x = model_input(ModelInput(prompt=prompt), s.model, s.cfg)
     check_max_new(body.max_tokens, "max_tokens", s.model, s.cfg)
     stop = StopMatcher(_stops(body))
     top_p = body.top_p if body.top_p < 1.0 else None
@@ -65,7 +67,7 @@ async def completions(body: CompletionRequest, request: Request):
     cid = f"cmpl-{seq.id}"
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        chunks = _chunks(s, seq, request, stop, cid, created, body.model, usage)
+        chunks = _chunks(s, seq, request, stop, cid, created, body.model, usage, prompt)
         return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
     decoder, text = TextDecoder(), ""
     async with aclosing(follow(s.engine, seq, request)) as events:
@@ -76,6 +78,7 @@ async def completions(body: CompletionRequest, request: Request):
                     break
     text += stop.feed(decoder.flush(), final=True)
     reason = "stop" if stop.stopped else _reason(seq)
+    log_exchange(request.app.state.security, cid, prompt, text)
     choice = CompletionChoice(text=text, finish_reason=reason)
     return Completion(
         id=cid, created=created, model=body.model, choices=[choice], usage=_usage(seq)
@@ -96,23 +99,26 @@ async def _chunks(
     created: int,
     model: str,
     include_usage: bool,
+    prompt: str,
 ) -> AsyncIterator[str]:
     def chunk(text: str, reason: str | None) -> str:
         choice = CompletionChoice(text=text, finish_reason=reason)
         body = Completion(id=cid, created=created, model=model, choices=[choice])
         return sse(body.model_dump(exclude={"usage"}))
 
-    decoder = TextDecoder()
+    decoder, text = TextDecoder(), ""
     async with aclosing(follow(s.engine, seq, request)) as events:
         async for event in events:
             if event.kind == "done":
                 break
             piece = stop.feed(decoder.feed(event.value))
+            text += piece
             if piece:
                 yield chunk(piece, None)
             if stop.stopped:
                 break
     tail = stop.feed(decoder.flush(), final=True)
+    log_exchange(request.app.state.security, cid, prompt, text + tail)
     yield chunk(tail, "stop" if stop.stopped else _reason(seq))
     if include_usage:
         body = Completion(id=cid, created=created, model=model, choices=[], usage=_usage(seq))

@@ -19,6 +19,7 @@ from moekit.serve.schemas import (
     RouteResponse,
     Usage,
 )
+from moekit.serve.security import log_exchange
 from moekit.serve.sequence import SamplingParams, Sequence
 from moekit.serve.state import ServerState
 from moekit.serve.stream import SSE_HEADERS, follow, sse, submit
@@ -85,18 +86,32 @@ async def generate(body: GenerateRequest, request: Request):
     decoder = TextDecoder() if s.byte_level else None
     if body.stream:
         return StreamingResponse(
-            _stream(s, seq, request, decoder), media_type="text/event-stream", headers=SSE_HEADERS
+            _stream(s, seq, request, decoder, body),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
         )
     text = ""
     async with aclosing(follow(s.engine, seq, request)) as events:
         async for event in events:
             if event.kind == "token" and decoder is not None:
                 text += decoder.feed(event.value)
-    return _response(s, seq, text + decoder.flush() if decoder else None)
+    return _logged(request, body, _response(s, seq, text + decoder.flush() if decoder else None))
+
+
+def _logged(request: Request, body: GenerateRequest, resp: GenerateResponse) -> GenerateResponse:
+    """The answer, after logging its text when the server was started with --log-prompts."""
+    prompt = next(p for p in (body.prompt, body.token_ids, body.inputs) if p is not None)
+    completion = next(c for c in (resp.text, resp.token_ids, resp.outputs) if c is not None)
+    log_exchange(request.app.state.security, resp.id, prompt, completion)
+    return resp
 
 
 async def _stream(
-    s: ServerState, seq: Sequence, request: Request, decoder: TextDecoder | None
+    s: ServerState,
+    seq: Sequence,
+    request: Request,
+    decoder: TextDecoder | None,
+    body: GenerateRequest,
 ) -> AsyncIterator[str]:
     text, index = "", 0
     async with aclosing(follow(s.engine, seq, request)) as events:
@@ -111,7 +126,8 @@ async def _stream(
                 yield sse({"index": index, "output": event.value.tolist()})
             index += 1
     tail = decoder.flush() if decoder else ""
-    yield sse(_response(s, seq, text + tail if decoder else None).model_dump(), event="done")
+    done = _logged(request, body, _response(s, seq, text + tail if decoder else None))
+    yield sse(done.model_dump(), event="done")
 
 
 @router.post(

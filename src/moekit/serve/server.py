@@ -14,6 +14,7 @@ import uvicorn
 from moekit.model.io import load
 from moekit.serve.app import create_app, default_device
 from moekit.serve.config import EngineConfig
+from moekit.serve.security import SecurityConfig, SecurityConfigError, check_bind, tls_options
 
 DRAIN_TIMEOUT_S = 300  # SIGTERM: in-flight requests get this long to finish
 
@@ -25,18 +26,27 @@ def run_server(
     device: str = "auto",
     threads: int | None = None,
     log_level: str = "info",
+    security: SecurityConfig | None = None,
+    allow_unauthenticated: bool = False,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
     **engine_options: Any,
 ) -> None:
-    """Serve a checkpoint (directory or run dir) over HTTP; OpenAPI docs at /docs.
+    """Serve a checkpoint (directory or run dir) over HTTP(S); OpenAPI docs at /docs.
 
     engine_options are `EngineConfig` fields (max_batch, max_queue, prefix_cache_tokens...).
-    threads sets torch's CPU threads (1 is often fastest on a busy machine).
+    threads sets torch's CPU threads (1 is often fastest on a busy machine). security defaults
+    to the keys in $MOEKIT_API_KEY (none: no authentication, refused off loopback unless
+    allow_unauthenticated). Raises SecurityConfigError before loading anything when refused.
     """
+    security = security or SecurityConfig.from_options()
+    check_bind(host, security, allow_unauthenticated)
+    tls = tls_options(ssl_certfile, ssl_keyfile)
     cfg = EngineConfig.from_options(engine_options)
     if threads is not None:
         torch.set_num_threads(threads)
     model = load(ckpt, default_device(device))
-    app = create_app(model, name=Path(ckpt).resolve().name, engine=cfg)
+    app = create_app(model, name=Path(ckpt).resolve().name, engine=cfg, security=security)
     logging.basicConfig(level=log_level.upper())
     config = uvicorn.Config(
         app,
@@ -44,6 +54,8 @@ def run_server(
         port=port,
         log_level=log_level,
         timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
+        access_log=False,  # its lines carry query strings; the app logs its own without them
+        **tls,
     )
     uvicorn.Server(config).run()  # SIGTERM: stop accepting, finish in-flight, then exit
 
@@ -56,9 +68,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--log-level", default="info")
+    _add_security_arguments(p)
     defaults = EngineConfig()
     for f in fields(EngineConfig):
         value = getattr(defaults, f.name)
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(value), default=value)
     args = vars(p.parse_args(argv))
-    run_server(**args)
+    try:
+        security = SecurityConfig.from_options(
+            args.pop("api_key") or (),
+            args.pop("api_key_file"),
+            rate_limit=args.pop("rate_limit"),
+            metrics_public=args.pop("metrics_public"),
+            log_prompts=args.pop("log_prompts"),
+        )
+        run_server(**args, security=security)
+    except SecurityConfigError as err:  # one line, no traceback
+        p.exit(2, f"{p.prog}: error: {err}\n")
+
+
+def _add_security_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", action="append", help="accepted Bearer key (repeatable)")
+    p.add_argument("--api-key-file", default=None, help="file of keys, one a line")
+    p.add_argument("--rate-limit", default=None, help="per key, e.g. 5/s or 300/min")
+    p.add_argument("--metrics-public", action="store_true", help="/metrics without a key")
+    p.add_argument("--log-prompts", action="store_true", help="log prompt and completion text")
+    p.add_argument(
+        "--allow-unauthenticated", action="store_true", help="serve off loopback without keys"
+    )
+    p.add_argument("--ssl-certfile", default=None, help="PEM certificate: serve HTTPS")
+    p.add_argument("--ssl-keyfile", default=None, help="PEM private key of the certificate")
