@@ -123,6 +123,16 @@ def _serve_parser() -> ArgumentParser:
     p.add_argument("--threads", type=int | None, default=None, help="torch CPU threads")
     p.add_argument("--max-batch", type=int | None, default=None, help="sequences per step")
     p.add_argument("--max-queue", type=int | None, default=None, help="queued requests before 429")
+    p.add_argument("--api-key", action="append", help="accepted Bearer key (repeatable)")
+    p.add_argument("--api-key-file", type=str | None, default=None, help="keys, one a line")
+    p.add_argument("--rate-limit", type=str | None, default=None, help="per key: 5/s, 300/min")
+    p.add_argument("--metrics-public", action="store_true", help="/metrics without a key")
+    p.add_argument("--log-prompts", action="store_true", help="log prompt and completion text")
+    p.add_argument(
+        "--allow-unauthenticated", action="store_true", help="serve off loopback without keys"
+    )
+    p.add_argument("--ssl-certfile", type=str | None, default=None, help="PEM cert: serve HTTPS")
+    p.add_argument("--ssl-keyfile", type=str | None, default=None, help="PEM key of the cert")
     return p
 
 
@@ -220,20 +230,43 @@ def _run_bench(args: Namespace) -> None:
 
 def _run_serve(args: Namespace) -> None:
     from moekit.serve import run_server
+    from moekit.serve.security import SecurityConfig, SecurityConfigError
 
-    options = {
-        k: v
-        for k, v in (("max_batch", args.max_batch), ("max_queue", args.max_queue))
-        if v is not None
-    }
-    run_server(
-        args.ckpt,
-        host=args.host,
-        port=args.port,
-        device=args.device,
-        threads=args.threads,
-        **options,
+    given = (
+        ("max_batch", args.max_batch),
+        ("max_queue", args.max_queue),
+        ("ssl_certfile", args.ssl_certfile),
+        ("ssl_keyfile", args.ssl_keyfile),
+        ("allow_unauthenticated", args.allow_unauthenticated or None),
     )
+    options = {k: v for k, v in given if v is not None}
+    policy = (
+        args.api_key,
+        args.api_key_file,
+        args.rate_limit,
+        args.metrics_public,
+        args.log_prompts,
+    )
+    try:
+        if any(policy):  # otherwise run_server reads keys from $MOEKIT_API_KEY alone
+            options["security"] = SecurityConfig.from_options(
+                args.api_key or (),
+                args.api_key_file,
+                rate_limit=args.rate_limit,
+                metrics_public=args.metrics_public,
+                log_prompts=args.log_prompts,
+            )
+        run_server(
+            args.ckpt,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            threads=args.threads,
+            **options,
+        )
+    except SecurityConfigError as err:  # one line, no traceback
+        print(f"moekit serve: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _run_layer_demo(args: Namespace) -> None:
