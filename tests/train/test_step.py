@@ -135,3 +135,9 @@ def test_precision_vocabulary():
 def test_bad_step_config_names_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         StepConfig(**kw)
+
+
+def test_a_step_without_micro_batches_is_refused():
+    model = _model()
+    with pytest.raises(ValueError, match="micro_batches"):
+        TrainStep(model)(torch.optim.SGD(model.parameters(), lr=0.1), [], _forward(model), _loss)

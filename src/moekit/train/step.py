@@ -141,9 +141,11 @@ class TrainStep:
         averaged over micro-batches) and grad_norm when clipping is configured. Gradients stay
         readable until the next call, which clears them first.
         """
+        n = len(micro_batches)
+        if n == 0:
+            raise ValueError("micro_batches is empty: a step needs at least one micro-batch")
         self.model.train()
         optimizer.zero_grad(set_to_none=True)
-        n = len(micro_batches)
         parts = []
         for i, batch in enumerate(micro_batches):
             with self.grads.no_sync(last=i == n - 1):

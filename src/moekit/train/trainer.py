@@ -105,6 +105,7 @@ class Trainer:
         lrs = set_lr(self.optimizer, self.step, self.cfg.train)
         batches = [self._train_batch(m) for m in range(self.cfg.train.grad_accum)]
         record = self.step_fn(self.optimizer, batches, self._forward, model_loss)
+        self.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through evaluation
         grad_norm = record.pop("grad_norm")
         return {"step": self.step + 1, **record, "lr": lrs, "grad_norm": grad_norm}
 
