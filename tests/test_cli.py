@@ -63,6 +63,9 @@ def test_names_in_configs_list():
         (["--model.moe.k", "20"], "k=20"),
         (["--train.precision", "fp8"], "train.precision"),
         (["--model.max_seq_len", "8"], "model.max_seq_len"),
+        (["--task.options.nois", "0.1"], "task.options.nois"),
+        (["--task.options.noise", "2"], "task.options.noise=2"),
+        (["--task.name", "nope"], "task.name='nope'"),
     ],
 )
 def test_bad_values_fail_before_training_naming_the_key(tmp_path, capsys, extra, key):
@@ -88,6 +91,7 @@ def test_help_lists_options_with_defaults(capsys):
     for option in ("--train.steps", "--model.moe.n_experts", "--task.name", "--out", "--resume"):
         assert option in text
     assert "default: 1000" in text  # train.steps
+    assert "--task.options" in text and "text (max_bytes, val_every)" in " ".join(text.split())
 
 
 def test_argv_normalisation():

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import typing
 from collections.abc import Sequence
+from typing import Any
 
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
 
 def _demo_parser() -> ArgumentParser:
@@ -20,12 +23,23 @@ def _demo_parser() -> ArgumentParser:
     return p
 
 
+def _task_options() -> str:
+    """'signals (noise), text (max_bytes, val_every), ...': each task's --task.options keys."""
+    from moekit.tasks import available_tasks, task_class
+
+    def keys(name: str) -> str:
+        return ", ".join(f.name for f in dataclasses.fields(task_class(name).Options)) or "none"
+
+    return ", ".join(f"{name} ({keys(name)})" for name in available_tasks())
+
+
 def _train_parser() -> ArgumentParser:
     from moekit.train.config import RunConfig
 
     p = ArgumentParser(
         description="Train a model from a YAML config: moekit train CONFIG [--key.sub VALUE ...]. "
-        "Dotted options override the config; the run (logs, plots, checkpoints/) goes to --out."
+        "Dotted options override the config; the run (logs, plots, checkpoints/) goes to --out. "
+        f"Tasks (--task.name) and their options (--task.options.KEY): {_task_options()}."
     )
     p.add_argument("--config", action="config", help="YAML run config (also the first argument)")
     p.add_class_arguments(RunConfig, None)
@@ -69,39 +83,38 @@ def _plot_parser() -> ArgumentParser:
     return p
 
 
+def _bench_parser(spec: Any) -> ArgumentParser:
+    """Options of one benchmark from its config dataclass; required fields are positional."""
+    p = ArgumentParser(description=spec.help)
+    hints = typing.get_type_hints(spec.config)
+    for f in dataclasses.fields(spec.config):
+        help_text = f.metadata.get("help", "")
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            p.add_argument(f.name, type=hints[f.name], help=help_text)
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        if hints[f.name] is bool:  # --graph / --no-graph, as switches are written elsewhere
+            p.add_argument(
+                flag, action=ActionYesNo(no_prefix="no-"), default=default, help=help_text
+            )
+        else:
+            p.add_argument(flag, type=hints[f.name], default=default, help=help_text)
+    return p
+
+
 def _add_bench(parent) -> None:
-    p = ArgumentParser(description="Benchmarks that write docs/benchmarks/ files.")
+    from moekit.bench.registry import available_benches, bench_spec
+
+    p = ArgumentParser(
+        description="Benchmarks. Each writes a .md table and a .json (machine, GPU, versions, "
+        "date, command) to --out-dir, docs/benchmarks/ by default. Lists are written [1,8,32]."
+    )
     parent.add_subcommand("bench", p)  # jsonargparse: attach a level before nesting under it
     sub = p.add_subcommands(dest="bench")
-    layer = ArgumentParser(
-        description="MoE layer speed: each backend vs the naive loop and dense-eq."
-    )
-    layer.add_argument("--device", type=str, default="cpu", help="cpu or cuda")
-    layer.add_argument(
-        "--graph", type=bool, default=False, help="CUDA only: time CUDA-graph replay"
-    )
-    layer.add_argument(
-        "--repeats", type=int, default=15, help="timed repetitions (median reported)"
-    )
-    layer.add_argument("--out-dir", type=str, default="docs/benchmarks", help="where results go")
-    sub.add_subcommand("layer", layer)
-    memory = ArgumentParser(description="Knowledge-store query latency at growing sizes.")
-    memory.add_argument("--sizes", type=list[int], default=[10_000, 100_000, 1_000_000])
-    memory.add_argument("--dim", type=int, default=512)
-    memory.add_argument("--out-dir", type=str, default="docs/benchmarks")
-    sub.add_subcommand("memory", memory)
-    serve = ArgumentParser(description="Load-test `moekit serve` on a checkpoint (real server).")
-    serve.add_argument("ckpt", type=str, help="checkpoint or run directory")
-    serve.add_argument("--concurrency", type=list[int], default=[1, 8, 32])
-    serve.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
-    serve.add_argument("--max-new-tokens", type=int, default=64)
-    serve.add_argument("--threads", type=int, default=1, help="server torch threads")
-    serve.add_argument("--out-dir", type=str, default="docs/benchmarks")
-    sub.add_subcommand("serve", serve)
-    librarian = ArgumentParser(description="Librarian deduplication: firing rate and output error.")
-    librarian.add_argument("--tokens", type=int, default=2048)
-    librarian.add_argument("--out-dir", type=str, default="docs/benchmarks")
-    sub.add_subcommand("librarian", librarian)
+    for name in available_benches():
+        spec = bench_spec(name)
+        sub.add_subcommand(name, _bench_parser(spec), help=spec.help)
 
 
 def _add_finance(parent) -> None:
@@ -194,38 +207,19 @@ def _run_plot(args: Namespace) -> None:
 
 
 def _run_bench(args: Namespace) -> None:
-    if args.bench == "layer":
-        a = args.layer
-        if a.device.startswith("cuda"):
-            from moekit.bench.layer_cuda import run as run_cuda
+    from moekit.bench.registry import bench_spec, run_config
 
-            run_cuda(graph=a.graph, out_dir=a.out_dir)
-        else:
-            from moekit.bench.layer import run
-
-            run(device=a.device, repeats=a.repeats, out_dir=a.out_dir)
-    elif args.bench == "memory":
-        from moekit.bench.memory import bench_memory
-
-        a = args.memory
-        bench_memory(sizes=tuple(a.sizes), dim=a.dim, out_dir=a.out_dir)
-    elif args.bench == "serve":
-        from moekit.bench.serve import run as run_serve
-
-        a = args.serve
-        run_serve(
-            a.ckpt,
-            concurrency=tuple(a.concurrency),
-            requests=a.requests,
-            out_dir=a.out_dir,
-            max_new_tokens=a.max_new_tokens,
-            threads=a.threads,
-        )
-    elif args.bench == "librarian":
-        from moekit.bench.librarian import main as run_librarian
-
-        a = args.librarian
-        run_librarian(["--tokens", str(a.tokens), "--out-dir", a.out_dir])
+    name = args.bench
+    try:
+        cfg = bench_spec(name).config(**args[name].as_dict())
+    except ValueError as err:  # the config names the bad option
+        print(f"moekit bench {name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    report = run_config(name, cfg)
+    if report.get("markdown"):
+        print(report["markdown"])
+    for path in report.get("files", []):
+        print(f"wrote {path}")
 
 
 def _run_serve(args: Namespace) -> None:

@@ -1,24 +1,19 @@
 import json
-
-from rich.console import Console
+from pathlib import Path
 
 from moekit.bench.layer import Shape, run
 
 
 def test_bench_writes_markdown_and_json(tmp_path):
-    shapes = (Shape("tiny", 4, 2, 16, 8, 64),)
-    rows = run(
-        repeats=2,
-        out_dir=str(tmp_path),
-        shapes=shapes,
-        console=Console(quiet=True),
-    )
-    names = {r["contender"] for r in rows}
+    report = run(repeats=2, out_dir=str(tmp_path), shapes=(Shape("tiny", 4, 2, 16, 8, 64),))
+    names = {r["contender"] for r in report["rows"]}
     assert "moekit[torch]" in names and any(n.startswith("naive") for n in names)
     assert any(n.startswith("dense-eq") for n in names)
-    md = next(tmp_path.glob("layer-cpu-*.md")).read_text()
-    assert "| tiny | moekit[torch] |" in md
-    data = json.loads(next(tmp_path.glob("layer-cpu-*.json")).read_text())
-    assert data["meta"]["machine"] and all(r["fwd_ms"] > 0 for r in data["rows"])
+    md, js = (Path(p) for p in report["files"])
+    assert md.name.startswith("layer-cpu-") and md.parent == tmp_path
+    assert "| tiny | moekit[torch] |" in md.read_text()
+    data = json.loads(js.read_text())
+    assert data["machine"]["cpu"] and all(r["fwd_ms"] > 0 for r in data["rows"])
     dense = [r for r in data["rows"] if r["contender"].startswith("dense")][0]
     assert dense["x_dense_fwd"] == 1.0
+    assert data["command"] == "moekit bench layer --repeats 2 --shapes [tiny]"

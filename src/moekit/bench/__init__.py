@@ -1,0 +1,31 @@
+"""Benchmarks, each a config dataclass registered by name and run as `moekit bench NAME`.
+
+Every benchmark writes its results through `report.write_report`: a Markdown table and a JSON
+file with the machine, GPU, versions, date and the command, in docs/benchmarks/ by default.
+"""
+
+from moekit.bench.registry import (
+    argument,
+    available_benches,
+    bench_command,
+    bench_spec,
+    option,
+    register_bench,
+    run_bench,
+    run_config,
+)
+from moekit.bench.report import Table, machine_info, write_report
+
+__all__ = [
+    "Table",
+    "argument",
+    "available_benches",
+    "bench_command",
+    "bench_spec",
+    "machine_info",
+    "option",
+    "register_bench",
+    "run_bench",
+    "run_config",
+    "write_report",
+]

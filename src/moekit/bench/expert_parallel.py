@@ -2,41 +2,59 @@
 
 Launched by torchrun, one process per GPU (NCCL), or on CPU with gloo for a smoke run:
 
-    torchrun --nproc-per-node 2 -m moekit.bench.expert_parallel            # E128 k8 D2048 H768
-    torchrun --nproc-per-node 2 -m moekit.bench.expert_parallel --small --out ""   # CPU check
+    torchrun --nproc-per-node 2 -m moekit.cli bench expert-parallel      # E128 k8 D2048 H768
+    torchrun --nproc-per-node 2 -m moekit.cli bench expert-parallel --small true --out-dir ""
 
 Each rank gets T tokens (random, fixed seed per rank) and one shared random router. First
 the EP layer is checked against `moekit.MoE` on the same tokens (max relative error of y and
 x.grad). Then: forward and forward + backward of the single-device layer (each rank alone,
 no communication) and of the EP layer; a step's time is the slowest rank's. tokens/s per
-device = T / step time. Rank 0 writes docs/benchmarks/ep-<gpu>-<date>.md and .json.
+device = T / step time. Rank 0 writes docs/benchmarks/ep-<machine>-<date>.md and .json.
 Shape legend: T tokens per rank, E experts, K experts per token, D model dim, H expert hidden.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from moekit import MoE, MoEConfig
-from moekit.bench.timing import cpu_description
+from moekit.bench.registry import bench_command, option, register_bench
+from moekit.bench.report import DEFAULT_DIR, Table, write_report
 from moekit.parallel import ExpertParallelMoE
 
 FULL = {"E": 128, "K": 8, "D": 2048, "H": 768, "T": 8192}  # Qwen3-30B-A3B-sized layer
 SMALL = {"E": 8, "K": 2, "D": 64, "H": 32, "T": 256}
+DTYPES = ("auto", "bfloat16", "float32")
+
+
+@dataclass
+class ExpertParallelBench:
+    """Expert-parallel layer vs the whole layer on one device (launch under torchrun)."""
+
+    small: bool = option(False, "a tiny layer: a quick CPU (gloo) or GPU check")
+    tokens: int = option(0, "tokens T per device; 0 = the shape's own")
+    dtype: str = option("auto", "bfloat16 or float32; auto = bfloat16 on CUDA, else float32")
+    backend: str = option("auto", "expert backend of both layers")
+    repeats: int = option(20, "timed steps; the median is reported")
+    out_dir: str = option(DEFAULT_DIR, "directory of rank 0's .md and .json ('' writes none)")
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0:
+            raise ValueError(f"tokens={self.tokens} must be >= 0")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {DTYPES}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats={self.repeats} must be >= 1")
 
 
 def _sync_step_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int):
@@ -82,7 +100,7 @@ def _fwd_bwd(layer: torch.nn.Module, x: Tensor, dy: Tensor) -> Callable[[], None
     return step
 
 
-def run(shape: dict[str, int], dtype: torch.dtype, backend: str, repeats: int) -> dict:
+def measure(shape: dict[str, int], dtype: torch.dtype, backend: str, repeats: int) -> dict:
     """Check EP against the dense layer, then time both; returns the report (all ranks)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = (
@@ -129,17 +147,9 @@ def run(shape: dict[str, int], dtype: torch.dtype, backend: str, repeats: int) -
             }
         )
     return {
-        "date": dt.date.today().isoformat(),
-        "machine": {
-            "device": (
-                torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
-            ),
-            "world_size": world,
-            "host": platform.node(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "dist_backend": dist.get_backend(),
-        },
+        "device": device.type,
+        "world_size": world,
+        "dist_backend": dist.get_backend(),
         "shape": shape,
         "dtype": str(dtype).removeprefix("torch."),
         "backend": backend,
@@ -149,64 +159,68 @@ def run(shape: dict[str, int], dtype: torch.dtype, backend: str, repeats: int) -
     }
 
 
-def _markdown(report: dict, command: str) -> str:
-    m, s = report["machine"], report["shape"]
-    lines = [
-        f"# Expert-parallel layer, {m['device']} x{m['world_size']}, {report['date']}",
-        "",
-        f"`{command}` — torch {m['torch']}, CUDA {m['cuda']}, {m['dist_backend']}, "
-        f"{report['dtype']}, backend={report['backend']}, median of {report['repeats']} steps "
-        "(a step's time is its slowest rank's).",
-        "",
-        f"Layer: E={s['E']} k={s['K']} D={s['D']} H={s['H']}, T={s['T']} tokens per device.",
-        f"EP vs `moekit.MoE` on the same tokens: y rel. err {report['accuracy']['y_rel_err']:.2e}, "
-        f"x.grad rel. err {report['accuracy']['x_grad_rel_err']:.2e}.",
-        "",
-        "| layer | forward ms | fwd+bwd ms | tokens/s/device fwd | tokens/s/device fwd+bwd |",
-        "|---|---:|---:|---:|---:|",
-    ]
+def _table(report: dict) -> Table:
+    columns = ("layer", "forward ms", "fwd+bwd ms", "tokens/s/device fwd")
+    table = Table((*columns, "tokens/s/device fwd+bwd"))
     for r in report["rows"]:
         tps = r["tokens_per_s_per_device"]
-        lines.append(
-            f"| {r['layer']} | {r['forward_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
-            f"{tps['forward']:,.0f} | {tps['fwd_bwd']:,.0f} |"
+        table.rows.append(
+            (r["layer"], f"{r['forward_ms']:.2f}", f"{r['fwd_bwd_ms']:.2f}")
+            + (f"{tps['forward']:,.0f}", f"{tps['fwd_bwd']:,.0f}")
         )
-    return "\n".join(lines) + "\n"
+    return table
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="expert-parallel layer benchmark (torchrun)")
-    parser.add_argument("--small", action="store_true", help="tiny layer: a quick CPU/GPU check")
-    parser.add_argument("--tokens", type=int, default=None, help="T per device")
-    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"))
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default="docs/benchmarks", help="'' to write nothing")
-    args = parser.parse_args(argv)
-
+@register_bench("expert-parallel", ExpertParallelBench)
+def run(
+    small: bool = False,
+    tokens: int = 0,
+    dtype: str = "auto",
+    backend: str = "auto",
+    repeats: int = 20,
+    out_dir: str | None = DEFAULT_DIR,
+) -> dict[str, Any]:
+    """Join the torchrun process group, measure, and have rank 0 write the report."""
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    shape = dict(SMALL if args.small else FULL)
-    if args.tokens:
-        shape["T"] = args.tokens
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    report = run(shape, dtype, args.backend, args.repeats)
-    command = "torchrun --nproc-per-node {} -m moekit.bench.expert_parallel {}".format(
-        report["machine"]["world_size"], " ".join(sys.argv[1:] if argv is None else argv)
-    ).strip()
-    if dist.get_rank() == 0:
-        print(_markdown(report, command), flush=True)
-        if args.out:
-            name = re.sub(r"[^A-Za-z0-9]+", "-", report["machine"]["device"]).strip("-")
-            stem = Path(args.out) / f"ep-{name}-{report['date']}"
-            stem.parent.mkdir(parents=True, exist_ok=True)
-            stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-            stem.with_suffix(".md").write_text(_markdown(report, command))
-            print(f"wrote {stem}.md and .json")
-    dist.destroy_process_group()
+    try:
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        shape = dict(SMALL if small else FULL)
+        if tokens:
+            shape["T"] = tokens
+        auto = "bfloat16" if cuda else "float32"
+        result = measure(
+            shape, getattr(torch, auto if dtype == "auto" else dtype), backend, repeats
+        )
+        if dist.get_rank() != 0:
+            return {**result, "files": []}
+        s, acc = result["shape"], result["accuracy"]
+        options = {"small": small, "tokens": tokens, "dtype": dtype, "backend": backend}
+        options["repeats"] = repeats
+        world = result["world_size"]
+        return write_report(
+            f"expert-parallel-x{world}",
+            f"Expert-parallel layer, {world} ranks ({result['dist_backend']})",
+            f"torchrun --nproc-per-node {world} -m moekit.cli "
+            + bench_command("expert-parallel", **options).removeprefix("moekit "),
+            [_table(result)],
+            result,
+            config=options,
+            device=result["device"],
+            text=[
+                f"Layer: E={s['E']} k={s['K']} D={s['D']} H={s['H']}, T={s['T']} tokens per "
+                f"device, {result['dtype']}, backend={backend}; median of {repeats} steps (a "
+                "step's time is its slowest rank's). EP vs `moekit.MoE` on the same tokens: "
+                f"y rel. err {acc['y_rel_err']:.2e}, x.grad rel. err {acc['x_grad_rel_err']:.2e}."
+            ],
+            out_dir=out_dir,
+        )
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    from moekit.cli import main
+
+    raise SystemExit(main(["bench", "expert-parallel", *sys.argv[1:]]))

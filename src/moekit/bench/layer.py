@@ -1,26 +1,24 @@
-"""`moekit bench layer --device cpu`: the MoE layer per backend vs the naive loop and dense-eq.
+"""`moekit bench layer`: the MoE layer per backend vs the naive loop and dense-eq.
 
 Every row times the whole layer users would run (routing included) except dense-eq, which
 is the two GEMMs of the same FLOPs with no routing: the floor a routed layer can approach.
-Results go to docs/benchmarks/layer-cpu-<date>.md and .json.
+Results go to docs/benchmarks/layer-<device>-<machine>-<date>.md and .json.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 import moekit
 from moekit.backends import unsupported_reason
 from moekit.bench.baselines import dense_equivalent, naive_loop
-from moekit.bench.timing import cpu_description, median_ms
+from moekit.bench.registry import bench_command, option, register_bench
+from moekit.bench.report import DEFAULT_DIR, Table, write_report
+from moekit.bench.timing import median_ms
 
 
 @dataclass(frozen=True)
@@ -33,10 +31,29 @@ class Shape:
     tokens: int
 
 
-CPU_SHAPES = (
-    Shape("cpu-sized E8 k2 D512 H1024", 8, 2, 512, 1024, 4096),
-    Shape("fine-grained E64 k6 D256 H128", 64, 6, 256, 128, 4096),
-)
+SHAPES = {
+    "cpu-sized": Shape("cpu-sized E8 k2 D512 H1024", 8, 2, 512, 1024, 4096),
+    "fine-grained": Shape("fine-grained E64 k6 D256 H128", 64, 6, 256, 128, 4096),
+}
+
+
+@dataclass
+class LayerBench:
+    """The whole MoE layer (routing included) per backend vs the naive loop and dense-eq."""
+
+    device: str = option("cpu", "cpu or cuda[:N] (CUDA: every timed call ends in a sync)")
+    repeats: int = option(15, "timed repetitions; the median is reported")
+    shapes: list[str] = option(list(SHAPES), f"layer shapes, from {list(SHAPES)}")
+    out_dir: str = option(DEFAULT_DIR, "directory of the .md and .json ('' writes none)")
+
+    def __post_init__(self) -> None:
+        if not self.device.startswith(("cpu", "cuda")):
+            raise ValueError(f"device={self.device!r} must be cpu or cuda[:N]")
+        if self.repeats < 1:
+            raise ValueError(f"repeats={self.repeats} must be >= 1")
+        unknown = sorted(set(self.shapes) - set(SHAPES))
+        if unknown or not self.shapes:
+            raise ValueError(f"shapes={self.shapes} must be a non-empty subset of {list(SHAPES)}")
 
 
 def _fwd_bwd(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], None]:
@@ -80,13 +97,13 @@ def bench_shape(shape: Shape, device: torch.device, repeats: int) -> list[dict]:
     for name, fn in contenders.items():
         leaves = [x_SD, w1, w2] if name.startswith("dense") else params
         with torch.no_grad():
-            fwd = median_ms(fn, repeats)
+            fwd = median_ms(fn, repeats, device=device)
         rows.append(
             {
                 "shape": shape.name,
                 "contender": name,
                 "fwd_ms": fwd,
-                "fwd_bwd_ms": median_ms(_fwd_bwd(fn, leaves), repeats),
+                "fwd_bwd_ms": median_ms(_fwd_bwd(fn, leaves), repeats, device=device),
             }
         )
     dense = rows[-1]
@@ -105,80 +122,45 @@ def _layer(moe: moekit.MoE, x: torch.Tensor, backend: str) -> torch.Tensor:
     return moe(x)[0]
 
 
-def render(rows: list[dict], title: str) -> Table:
-    table = Table(title=title)
-    for col in (
-        "shape",
-        "contender",
-        "fwd ms",
-        "fwd+bwd ms",
-        "x dense fwd",
-        "x dense fwd+bwd",
-        "vs naive (fwd+bwd)",
-        "fwd GFLOP/s",
-    ):
-        table.add_column(col, justify="left" if col in ("shape", "contender") else "right")
+def _table(rows: list[dict]) -> Table:
+    columns = ("shape", "contender", "fwd ms", "fwd+bwd ms", "x dense fwd", "x dense fwd+bwd")
+    table = Table((*columns, "vs naive (fwd+bwd)", "fwd GFLOP/s"))
     for r in rows:
-        table.add_row(
-            r["shape"],
-            r["contender"],
-            f"{r['fwd_ms']:.1f}",
-            f"{r['fwd_bwd_ms']:.1f}",
-            f"{r['x_dense_fwd']:.2f}",
-            f"{r['x_dense_fwd_bwd']:.2f}",
-            f"{r['speedup_vs_naive_fwd_bwd']:.2f}x",
-            f"{r['fwd_gflops']:.0f}",
+        table.rows.append(
+            (
+                r["shape"],
+                r["contender"],
+                f"{r['fwd_ms']:.1f}",
+                f"{r['fwd_bwd_ms']:.1f}",
+                f"{r['x_dense_fwd']:.2f}",
+                f"{r['x_dense_fwd_bwd']:.2f}",
+                f"{r['speedup_vs_naive_fwd_bwd']:.2f}x",
+                f"{r['fwd_gflops']:.0f}",
+            )
         )
     return table
 
 
-def to_markdown(rows: list[dict], meta: dict) -> str:
-    lines = [
-        f"# MoE layer benchmark, {meta['device']}, {meta['date']}",
-        "",
-        f"Machine: {meta['machine']}; torch {meta['torch']}; threads {meta['threads']}; "
-        f"float32; median of {meta['repeats']} runs after warm-up.",
-        f"Command: `{meta['command']}`",
-        "",
-        "| shape | contender | fwd ms | fwd+bwd ms | x dense fwd | x dense fwd+bwd "
-        "| vs naive (fwd+bwd) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['contender']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
-            f"{r['x_dense_fwd']:.2f} | {r['x_dense_fwd_bwd']:.2f} | "
-            f"{r['speedup_vs_naive_fwd_bwd']:.2f}x |"
-        )
-    return "\n".join(lines) + "\n"
-
-
+@register_bench("layer", LayerBench)
 def run(
     device: str = "cpu",
     repeats: int = 15,
-    out_dir: str = "docs/benchmarks",
-    shapes: tuple[Shape, ...] = CPU_SHAPES,
-    console: Console | None = None,
-) -> list[dict]:
-    console = console or Console()
+    shapes: Sequence[str | Shape] = tuple(SHAPES),
+    out_dir: str | None = DEFAULT_DIR,
+) -> dict[str, Any]:
+    """Times every shape; writes the report (rows under "rows") and returns it."""
+    picked = [s if isinstance(s, Shape) else SHAPES[s] for s in shapes]
     dev = torch.device(device)
-    rows = [row for shape in shapes for row in bench_shape(shape, dev, repeats)]
-    today = dt.date.today().isoformat()
-    meta = {
-        "device": device,
-        "date": today,
-        "machine": cpu_description(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "repeats": repeats,
-        "command": f"moekit bench layer --device {device} --repeats {repeats}",
-        "shapes": [asdict(s) for s in shapes],
-    }
-    console.print(render(rows, f"MoE layer, {meta['machine']}"))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"layer-{device}-{today}"
-    stem.with_suffix(".md").write_text(to_markdown(rows, meta))
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    console.print(f"wrote {stem}.md and {stem}.json")
-    return rows
+    rows = [row for shape in picked for row in bench_shape(shape, dev, repeats)]
+    options = {"device": device, "repeats": repeats, "shapes": [s.name for s in picked]}
+    return write_report(
+        f"layer-{dev.type}",
+        f"MoE layer benchmark, {dev.type}",
+        bench_command("layer", device=device, repeats=repeats, shapes=list(shapes)),
+        [_table(rows)],
+        {"rows": rows, "shapes": [asdict(s) for s in picked]},
+        config=options,
+        device=device,
+        text=[f"float32; median of {repeats} runs after warm-up; whole layer incl. routing."],
+        out_dir=out_dir,
+    )

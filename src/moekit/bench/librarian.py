@@ -1,31 +1,43 @@
-"""Benchmark of librarian deduplication: how often it fires and how much it changes y.
+"""`moekit bench librarian`: how often deduplication fires and how much it changes y.
 
-Run: ``python -m moekit.bench.librarian``. For layers whose experts come in pairs that differ
-by a relative perturbation ``noise`` (0 = exact copies; "independent" = ordinary random init),
-reports per threshold the fraction of kept slots merged, the relative output error
-||y_dedup - y|| / ||y|| against the same layer without deduplication. No timings: the
-option computes every slot's output once, as the plain layer does, and saves no expert FLOPs.
-Writes ``<out_dir>/librarian-<date>.md``.
+For layers whose experts come in pairs that differ by a relative perturbation ``noise``
+(0 = exact copies; "independent" = ordinary random init), reports per threshold the fraction
+of kept slots merged and the relative output error ||y_dedup - y|| / ||y|| against the same
+layer without deduplication. No timings: the option computes every slot's output once, as
+the plain layer does, and saves no expert FLOPs.
+Writes ``<out_dir>/librarian-<machine>-<date>.md`` and ``.json``.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moekit.bench.memory import machine_description
+from moekit.bench.registry import bench_command, option, register_bench
+from moekit.bench.report import DEFAULT_DIR, Table, write_report
 from moekit.config import MoEConfig
 from moekit.layer import MoE
 
 THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)
 SHAPE = {"d_model": 64, "d_hidden": 128, "n_experts": 16, "k": 4}
 NOISES: tuple[float | None, ...] = (None, 0.0, 0.05, 0.2, 0.5)  # None: independent experts
+
+
+@dataclass
+class LibrarianBench:
+    """Librarian deduplication: firing rate and output error per similarity threshold."""
+
+    tokens: int = option(2048, "tokens T through each layer")
+    out_dir: str = option(DEFAULT_DIR, "directory of the .md and .json ('' writes none)")
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise ValueError(f"tokens={self.tokens} must be >= 1")
 
 
 def _layer(cfg: MoEConfig, noise: float | None, seed: int) -> MoE:
@@ -65,58 +77,45 @@ def bench_librarian(tokens: int = 2048, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    m = meta["machine"]
-    lines = [
-        f"# Librarian deduplication benchmark, {meta['date']}",
-        "",
-        f"Command: `{meta['command']}`",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['system']}, Python {m['python']}, "
-        f"torch {m['torch']} ({m['torch_threads']} threads).",
-        "",
-        f"Layer: T={meta['tokens']} tokens, D={meta['d_model']}, H={meta['d_hidden']}, "
-        f"E={meta['n_experts']}, k={meta['k']}, swiglu, float32, torch backend, eval mode. "
-        '"pairs, noise s": expert 2i+1 is expert 2i with every weight scaled by '
-        '(1 + s * N(0, 1)); "independent": default random init.',
-        "",
-        "| experts | threshold | merged slots | rel. error vs no dedup |",
-        "|---|---|---|---|",
-    ]
+@register_bench("librarian", LibrarianBench)
+def run(
+    tokens: int = 2048, out_dir: str | Path | None = DEFAULT_DIR, seed: int = 0
+) -> dict[str, Any]:
+    """The deduplication table for pairs of near-copy experts; writes and returns the report."""
+    rows = bench_librarian(tokens=tokens, seed=seed)
+    table = Table(("experts", "threshold", "merged slots", "rel. error vs no dedup"))
     for r in rows:
-        lines.append(
-            f"| {r['experts']} | {r['threshold']:g} | {r['dedup_fraction']:.2%} | "
-            f"{r['rel_error']:.2e} |"
+        table.rows.append(
+            (r["experts"], f"{r['threshold']:g}", f"{r['dedup_fraction']:.2%}")
+            + (f"{r['rel_error']:.2e}",)
         )
-    lines += [
-        "",
-        "Merged slots: absorbed kept slots over kept slots (`info.metrics['dedup_fraction']`). "
-        "Errors near 5e-8 are float32 rounding (the per-slot combine sums in another order).",
-        "",
-    ]
-    return "\n".join(lines)
+    shape = ", ".join(f"{k}={v}" for k, v in SHAPE.items())
+    return write_report(
+        "librarian",
+        "Librarian deduplication benchmark",
+        bench_command("librarian", tokens=tokens),
+        [table],
+        {"rows": rows, "layer": SHAPE},
+        config={"tokens": tokens, "seed": seed},
+        text=[
+            f"Layer: T={tokens} tokens, {shape}, swiglu, float32, torch backend, eval mode. "
+            '"pairs, noise s": expert 2i+1 is expert 2i with every weight scaled by '
+            '(1 + s * N(0, 1)); "independent": default random init.'
+        ],
+        notes=[
+            "Merged slots: absorbed kept slots over kept slots (`info.metrics['dedup_fraction']`)."
+            " Errors near 5e-8 are float32 rounding (the per-slot combine sums in another order)."
+        ],
+        out_dir=out_dir,
+    )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--out-dir", default="docs/benchmarks")
-    args = parser.parse_args(argv)
-    rows = bench_librarian(tokens=args.tokens)
-    meta = {
-        "date": dt.date.today().isoformat(),
-        "command": "python -m moekit.bench.librarian "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_description(),
-        "tokens": args.tokens,
-        **SHAPE,
-    }
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = _markdown(rows, meta)
-    (out / f"librarian-{meta['date']}.md").write_text(text)
-    print(text)
+def main(argv: Sequence[str] | None = None) -> int:
+    """`moekit bench librarian` with these arguments."""
+    from moekit.cli import main as cli_main
+
+    return cli_main(["bench", "librarian", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,56 +1,45 @@
-"""Benchmark of KnowledgeStore: bulk fill, reopen and exact top-k query latency.
+"""`moekit bench memory`: KnowledgeStore bulk fill, reopen and exact top-k query latency.
 
-Run: ``python -m moekit.bench.memory --sizes 10000 100000``. Writes
+Run: ``moekit bench memory --sizes [10000,100000]``. Writes
 ``<out_dir>/memory-<machine>-<date>.md`` and ``.json``.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
-import os
-import platform
-import re
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moekit.bench.registry import bench_command, option, register_bench
+from moekit.bench.report import DEFAULT_DIR, Table, write_report
 from moekit.memory import KnowledgeStore
 
 _FILL_CHUNK = 50_000
 
 
-def machine_description() -> dict[str, Any]:
-    """CPU model, logical core count and platform of this machine."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": model,
-        "cores": cores,
-        "machine": platform.machine(),
-        "system": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
+@dataclass
+class MemoryBench:
+    """KnowledgeStore query latency (and fill, reopen) at growing store sizes."""
 
+    sizes: list[int] = option([10_000, 100_000, 1_000_000], "store sizes in nodes")
+    dim: int = option(512, "embedding dimension")
+    queries: int = option(100, "single queries timed per size")
+    top_k: int = option(10, "hits per query")
+    out_dir: str = option(DEFAULT_DIR, "directory of the .md and .json ('' writes none)")
 
-def _slug(machine: dict[str, Any]) -> str:
-    name = re.sub(r"[^a-z0-9]+", "-", str(machine["cpu"]).lower()).strip("-")
-    return f"{name or 'cpu'}-{machine['cores']}c"
+    def __post_init__(self) -> None:
+        if not self.sizes or min(self.sizes) < 1:
+            raise ValueError(f"sizes={self.sizes} must be a non-empty list of sizes >= 1")
+        for name in ("dim", "queries", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -106,84 +95,60 @@ def _bench_size(n: int, dim: int, queries: int, top_k: int, seed: int, workdir: 
     }
 
 
+@register_bench("memory", MemoryBench)
 def bench_memory(
     sizes: Sequence[int] = (10_000, 100_000, 1_000_000),
     dim: int = 512,
     queries: int = 100,
-    out_dir: str | Path = "docs/benchmarks",
+    out_dir: str | Path | None = DEFAULT_DIR,
     top_k: int = 10,
     seed: int = 0,
-) -> dict:
+) -> dict[str, Any]:
     """Time bulk fill, reopen and top-k queries for each store size; write .md and .json reports.
 
     Single-query latency includes usage tracking (one small write transaction per query), as in
     default use; ``query_batched_ms_per_query`` is ``query_many`` over all queries, untracked.
     """
-    machine = machine_description()
-    date = dt.date.today().isoformat()
     runs = []
     with tempfile.TemporaryDirectory(prefix="moekit-bench-memory-") as tmp:
         for n in sizes:
             runs.append(_bench_size(int(n), dim, queries, top_k, seed, Path(tmp)))
             for p in Path(tmp).glob("*"):
                 p.unlink()
-    report = {
-        "date": date,
-        "machine": machine,
-        "dim": dim,
-        "queries": queries,
-        "top_k": top_k,
-        "runs": runs,
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"memory-{_slug(machine)}-{date}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(_markdown(report))
-    report["files"] = [str(stem.with_suffix(".md")), str(stem.with_suffix(".json"))]
-    return report
+    options = {"sizes": list(sizes), "dim": dim, "queries": queries, "top_k": top_k}
+    return write_report(
+        "memory",
+        "KnowledgeStore benchmark",
+        bench_command("memory", **options),
+        [_table(runs)],
+        {"dim": dim, "queries": queries, "top_k": top_k, "runs": runs},
+        config={**options, "seed": seed},
+        text=[
+            f"Random float32 embeddings, dim={dim}, 2 experts of 64 per node; {queries} single "
+            f"queries, top_k={top_k}, exact search (torch)."
+        ],
+        notes=[
+            "Fill uses `add_many(..., dedup=False)` in chunks of 50,000 rows (one transaction "
+            "each). Single-query times include the hit-count update; batched times are "
+            "`query_many` without tracking, divided by the number of queries."
+        ],
+        out_dir=out_dir,
+    )
 
 
-def _markdown(report: dict) -> str:
-    m = report["machine"]
-    lines = [
-        f"# KnowledgeStore benchmark, {report['date']}",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['machine']}, {m['system']}), "
-        f"Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads).",
-        f"Random float32 embeddings, dim={report['dim']}, 2 experts of 64 per node; "
-        f"{report['queries']} single queries, top_k={report['top_k']}, exact search (torch).",
-        "",
-        "| nodes | fill s | rows/s | DB MiB | reopen s | query median ms | query p95 ms "
-        "| batched ms/query |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["runs"]:
-        lines.append(
-            f"| {r['nodes']:,} | {r['fill_s']} | {r['fill_rows_per_s']:,} | {r['db_mib']} "
-            f"| {r['open_s']} | {r['query_median_ms']} | {r['query_p95_ms']} "
-            f"| {r['query_batched_ms_per_query']} |"
+def _table(runs: list[dict]) -> Table:
+    columns = ("nodes", "fill s", "rows/s", "DB MiB", "reopen s", "query median ms")
+    table = Table((*columns, "query p95 ms", "batched ms/query"))
+    for r in runs:
+        table.rows.append(
+            (f"{r['nodes']:,}", r["fill_s"], f"{r['fill_rows_per_s']:,}", r["db_mib"])
+            + (r["open_s"], r["query_median_ms"], r["query_p95_ms"])
+            + (r["query_batched_ms_per_query"],)
         )
-    lines += [
-        "",
-        "Fill uses `add_many(..., dedup=False)` in chunks of 50,000 rows (one transaction each).",
-        "Single-query times include the hit-count update; batched times are `query_many` "
-        "without tracking, divided by the number of queries.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--out-dir", default="docs/benchmarks")
-    args = parser.parse_args(argv)
-    report = bench_memory(args.sizes, args.dim, args.queries, args.out_dir)
-    print(json.dumps(report, indent=2))
+    return table
 
 
 if __name__ == "__main__":
-    main()
+    from moekit.cli import main
+
+    raise SystemExit(main(["bench", "memory", *sys.argv[1:]]))

@@ -4,34 +4,57 @@ For each concurrency c, `requests` greedy generations run with c in flight at on
 req/s, generated tokens/s, latency and time-to-first-token percentiles, the tokens/s speedup
 over c = 1, and a prefix-cache comparison (long shared prompt: cold vs warm TTFT). Writes
 docs/benchmarks/serving-<machine>-<date>.md and .json.
+
+    moekit bench serve CKPT --concurrency [1,8,32] --requests 64
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import datetime as dt
-import json
-import os
-import re
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import torch
 
-from moekit.bench.memory import machine_description
+from moekit.bench.registry import argument, bench_command, option, register_bench
+from moekit.bench.report import DEFAULT_DIR, Table, write_report
+
+if TYPE_CHECKING:  # httpx comes with the `serve` extra: the functions that use it import it
+    import httpx
 
 TEXT = (
     "def forward(self, x):\n    h = self.norm(x)\n    return x + self.mlp(h)\n"
     "class Router(nn.Module):\n    def __init__(self, d, n):\n        super().__init__()\n"
 )
+
+
+@dataclass
+class ServeBench:
+    """Load-test `moekit serve` on a checkpoint: the real server, streaming clients."""
+
+    ckpt: str = argument("checkpoint or run directory")
+    concurrency: list[int] = option([1, 8, 32], "requests in flight, one row per level")
+    requests: int = option(64, "requests per concurrency level")
+    max_new_tokens: int = option(64, "greedy tokens generated per request")
+    prefix_len: int = option(384, "bytes of the shared prompt of the prefix-cache comparison")
+    threads: int = option(1, "server torch threads")
+    random_init: bool = option(False, "first write a random-init model to CKPT if it has none")
+    out_dir: str = option(DEFAULT_DIR, "directory of the .md and .json ('' writes none)")
+
+    def __post_init__(self) -> None:
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise ValueError(f"concurrency={self.concurrency} must be a non-empty list of >= 1")
+        for name in ("requests", "max_new_tokens", "prefix_len", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
 def random_checkpoint(path: str | Path, seed: int = 0) -> Path:
@@ -62,6 +85,8 @@ def _free_port() -> int:
 
 
 def _start(ckpt: str, options: list[str]) -> tuple[subprocess.Popen, str]:
+    import httpx
+
     port = _free_port()
     cmd = [sys.executable, "-m", "moekit.serve", ckpt, "--port", str(port), "--device", "cpu"]
     proc = subprocess.Popen([*cmd, "--log-level", "warning", *options])
@@ -102,6 +127,8 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def _load(url: str, concurrency: int, n: int, max_new: int) -> dict[str, Any]:
+    import httpx
+
     prompts = [f"{i:05d} {TEXT[i % 40 : i % 40 + 40]}" for i in range(n)]  # distinct starts
     queue: asyncio.Queue[str] = asyncio.Queue()
     for p in prompts:
@@ -136,6 +163,8 @@ async def _load(url: str, concurrency: int, n: int, max_new: int) -> dict[str, A
 
 async def _prefix(url: str, prompt_len: int, repeats: int) -> dict[str, Any]:
     """Median TTFT with a long prompt: cold (new prefix each time) vs warm (shared prefix)."""
+    import httpx
+
     shared = (TEXT * (prompt_len // len(TEXT) + 1))[:prompt_len]
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         cold = [await _one(client, f"{i:04d}" + shared, 1) for i in range(repeats)]
@@ -155,11 +184,12 @@ async def _prefix(url: str, prompt_len: int, repeats: int) -> dict[str, Any]:
     }
 
 
+@register_bench("serve", ServeBench)
 def run(
     ckpt: str,
-    concurrency: tuple[int, ...] = (1, 8, 32),
+    concurrency: Sequence[int] = (1, 8, 32),
     requests: int = 64,
-    out_dir: str | Path = "docs/benchmarks",
+    out_dir: str | Path | None = DEFAULT_DIR,
     max_new_tokens: int = 64,
     prefix_len: int = 384,
     threads: int = 1,
@@ -167,8 +197,13 @@ def run(
 ) -> dict[str, Any]:
     """Run the load test against `ckpt` and write the report files; returns the report.
 
-    random_init only labels the report (the checkpoint holds untrained weights).
+    random_init first writes a random-init model to `ckpt` unless one is there, and says so
+    in the report.
     """
+    import httpx
+
+    if random_init and not (Path(ckpt) / "config.json").exists():
+        random_checkpoint(ckpt)
     options = ["--max-batch", str(max(concurrency)), "--max-queue", str(4 * max(concurrency))]
     options += ["--threads", str(threads)]
     proc, url = _start(ckpt, options)
@@ -183,91 +218,55 @@ def run(
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["speedup_vs_first"] = row["tokens_per_s"] / base
-    machine = machine_description()
-    date = dt.date.today().isoformat()
-    report = {
-        "date": date,
-        "machine": machine,
-        "torch": torch.__version__,
-        "threads": threads,
-        "checkpoint": str(ckpt),
-        "random_init": random_init,
-        "model": {"params": info["params"], "config": info["config"]},
-        "max_new_tokens": max_new_tokens,
-        "rows": rows,
-        "prefix_cache": prefix,
-        "command": " ".join(["python -m moekit.bench.serve", *sys.argv[1:]]),
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", str(machine["cpu"]).lower()).strip("-")
-    stem = out / f"serving-{slug}-{machine['cores']}c-{date}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(_markdown(report))
-    report["files"] = [str(stem.with_suffix(".md")), str(stem.with_suffix(".json"))]
-    return report
+    settings = {"ckpt": str(ckpt), "concurrency": list(concurrency), "requests": requests}
+    settings |= {"max_new_tokens": max_new_tokens, "prefix_len": prefix_len, "threads": threads}
+    settings["random_init"] = random_init
+    model = {"params": info["params"], "config": info["config"]}
+    return write_report(
+        "serving",
+        "Serving benchmark",
+        bench_command("serve", **settings),
+        [_table(rows)],
+        {"model": model, "rows": rows, "prefix_cache": prefix},
+        config=settings,
+        text=[_model_line(model, ckpt, random_init, max_new_tokens, threads)],
+        notes=[
+            f"Prefix cache, {prefix['prompt_bytes']}-byte prompt, median TTFT of 8 requests: "
+            f"cold {prefix['cold_ttft_s'] * 1e3:.1f} ms, warm {prefix['warm_ttft_s'] * 1e3:.1f} "
+            f"ms ({prefix['speedup']:.2f}x); 5xx: {prefix['errors_5xx']}."
+        ],
+        out_dir=out_dir,
+    )
 
 
-def _markdown(r: dict[str, Any]) -> str:
-    m, p, cfg = r["machine"], r["prefix_cache"], r["model"]["config"]
-    weights = "random init (written by --random-init)" if r.get("random_init") else "as saved"
-    lines = [
-        f"# Serving benchmark, {r['date']}",
-        "",
-        f"Command: `{r['command']}`  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores; torch {r['torch']}, {r['threads']} thread(s).  ",
-        f"Model: `{r['checkpoint']}`, d_model {cfg['d_model']}, {cfg['n_layers']} layers, "
-        f"{cfg['moe']['n_experts']} experts top-{cfg['moe']['k']}, "
-        f"{r['model']['params']['total']:,} params ({r['model']['params']['active']:,} active).  ",
-        f"Weights: {weights}. Each request: greedy, streaming, {r['max_new_tokens']} new tokens.",
-        "",
-        "| concurrency | requests | req/s | tokens/s | speedup | latency p50/p95/p99 (s) "
-        "| TTFT p50/p95/p99 (s) | 5xx |",
-        "|---:|---:|---:|---:|---:|---|---|---:|",
-    ]
-    for row in r["rows"]:
+def _model_line(
+    model: dict[str, Any], ckpt: str, random_init: bool, max_new_tokens: int, threads: int
+) -> str:
+    cfg, params = model["config"], model["params"]
+    weights = "random init (written by --random-init)" if random_init else "as saved"
+    return (
+        f"Model: `{ckpt}`, d_model {cfg['d_model']}, {cfg['n_layers']} layers, "
+        f"{cfg['moe']['n_experts']} experts top-{cfg['moe']['k']}, {params['total']:,} params "
+        f"({params['active']:,} active); weights {weights}. Server: {threads} torch thread(s). "
+        f"Each request: greedy, streaming, {max_new_tokens} new tokens."
+    )
+
+
+def _table(rows: list[dict[str, Any]]) -> Table:
+    columns = ("concurrency", "requests", "req/s", "tokens/s", "speedup")
+    table = Table((*columns, "latency p50/p95/p99 (s)", "TTFT p50/p95/p99 (s)", "5xx"))
+    for row in rows:
         lat = "/".join(f"{row['latency_s'][k]:.3f}" for k in ("p50", "p95", "p99"))
         ttft = "/".join(f"{row['ttft_s'][k]:.3f}" for k in ("p50", "p95", "p99"))
-        lines.append(
-            f"| {row['concurrency']} | {row['requests']} | {row['req_per_s']:.2f} | "
-            f"{row['tokens_per_s']:.1f} | {row['speedup_vs_first']:.2f}x | {lat} | {ttft} | "
-            f"{row['errors_5xx']} |"
+        table.rows.append(
+            (row["concurrency"], row["requests"], f"{row['req_per_s']:.2f}")
+            + (f"{row['tokens_per_s']:.1f}", f"{row['speedup_vs_first']:.2f}x", lat, ttft)
+            + (row["errors_5xx"],)
         )
-    lines += [
-        "",
-        f"Prefix cache, {p['prompt_bytes']}-byte prompt, median TTFT of 8 requests: "
-        f"cold {p['cold_ttft_s'] * 1e3:.1f} ms, warm {p['warm_ttft_s'] * 1e3:.1f} ms "
-        f"({p['speedup']:.2f}x); 5xx: {p['errors_5xx']}.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m moekit.bench.serve", description=__doc__)
-    p.add_argument("ckpt", help="checkpoint directory")
-    p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
-    p.add_argument("--requests", type=int, default=64, help="requests per level")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="server torch threads")
-    p.add_argument("--out-dir", default="docs/benchmarks")
-    p.add_argument("--random-init", action="store_true", help="first write a random model there")
-    a = p.parse_args(argv)
-    if a.random_init and not (Path(a.ckpt) / "config.json").exists():
-        random_checkpoint(a.ckpt)
-    levels = tuple(int(c) for c in a.concurrency.split(","))
-    report = run(
-        a.ckpt,
-        levels,
-        a.requests,
-        a.out_dir,
-        a.max_new_tokens,
-        threads=a.threads,
-        random_init=a.random_init,
-    )
-    print(Path(report["files"][0]).read_text())
+    return table
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()
+    from moekit.cli import main
+
+    raise SystemExit(main(["bench", "serve", *sys.argv[1:]]))

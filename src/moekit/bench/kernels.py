@@ -1,0 +1,227 @@
+"""`moekit bench kernels`: stage 3 (the routed experts) on CUDA against the peers.
+
+For each shape and token count T, one random routing (fixed seed, softmax top-k of random
+logits) and one `Plan` are shared by every method; the timed region is stage 3 given the plan
+(the naive loop does its own per-expert bookkeeping, as it would in a model). Methods: the
+triton, grouped_mm and torch backends, the Hugging Face Mixtral-style per-expert loop, and
+dense-eq (two plain GEMMs with the same FLOPs). The floor is the weight bytes of the experts
+actually hit over 3.0 TB/s.
+
+Shape legend: T tokens, K slots per token, S = T * K, E experts, D model dim, H expert hidden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moekit.backends import get_backend
+from moekit.bench.baselines import dense_equivalent, naive_loop
+from moekit.bench.registry import bench_command, option, register_bench
+from moekit.bench.report import DEFAULT_DIR, Table, write_report
+from moekit.dispatch import Plan, make_plan
+
+SHAPES: dict[str, dict[str, int]] = {
+    "mixtral": {"E": 8, "K": 2, "D": 4096, "H": 14336},
+    "qwen3-30b-a3b": {"E": 128, "K": 8, "D": 2048, "H": 768},
+    "deepseek-v2-lite": {"E": 64, "K": 6, "D": 2048, "H": 1408},
+}
+TOKENS = [1, 16, 128, 1024, 4096, 16384]
+HBM_BYTES_PER_S = 3.0e12  # measured device-to-device copy rate of an H100 SXM (read + write)
+BACKENDS = ("triton", "grouped_mm", "torch")
+GRAPHABLE = ("triton", "grouped_mm", "dense-eq")
+
+
+def check_shapes(shapes: Sequence[str]) -> None:
+    """ValueError naming `shapes` unless it is a non-empty list of SHAPES keys."""
+    if not shapes or not set(shapes) <= set(SHAPES):
+        raise ValueError(f"shapes={shapes} must be a non-empty subset of {list(SHAPES)}")
+
+
+@dataclass
+class KernelsBench:
+    """Stage 3 (routed experts, bf16) on CUDA: each backend vs the naive loop and dense-eq."""
+
+    shapes: list[str] = option(list(SHAPES), f"model shapes, from {list(SHAPES)}")
+    tokens: list[int] = option(TOKENS, "token counts T timed for every shape")
+    graph: bool = option(False, "also time CUDA-graph replay of the capturable methods")
+    backward_tokens: int = option(4096, "T of the fwd+bwd and peak-memory table; 0 skips it")
+    out_dir: str = option(DEFAULT_DIR, "directory of the .md and .json ('' writes none)")
+
+    def __post_init__(self) -> None:
+        check_shapes(self.shapes)
+        if not self.tokens or min(self.tokens) < 1:
+            raise ValueError(f"tokens={self.tokens} must be a non-empty list of counts >= 1")
+        if self.backward_tokens < 0:
+            raise ValueError(f"backward_tokens={self.backward_tokens} must be >= 0")
+
+
+def _median_ms(fn: Callable[[], object], graph: bool) -> float:
+    """Median of do_bench; under graph=True the call is captured once and its replay timed."""
+    from triton.testing import do_bench
+
+    if not graph:
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    ms = float(do_bench(g.replay, warmup=25, rep=100, return_mode="median"))
+    del g
+    return ms
+
+
+def setup(
+    shape: dict[str, int], T: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Plan]:
+    """x [T, D], w1 [E, D, 2H], w2 [E, H, D], experts / weights [T, K] and their Plan."""
+    E, K, D, H = shape["E"], shape["K"], shape["D"], shape["H"]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    x = torch.randn(T, D, device=dev, dtype=dtype, generator=g)
+    w1 = (torch.randn(E, D, 2 * H, device=dev, dtype=dtype, generator=g) * D**-0.5).contiguous()
+    w2 = (torch.randn(E, H, D, device=dev, dtype=dtype, generator=g) * H**-0.5).contiguous()
+    logits = torch.randn(T, E, device=dev, generator=g)
+    weights, experts = torch.softmax(logits, -1).topk(K, -1)
+    plan = make_plan(experts, weights, weights, E)
+    return x, w1, w2, experts, weights, plan
+
+
+def _row(name: str, ms: float, flops: float, dense_ms: float, gmm_ms: float | None) -> dict:
+    return {
+        "method": name,
+        "ms": ms,
+        "tflops": flops / ms / 1e9,
+        "pct_dense_eq": 100.0 * dense_ms / ms,
+        "x_vs_grouped_mm": (gmm_ms / ms) if gmm_ms else None,
+    }
+
+
+def bench_forward(shape: dict[str, int], T: int, dtype: torch.dtype, graph: bool) -> dict:
+    """Forward timings of every method at one (shape, T); graph timings where capturable."""
+    K, D = shape["K"], shape["D"]
+    x, w1, w2, experts, weights, plan = setup(shape, T, dtype)
+    S = T * K
+    flops = 2.0 * S * D * 3 * shape["H"]
+    hit = int((plan.counts_E > 0).sum())  # NOTE: host sync, outside the timed region
+    floor_ms = hit * 3 * D * shape["H"] * x.element_size() / HBM_BYTES_PER_S * 1e3
+    x_SD = torch.randn(S, D, device="cuda", dtype=dtype)
+    fns = {name: get_backend(name, x.device, dtype) for name in BACKENDS}
+    methods: dict[str, Callable[[], object]] = {
+        name: (lambda f=f: f(x, plan, w1, w2, None, None, "swiglu")) for name, f in fns.items()
+    }
+    methods["naive-loop"] = lambda: naive_loop(x, experts, weights, w1, w2, "swiglu")
+    methods["dense-eq"] = lambda: dense_equivalent(x_SD, w1[0], w2[0], "swiglu")
+    eager = {name: _median_ms(fn, False) for name, fn in methods.items()}
+    rows = [_row(n, ms, flops, eager["dense-eq"], eager["grouped_mm"]) for n, ms in eager.items()]
+    result = {"T": T, "S": S, "experts_hit": hit, "floor_ms": floor_ms, "eager": rows}
+    if graph:
+        timed = {n: _median_ms(methods[n], True) for n in GRAPHABLE}
+        result["graph"] = [
+            _row(n, ms, flops, timed["dense-eq"], timed["grouped_mm"]) for n, ms in timed.items()
+        ]
+    return result
+
+
+def bench_backward(shape: dict[str, int], T: int, dtype: torch.dtype) -> list[dict]:
+    """fwd+bwd time and peak memory above the inputs, per backend, gradients for all inputs."""
+    x, w1, w2, experts, weights, plan = setup(shape, T, dtype)
+    leaves = [t.detach().requires_grad_() for t in (x, w1, w2, weights)]
+    dy = torch.randn_like(x)
+    rows = []
+    for name in (*BACKENDS, "naive-loop"):
+
+        def step(name: str = name) -> None:
+            xl, w1l, w2l, wl = leaves
+            if name == "naive-loop":
+                y = naive_loop(xl, experts, wl, w1l, w2l, "swiglu")
+            else:
+                fn = get_backend(name, x.device, dtype)
+                used = dataclasses.replace(plan, weight_S=wl.reshape(-1)[plan.order_S])
+                y = fn(xl, used, w1l, w2l, None, None, "swiglu")
+            torch.autograd.grad(y, leaves, dy)
+
+        step()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        rows.append({"method": name, "ms": _median_ms(step, False), "peak_gib": peak / 2**30})
+    return rows
+
+
+def _tables(shapes: dict[str, dict]) -> list[Table]:
+    tables = []
+    for name, res in shapes.items():
+        columns = ("T", "floor ms", "mode", "method", "ms", "TFLOP/s", "% dense-eq")
+        table = Table((*columns, "x vs grouped_mm"), title=f"{name} {res['dims']}")
+        for fwd in res["forward"]:
+            for mode in ("eager", "graph"):
+                for r in fwd.get(mode, []):
+                    vs = f"{r['x_vs_grouped_mm']:.2f}" if r["x_vs_grouped_mm"] else "-"
+                    table.rows.append(
+                        (fwd["T"], f"{fwd['floor_ms']:.3f}", mode, r["method"], f"{r['ms']:.3f}")
+                        + (f"{r['tflops']:.1f}", f"{r['pct_dense_eq']:.0f}", vs)
+                    )
+        tables.append(table)
+        if res.get("fwd_bwd"):
+            rows = [(r["method"], f"{r['ms']:.3f}", f"{r['peak_gib']:.2f}") for r in res["fwd_bwd"]]
+            title = f"{name} fwd+bwd at T={res['fwd_bwd_T']}"
+            tables.append(Table(("method", "ms", "peak GiB"), rows, title=title))
+    return tables
+
+
+@register_bench("kernels", KernelsBench)
+def run(
+    shapes: Sequence[str] = tuple(SHAPES),
+    tokens: Sequence[int] = tuple(TOKENS),
+    graph: bool = False,
+    backward_tokens: int = 4096,
+    out_dir: str | None = DEFAULT_DIR,
+) -> dict[str, Any]:
+    """Benchmark every shape and T, printing each result; write and return the report."""
+    dtype = torch.bfloat16
+    results: dict[str, dict] = {}
+    for name in shapes:
+        shape = SHAPES[name]
+        res: dict[str, Any] = {"dims": shape, "forward": []}
+        for T in tokens:
+            fwd = bench_forward(shape, T, dtype, graph)
+            res["forward"].append(fwd)
+            for mode in ("eager", "graph"):
+                cells = " ".join(f"{r['method']}={r['ms']:.3f}" for r in fwd.get(mode, []))
+                if cells:
+                    print(f"{name} T={T} floor={fwd['floor_ms']:.3f} {mode}: {cells}", flush=True)
+        if backward_tokens:
+            res["fwd_bwd_T"] = backward_tokens
+            res["fwd_bwd"] = bench_backward(shape, backward_tokens, dtype)
+        results[name] = res
+        torch.cuda.empty_cache()
+    options = {"shapes": list(shapes), "tokens": list(tokens), "graph": graph}
+    options["backward_tokens"] = backward_tokens
+    return write_report(
+        "kernels",
+        "Stage 3 kernels (bf16, SwiGLU)",
+        bench_command("kernels", **options),
+        _tables(results),
+        {"shapes": results},
+        config=options,
+        device="cuda",
+        text=[
+            "Median ms of triton.testing.do_bench; routing and Plan built outside the timed "
+            f"region. floor = weight bytes of the experts hit / {HBM_BYTES_PER_S / 1e12:.1f} TB/s."
+        ],
+        out_dir=out_dir,
+    )

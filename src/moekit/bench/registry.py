@@ -1,0 +1,117 @@
+"""Benchmarks by name: each is a config dataclass and the function whose keywords it holds.
+
+`@register_bench("name", NameBench)` on a function makes `moekit bench name` parse the
+fields of NameBench as options (help from `option(...)`), validate them by building the
+dataclass, and call the function with them. Built-in benchmarks load on first lookup.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+_BUILTIN = ("layer", "kernels", "tune", "serve", "memory", "librarian", "expert_parallel")
+_BENCHES: dict[str, BenchSpec] = {}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    name: str
+    config: type  # a dataclass; its fields are the keyword arguments of `run`
+    run: Callable[..., dict[str, Any]]
+
+    @property
+    def help(self) -> str:
+        return (self.config.__doc__ or self.name).strip().splitlines()[0]
+
+
+def option(default: Any, help: str) -> Any:
+    """A bench config field with the help line `moekit bench NAME --help` shows."""
+    if isinstance(default, list | dict):
+        return dataclasses.field(
+            default_factory=lambda: copy.deepcopy(default), metadata={"help": help}
+        )
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def argument(help: str) -> Any:
+    """A required bench config field, given positionally: `moekit bench NAME VALUE`."""
+    return dataclasses.field(metadata={"help": help})
+
+
+def register_bench(name: str, config: type) -> Callable[[F], F]:
+    """Function decorator adding a benchmark under `name`, configured by `config`."""
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"config of bench {name!r} must be a dataclass, got {config!r}")
+
+    def wrap(fn: F) -> F:
+        if fn.__module__ == "__main__":  # `python -m` runs a copy; the imported one registers
+            return fn
+        known = _BENCHES.get(name)
+        if known is not None and known.run is not fn:
+            raise ValueError(f"bench {name!r} is already registered by {known.run.__qualname__}")
+        _BENCHES[name] = BenchSpec(name, config, fn)
+        return fn
+
+    return wrap
+
+
+def _load_builtin() -> None:
+    for module in _BUILTIN:
+        importlib.import_module(f"moekit.bench.{module}")
+
+
+def available_benches() -> tuple[str, ...]:
+    _load_builtin()
+    return tuple(sorted(_BENCHES))
+
+
+def bench_spec(name: str) -> BenchSpec:
+    """The benchmark registered as `name`; a ValueError naming it otherwise."""
+    _load_builtin()
+    if name not in _BENCHES:
+        raise ValueError(f"bench {name!r} is not one of {tuple(sorted(_BENCHES))}")
+    return _BENCHES[name]
+
+
+def run_bench(name: str, **options: Any) -> dict[str, Any]:
+    """Validates `options` by building the bench's config, then runs the bench with them."""
+    return run_config(name, bench_spec(name).config(**options))
+
+
+def run_config(name: str, cfg: Any) -> dict[str, Any]:
+    """Runs bench `name` with the fields of its (already validated) config as keywords."""
+    return bench_spec(name).run(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+
+
+def _cli_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_cli_value(v) for v in value) + "]"
+    text = str(getattr(value, "name", value))
+    return text if text and " " not in text else repr(text)
+
+
+def bench_command(name: str, **values: Any) -> str:
+    """The `moekit bench NAME ...` line that reproduces a run: positionals and changed options."""
+    parts = ["moekit", "bench", name]
+    for f in dataclasses.fields(bench_spec(name).config):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            parts.append(_cli_value(value))
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        flag = f.name.replace("_", "-")
+        if _cli_value(value) == _cli_value(default):
+            continue
+        if isinstance(value, bool):
+            parts.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            parts += [f"--{flag}", _cli_value(value)]
+    return " ".join(parts)
