@@ -9,10 +9,11 @@ from torch import Tensor, nn
 
 from moekit.backends import get_backend
 from moekit.config import MoEConfig
-from moekit.dispatch import Plan, make_plan
+from moekit.dispatch import Plan, gather, make_plan
 from moekit.experts import DenseMLP, Experts
 from moekit.librarian import deduplicated_compute
 from moekit.routing import Routing, build_router
+from moekit.routing.coactivation import coactivation_counts, find_constellations
 from moekit.routing.losses import router_losses, routing_metrics, weighted_aux_loss
 
 
@@ -44,33 +45,6 @@ def _sync_check_finite(x: Tensor) -> None:
     """Debug-only NaN/inf check. NOTE: host sync (MoEConfig.debug=True)."""
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or inf (checked because MoEConfig.debug=True)")
-
-
-def _sync_cluster_coactivation(coactivation_EE: Tensor, n: int) -> list[list[int]]:
-    """Average-linkage hierarchical clustering on 1 - normalised co-activation. NOTE: host sync.
-
-    Normalised co-activation C_ij / sqrt(C_ii C_jj) is the cosine between the experts' token
-    sets (Ochiai coefficient), 1 for experts always chosen together; average linkage (UPGMA)
-    merges groups by mean distance, so one stray co-activation does not join two clusters.
-    Clusters are ordered by their smallest expert id.
-    """
-    from scipy.cluster.hierarchy import cut_tree, linkage
-    from scipy.spatial.distance import squareform
-
-    counts = coactivation_EE.detach().double().cpu()
-    E = counts.shape[0]
-    if n == E or E == 1:
-        return [[e] for e in range(E)]
-    diag = counts.diagonal().clamp_min(1.0)
-    similarity = counts / torch.sqrt(diag[:, None] * diag[None, :])
-    distance = (1.0 - similarity).clamp_min(0.0).fill_diagonal_(0.0)
-    distance = (distance + distance.T) / 2
-    tree = linkage(squareform(distance.numpy(), checks=False), method="average")
-    labels = cut_tree(tree, n_clusters=n)[:, 0]  # exactly n clusters, even with tied distances
-    groups: dict[int, list[int]] = {}
-    for e, label in enumerate(labels.tolist()):
-        groups.setdefault(label, []).append(e)
-    return sorted(groups.values())
 
 
 class MoE(nn.Module):
@@ -114,6 +88,13 @@ class MoE(nn.Module):
         e = self.experts
         return experts_forward(x_TD, plan, e.w1, e.w2, e.b1, e.b2, e.activation)
 
+    def compute_slots(self, x_TD: Tensor, plan: Plan) -> Tensor:
+        """Stage 3 without the combine: unweighted outputs of the kept sorted slots [N, D]."""
+        experts_per_slot = get_backend(self.cfg.backend, x_TD.device, x_TD.dtype, per_slot=True)
+        e = self.experts
+        x_SD = gather(x_TD, plan.token_S)
+        return experts_per_slot(x_SD, plan.offsets_E1, e.w1, e.w2, e.b1, e.b2, e.activation)
+
     # stage 4 ---------------------------------------------------------------------------------
     def finish(self, x_TD: Tensor, y_TD: Tensor, plan: Plan) -> Tensor:
         if self.shared is not None:
@@ -134,9 +115,7 @@ class MoE(nn.Module):
             self.count_coactivation(routing.experts)
         threshold = self.cfg.dedup_threshold
         if threshold is not None and not self.training:  # librarian merging, inference only
-            y_TD, plan, fired = deduplicated_compute(
-                x_TD, routing.experts, plan, self.compute, threshold
-            )
+            y_TD, plan, fired = deduplicated_compute(x_TD, plan, self.compute_slots, threshold)
         else:
             y_TD, fired = self.compute(x_TD, plan), None
         y_TD = self.finish(x_TD, y_TD, plan)
@@ -148,11 +127,7 @@ class MoE(nn.Module):
     @torch.no_grad()
     def count_coactivation(self, experts_TK: Tensor) -> None:
         """Add each token's chosen experts (before capacity drops) to `coactivation` [E, E]."""
-        E = self.cfg.n_experts
-        chose_TE = torch.zeros(experts_TK.shape[0], E, device=experts_TK.device)
-        # add, not write: empty slots (-1) land on expert 0 with 0 and must not overwrite it
-        chose_TE.scatter_add_(1, experts_TK.clamp_min(0), (experts_TK >= 0).float())
-        self.coactivation.add_(chose_TE.T @ chose_TE)
+        self.coactivation.add_(coactivation_counts(experts_TK, self.cfg.n_experts))
 
     def constellations(self, n: int) -> list[list[int]]:
         """Partition the experts into n clusters of experts often chosen together.
@@ -161,9 +136,7 @@ class MoE(nn.Module):
         """
         if not self.cfg.track_coactivation:
             raise ValueError("constellations need MoEConfig.track_coactivation=True")
-        if not 1 <= n <= self.cfg.n_experts:
-            raise ValueError(f"n={n} must be in [1, n_experts={self.cfg.n_experts}]")
-        return _sync_cluster_coactivation(self.coactivation, n)
+        return find_constellations(self.coactivation, n)
 
     def info(self, routing: Routing, plan: Plan, lead: tuple[int, ...]) -> MoEInfo:
         losses = router_losses(routing, lead)
