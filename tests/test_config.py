@@ -1,6 +1,18 @@
+import dataclasses
+import inspect
+import json
+import warnings
+
 import pytest
+import torch
 
 import moekit
+from moekit.cli import build_parser
+from moekit.config import LEGACY_ROUTER_KEYS, RouterOptions
+from moekit.model import ModelConfig, Transformer
+from moekit.model.io import save_model_files
+from moekit.routing.attention import AttentionOptions
+from moekit.routing.sinkhorn import SinkhornOptions
 
 
 @pytest.mark.parametrize(
@@ -50,3 +62,117 @@ def test_capacity_formula_and_dict_round_trip():
     assert again == cfg
     with pytest.raises(ValueError, match="unknown MoEConfig field"):
         moekit.MoEConfig.from_dict({"d_model": 8, "n_expert": 2})
+
+
+# a router config as config.json files held it before routers owned their options
+OLD_SINKHORN_ROUTER = {
+    "kind": "sinkhorn",
+    "temperature": 1.0,
+    "noise": "none",
+    "noise_std": 1.0,
+    "renormalize": True,
+    "load_balance_weight": 0.01,
+    "z_loss_weight": 0.001,
+    "entropy_weight": 0.0,
+    "seq_balance_weight": 0.0,
+    "n_groups": 1,
+    "topk_groups": 1,
+    "bias_update_rate": 0.001,
+    "scaling_factor": 1.0,
+    "expert_choice_capacity": 1.0,
+    "sinkhorn_iters": 5,
+    "sinkhorn_tau": 0.1,
+    "sinkhorn_candidates": None,
+    "attention_heads": 4,
+    "attention_dim": 32,
+    "constellations": None,
+}
+
+
+def test_old_flat_router_keys_load_into_the_options_with_a_warning():
+    old = {"d_model": 8, "d_hidden": 4, "n_experts": 4, "k": 2, "router": OLD_SINKHORN_ROUTER}
+    with pytest.warns(DeprecationWarning) as caught:
+        cfg = moekit.MoEConfig.from_dict(old)
+    assert cfg.router.options == SinkhornOptions(iters=5, tau=0.1, candidates=None)
+    (message,) = [str(w.message) for w in caught]
+    assert "router.sinkhorn_iters is now router.options.iters" in message
+    assert "attention" not in message  # other routers' defaults carry nothing to warn about
+    again = moekit.MoEConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and "sinkhorn_iters" not in cfg.to_dict()["router"]
+
+
+def test_old_checkpoint_config_loads_with_the_same_model(tmp_path):
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning):
+        model = Transformer(ModelConfig.from_dict(_old_model_config()))
+    assert model.cfg.moe.router.options == SinkhornOptions(iters=5, tau=0.1)
+    save_model_files(model, tmp_path)
+    payload = json.loads((tmp_path / "config.json").read_text())
+    payload["model"] = _old_model_config()  # as written before the options existed
+    (tmp_path / "config.json").write_text(json.dumps(payload))
+    with pytest.warns(DeprecationWarning, match="router.options.tau"):
+        loaded = moekit.load(tmp_path)
+    assert loaded.cfg == model.cfg
+    tokens = torch.randint(0, 11, (2, 8))
+    assert torch.equal(loaded(tokens).out, model.eval()(tokens).out)
+
+
+def _old_model_config():
+    moe = {"d_model": 16, "d_hidden": 8, "n_experts": 4, "k": 2, "router": OLD_SINKHORN_ROUTER}
+    return {"vocab_size": 11, "d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 16, "moe": moe}
+
+
+def test_old_keys_in_python_keep_working():
+    with pytest.warns(DeprecationWarning, match="router.options.bias_update_rate"):
+        rcfg = moekit.RouterConfig(kind="sigmoid", bias_update_rate=0.02)
+    assert rcfg.options.bias_update_rate == 0.02
+    with pytest.warns(DeprecationWarning, match="ignored with router.kind='topk'"):
+        assert moekit.RouterConfig(sinkhorn_iters=7).options == RouterOptions()
+    bad = r"router\.options\.iters=0 .* \(given as router\.sinkhorn_iters\)"
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=bad):
+        moekit.RouterConfig(kind="sinkhorn", sinkhorn_iters=0)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="iters is also set"):
+        moekit.RouterConfig(kind="sinkhorn", sinkhorn_iters=7, options={"iters": 8})
+
+
+def test_legacy_keys_are_the_trailing_init_arguments_in_order():
+    """RouterConfig.__post_init__ pairs its deprecated arguments with LEGACY_ROUTER_KEYS."""
+    names = list(inspect.signature(moekit.RouterConfig).parameters)
+    assert names[-len(LEGACY_ROUTER_KEYS) :] == list(LEGACY_ROUTER_KEYS)
+    assert not set(LEGACY_ROUTER_KEYS) & {f.name for f in dataclasses.fields(moekit.RouterConfig)}
+
+
+@pytest.mark.parametrize(
+    ("router", "match"),
+    [
+        ({"kind": "sinkhorn", "options": {"iter": 5}}, "unknown router.options key.*: iter"),
+        ({"kind": "sinkhorn", "options": {"tau": 0.0}}, r"router\.options\.tau=0\.0"),
+        ({"kind": "sinkhorn", "options": {"candidates": 0}}, r"router\.options\.candidates=0"),
+        ({"kind": "sigmoid", "options": {"bias_update_rate": -1.0}}, "bias_update_rate=-1.0"),
+        ({"kind": "expert_choice", "options": {"capacity_factor": 0}}, "capacity_factor=0"),
+        ({"kind": "sinkhorn", "options": 5}, "router.options must be a dict or SinkhornOptions"),
+        ({"kind": "sinkhorn", "options": AttentionOptions()}, "unknown router.options key"),
+        ({"kind": "topk", "sinkhorn_iter": 5}, "unknown router key.*sinkhorn_iter"),
+    ],
+)
+def test_bad_router_options_name_the_key(router, match):
+    with pytest.raises(ValueError, match=match):
+        moekit.MoEConfig(router=router)
+
+
+def test_options_follow_the_kind_by_name():
+    topk = moekit.RouterConfig()
+    assert dataclasses.replace(topk, kind="sinkhorn").options == SinkhornOptions()
+    heads = moekit.RouterConfig(kind="attention", options=AttentionOptions(heads=2))
+    assert moekit.RouterConfig(kind="attention", options=heads.options).options.heads == 2
+
+
+@pytest.mark.parametrize("router", ["sinkhorn_iters: 5", "options: {iters: 5}"])
+def test_yaml_router_keys_old_and_new(tmp_path, router):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model:\n  moe:\n    router:\n      kind: sinkhorn\n      {router}\n")
+    args = build_parser().parse_args(["train", "--config", str(path)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        rcfg = moekit.RouterConfig(**args.train.model.moe.router.as_dict())
+    assert rcfg.options == SinkhornOptions(iters=5)

@@ -6,8 +6,10 @@ choices, the allowed values, so a bad config fails before any tensor is made.
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu", "geglu", "reglu")
@@ -18,8 +20,8 @@ FALLBACKS = ("zero", "dense")
 
 
 def strict_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
-    """cls(**data), refusing keys that are not fields with a ValueError naming them."""
-    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    """cls(**data), refusing keys that are not init arguments with a ValueError naming them."""
+    unknown = sorted(set(data) - set(inspect.signature(cls).parameters))
     if unknown:
         raise ValueError(f"unknown {what}: {', '.join(unknown)}")
     return cls(**data)
@@ -38,14 +40,36 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 
 @dataclass
+class RouterOptions:
+    """Base of every router's own options (`RouterConfig.options`); a router without any uses it."""
+
+
+# flat keys of the first RouterConfig, now options of one router: old key -> (kind, options key)
+LEGACY_ROUTER_KEYS = {
+    "bias_update_rate": ("sigmoid", "bias_update_rate"),
+    "expert_choice_capacity": ("expert_choice", "capacity_factor"),
+    "sinkhorn_iters": ("sinkhorn", "iters"),
+    "sinkhorn_tau": ("sinkhorn", "tau"),
+    "sinkhorn_candidates": ("sinkhorn", "candidates"),
+    "attention_heads": ("attention", "heads"),
+    "attention_dim": ("attention", "dim"),
+}
+
+
+@dataclass
 class RouterConfig:
-    """How tokens pick experts, and the auxiliary losses every router reports."""
+    """How tokens pick experts, and the auxiliary losses every router reports.
+
+    Options that belong to one router live in `options`: that router's own dataclass, built
+    from a dict (YAML, config.json) by looking `kind` up in the router registry.
+    """
 
     kind: str = "topk"
     temperature: float = 1.0  # logits / temperature before scoring
     noise: str = "none"  # training-only: none | gaussian | gumbel (on logits) | jitter (on x)
     noise_std: float = 1.0
     renormalize: bool = True  # selected weights sum to 1 (Mixtral/Qwen); False keeps raw scores
+    scaling_factor: float = 1.0  # multiplies the final weights (DeepSeek routed_scaling_factor)
     # loss weights; components are reported unweighted in metrics whatever these are
     load_balance_weight: float = 0.01  # Switch Transformer eq. 4
     z_loss_weight: float = 1e-3  # ST-MoE router z-loss
@@ -54,24 +78,22 @@ class RouterConfig:
     # group-limited selection (DeepSeek-V2/V3): experts in n_groups groups, keep topk_groups
     n_groups: int = 1
     topk_groups: int = 1
-    # sigmoid router (DeepSeek-V3 aux-loss-free balancing)
-    bias_update_rate: float = 1e-3  # 0 disables the per-expert bias update
-    scaling_factor: float = 1.0  # multiplies the final weights (DeepSeek routed_scaling_factor)
-    # expert choice: per-expert capacity factor when MoEConfig.capacity_factor is None
-    expert_choice_capacity: float = 1.0
-    # sinkhorn
-    sinkhorn_iters: int = 50
-    sinkhorn_tau: float = 0.05  # entropic temperature: smaller = closer to a hard balanced plan
-    sinkhorn_candidates: int | None = None  # restrict each token to its top-n experts by logit
-    # attention ("supervisor") router: heads and per-head width of the query/key projections
-    attention_heads: int = 4
-    attention_dim: int = 32
     # constellations: expert groups of any sizes (a partition of the experts, e.g. from
-    # MoE.constellations); topk/attention routers keep each token's best topk_groups of them
+    # MoE.constellations); routers with `supports_constellations` keep each token's best
+    # topk_groups of them
     constellations: list[list[int]] | None = None
+    options: RouterOptions | dict[str, Any] | None = None  # None = the kind's defaults
+    # deprecated flat keys, in LEGACY_ROUTER_KEYS order: mapped into `options` with a warning
+    bias_update_rate: InitVar[float | None] = None
+    expert_choice_capacity: InitVar[float | None] = None
+    sinkhorn_iters: InitVar[int | None] = None
+    sinkhorn_tau: InitVar[float | None] = None
+    sinkhorn_candidates: InitVar[int | None] = None
+    attention_heads: InitVar[int | None] = None
+    attention_dim: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
-        from moekit.routing import available_routers
+    def __post_init__(self, *legacy: Any) -> None:
+        from moekit.routing import available_routers, router_class
 
         _choice("router.kind", self.kind, available_routers())
         _choice("router.noise", self.noise, NOISES)
@@ -84,10 +106,7 @@ class RouterConfig:
             "seq_balance_weight",
         ):
             _positive(f"router.{name}", getattr(self, name), allow_zero=True)
-        _positive("router.bias_update_rate", self.bias_update_rate, allow_zero=True)
         _positive("router.scaling_factor", self.scaling_factor)
-        _positive("router.expert_choice_capacity", self.expert_choice_capacity)
-        _positive("router.sinkhorn_tau", self.sinkhorn_tau)
         if self.n_groups < 1:
             raise ValueError(f"router.n_groups={self.n_groups} must be >= 1")
         n_sets = self.n_groups if self.constellations is None else len(self.constellations)
@@ -96,22 +115,47 @@ class RouterConfig:
                 f"router.topk_groups={self.topk_groups} must be in [1, {n_sets}] "
                 f"(n_groups={self.n_groups}, or the number of constellations)"
             )
-        if self.sinkhorn_iters < 1:
-            raise ValueError(f"router.sinkhorn_iters={self.sinkhorn_iters} must be >= 1")
-        if self.sinkhorn_candidates is not None and self.sinkhorn_candidates < 1:
-            raise ValueError(f"router.sinkhorn_candidates={self.sinkhorn_candidates} must be >= 1")
-        for name in ("attention_heads", "attention_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"router.{name}={getattr(self, name)!r} must be an integer >= 1")
+        self.options = self._build_options(dict(zip(LEGACY_ROUTER_KEYS, legacy, strict=True)))
         if self.constellations is not None:
+            if not router_class(self.kind).supports_constellations:
+                raise ValueError(
+                    f"router.constellations: router.kind={self.kind!r} does not support them"
+                )
             self._check_constellations()
 
-    def _check_constellations(self) -> None:
-        """Non-empty, disjoint groups of expert ids; only for the softmax top-k routers."""
-        if self.kind not in ("topk", "attention"):
+    def _build_options(self, legacy: dict[str, Any]) -> RouterOptions:
+        """The kind's options dataclass from None, a dict, or options (of any router) by name."""
+        from moekit.routing import router_options
+
+        options_type = router_options(self.kind)
+        renamed = _renamed_legacy_keys(self.kind, legacy)
+        given = self.options
+        if type(given) is options_type and not renamed:
+            return given
+        if isinstance(given, RouterOptions):
+            given = asdict(given)
+        if given is not None and not isinstance(given, dict):
             raise ValueError(
-                f"router.constellations needs kind 'topk' or 'attention', not {self.kind!r}"
+                f"router.options must be a dict or {options_type.__name__}, got {given!r}"
             )
+        data = dict(given or {})
+        twice = sorted(set(renamed) & set(data))
+        if twice:
+            raise ValueError(
+                f"router.options.{twice[0]} is also set by its old flat key: set only the new one"
+            )
+        data.update(renamed)
+        try:
+            what = f"router.options key(s) of kind {self.kind!r}"
+            return strict_from_dict(options_type, data, what)
+        except ValueError as err:
+            if not renamed:
+                raise
+            old = [f"router.{o}" for o, (k, new) in LEGACY_ROUTER_KEYS.items() if new in renamed]
+            raise ValueError(f"{err} (given as {', '.join(old)})") from err
+
+    def _check_constellations(self) -> None:
+        """Non-empty, disjoint groups of expert ids; exclusive with equal groups."""
         if self.n_groups != 1:
             raise ValueError("router.constellations and router.n_groups > 1 are exclusive")
         self.constellations = [list(group) for group in self.constellations]
@@ -120,6 +164,34 @@ class RouterConfig:
             raise ValueError("router.constellations must be non-empty groups of expert ids")
         if any(not isinstance(e, int) or e < 0 for e in ids) or len(set(ids)) != len(ids):
             raise ValueError("router.constellations must hold distinct expert ids >= 0")
+
+
+def _renamed_legacy_keys(kind: str, legacy: dict[str, Any]) -> dict[str, Any]:
+    """Deprecated flat keys given for `kind`, by their options name; one warning names them all.
+
+    A key of another router had no effect before and still has none; it is dropped, with a
+    warning only when it differs from that router's default (old config.json files hold all).
+    """
+    from moekit.routing import available_routers, router_options
+
+    renamed, notes = {}, []
+    for old, value in legacy.items():
+        owner, new = LEGACY_ROUTER_KEYS[old]
+        if value is None:
+            continue
+        if owner == kind:
+            renamed[new] = value
+            notes.append(f"router.{old} is now router.options.{new}")
+        elif owner in available_routers():
+            default = {f.name: f.default for f in fields(router_options(owner))}[new]
+            if value != default:
+                notes.append(
+                    f"router.{old}={value!r} is ignored with router.kind={kind!r} "
+                    f"(it is router.options.{new} of kind {owner!r})"
+                )
+    if notes:
+        warnings.warn("; ".join(notes), DeprecationWarning, stacklevel=5)
+    return renamed
 
 
 @dataclass
@@ -167,9 +239,9 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
-            self.router = RouterConfig(**self.router)
+            self.router = strict_from_dict(RouterConfig, self.router, "router key(s)")
         if isinstance(self.expert, dict):
-            self.expert = ExpertConfig(**self.expert)
+            self.expert = strict_from_dict(ExpertConfig, self.expert, "expert key(s)")
         from moekit.backends import available_backends
 
         for name in ("d_model", "d_hidden", "n_experts"):

@@ -69,9 +69,7 @@ class MoE(nn.Module):
     # stage 1 + 2 -----------------------------------------------------------------------
     def route(self, x_TD: Tensor) -> tuple[Routing, Plan]:
         routing = self.router(x_TD)
-        capacity = (
-            None if self.cfg.router.kind == "expert_choice" else self.cfg.capacity(x_TD.shape[0])
-        )
+        capacity = self.cfg.capacity(x_TD.shape[0]) if self.router.uses_capacity else None
         plan = make_plan(
             routing.experts,
             routing.weights,

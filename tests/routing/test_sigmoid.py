@@ -8,7 +8,10 @@ def test_aux_loss_free_bias_balances_a_skewed_stream():
     torch.manual_seed(0)
     E, D = 8, 16
     rcfg = moekit.RouterConfig(
-        kind="sigmoid", bias_update_rate=0.01, load_balance_weight=0.0, z_loss_weight=0.0
+        kind="sigmoid",
+        options={"bias_update_rate": 0.01},
+        load_balance_weight=0.0,
+        z_loss_weight=0.0,
     )
     moe = moekit.MoE(moekit.MoEConfig(d_model=D, d_hidden=8, n_experts=E, k=2, router=rcfg)).train()
     with torch.no_grad():

@@ -11,17 +11,33 @@ Shape legend: T tokens, E experts, D model dim, N heads, A per-head dim.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig
+from moekit.config import MoEConfig, RouterOptions
+from moekit.reference_routing import attention_reference
 from moekit.routing import register_router
 from moekit.routing.base import router_dtype
 from moekit.routing.topk import TopKRouter
 
 
-@register_router("attention")
+@dataclass
+class AttentionOptions(RouterOptions):
+    """Heads and per-head width of the query / key projections."""
+
+    heads: int = 4
+    dim: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("heads", "dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"router.options.{name}={value!r} must be an integer >= 1")
+
+
+@register_router("attention", options=AttentionOptions)
 class AttentionRouter(TopKRouter):
     """Multi-head attention scores from tokens to experts as router logits.
 
@@ -31,9 +47,11 @@ class AttentionRouter(TopKRouter):
     1/sqrt(A).
     """
 
+    reference = staticmethod(attention_reference)
+
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__(cfg)
-        self.n_heads, self.head_dim = cfg.router.attention_heads, cfg.router.attention_dim
+        self.n_heads, self.head_dim = self.options.heads, self.options.dim
         width = self.n_heads * self.head_dim
         self.query = nn.Parameter(torch.empty(width, cfg.d_model))
         self.key = nn.Parameter(torch.empty(width, cfg.d_model))

@@ -6,7 +6,9 @@ E for expert choice), D model dim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -94,13 +96,26 @@ class Router(nn.Module):
     """Base router: float32 logits x @ weight.T, temperature and training noise.
 
     Subclasses implement `select(logits_TE) -> Routing`; everything else is shared so every
-    router gets the same noise options, losses and metrics.
+    router gets the same noise options, losses and metrics. The class attributes below tell
+    the layer, the oracle and the server how to treat a router, so none of them asks its name.
     """
+
+    # MoEConfig.capacity_factor drops this router's slots (False: it sizes its own choices)
+    uses_capacity: ClassVar[bool] = True
+    # a token's routing ignores the other tokens of its forward pass, so batching and prefix
+    # reuse cannot change it; False is the safe answer for a router that has not said
+    batch_invariant: ClassVar[bool] = False
+    # RouterConfig.constellations may limit this router's choices to groups of experts
+    supports_constellations: ClassVar[bool] = False
+    # the oracle of `moekit.reference`: (router, x_TD [T, D]) -> Routing, written as loops
+    # that share no code with `forward`; None when the router has none
+    reference: ClassVar[Callable[[Router, Tensor], Routing] | None] = None
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.rcfg = cfg.router
+        self.options = cfg.router.options  # this router's own options dataclass
         self.n_experts = cfg.n_experts
         self.k = cfg.k
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))

@@ -7,10 +7,13 @@ when expert e chose the token, -1 otherwise.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from moekit.config import RouterOptions
+from moekit.reference_routing import expert_choice_reference
 from moekit.routing import register_router
 from moekit.routing.base import Router, Routing
 
@@ -20,12 +23,30 @@ def expert_choice_capacity(n_tokens: int, k: int, n_experts: int, factor: float)
     return min(n_tokens, math.ceil(factor * n_tokens * k / n_experts))
 
 
-@register_router("expert_choice")
+@dataclass
+class ExpertChoiceOptions(RouterOptions):
+    """How many tokens each expert takes when MoEConfig.capacity_factor is None."""
+
+    capacity_factor: float = 1.0  # C = ceil(capacity_factor * T * k / E), at most T
+
+    def __post_init__(self) -> None:
+        cf = self.capacity_factor
+        if not isinstance(cf, int | float) or not 0 < cf < float("inf"):
+            raise ValueError(f"router.options.capacity_factor={cf!r} must be finite and > 0")
+
+
+@register_router("expert_choice", options=ExpertChoiceOptions)
 class ExpertChoiceRouter(Router):
+    """Experts pick tokens; MoEConfig.capacity_factor, when set, sizes the picks (no drops)."""
+
+    uses_capacity = False
+    batch_invariant = False  # an expert's top-C depends on every token of the pass
+    reference = staticmethod(expert_choice_reference)
+
     def select(self, logits_TE: Tensor) -> Routing:
         T, E = logits_TE.shape
         probs_TE = logits_TE.softmax(dim=-1)
-        factor = self.cfg.capacity_factor or self.rcfg.expert_choice_capacity
+        factor = self.cfg.capacity_factor or self.options.capacity_factor
         C = expert_choice_capacity(T, self.k, E, factor)
         # stable sort rather than topk: equal scores go to the earlier token, deterministically
         chosen_EC = probs_TE.t().argsort(dim=-1, descending=True, stable=True)[:, :C]  # [E, C]

@@ -1,22 +1,43 @@
 """Sigmoid routing with DeepSeek-V3's auxiliary-loss-free load balancing.
 
 A per-expert bias is added to the scores for *selection only*; the weights come from the
-unbiased scores. During training the bias moves by `bias_update_rate` towards balance:
-up for under-loaded experts, down for over-loaded ones (DeepSeek-V3, sec. 2.1.2).
+unbiased scores. During training the bias moves by `options.bias_update_rate` towards
+balance: up for under-loaded experts, down for over-loaded ones (DeepSeek-V3, sec. 2.1.2).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from moekit.config import MoEConfig
+from moekit.config import MoEConfig, RouterOptions
+from moekit.reference_routing import sigmoid_reference
 from moekit.routing import register_router
 from moekit.routing.base import Router, Routing, group_limited, renormalize
 
 
-@register_router("sigmoid")
+@dataclass
+class SigmoidOptions(RouterOptions):
+    """How fast the selection bias moves towards balance."""
+
+    bias_update_rate: float = 1e-3  # 0 disables the per-expert bias update
+
+    def __post_init__(self) -> None:
+        rate = self.bias_update_rate
+        if not isinstance(rate, int | float) or not 0 <= rate < float("inf"):
+            raise ValueError(f"router.options.bias_update_rate={rate!r} must be finite and >= 0")
+
+
+@register_router("sigmoid", options=SigmoidOptions)
 class SigmoidRouter(Router):
+    """Sigmoid scores, top-k by score + bias; the bias only moves in training forward passes."""
+
+    uses_capacity = True
+    batch_invariant = True  # in inference: the bias is fixed, each token routes alone
+    reference = staticmethod(sigmoid_reference)
+
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__(cfg)
         # saved with the model: the balance it learned is part of the routing function
@@ -30,7 +51,7 @@ class SigmoidRouter(Router):
         weights_TK = scores_TE.gather(1, experts_TK)
         if self.rcfg.renormalize and self.k > 1:
             weights_TK = renormalize(weights_TK)
-        if self.training and self.rcfg.bias_update_rate > 0:
+        if self.training and self.options.bias_update_rate > 0:
             self._update_bias(experts_TK)
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
         return Routing(
@@ -48,4 +69,5 @@ class SigmoidRouter(Router):
         load_E.scatter_add_(
             0, experts_TK.reshape(-1), torch.ones_like(experts_TK.reshape(-1), dtype=torch.float32)
         )
-        self.expert_bias.add_(self.rcfg.bias_update_rate * torch.sign(load_E.mean() - load_E))
+        rate = self.options.bias_update_rate
+        self.expert_bias.add_(rate * torch.sign(load_E.mean() - load_E))

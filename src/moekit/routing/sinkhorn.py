@@ -10,12 +10,36 @@ Weights come from the original softmax, so gradients reach the router as in top-
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from moekit.config import RouterOptions
+from moekit.reference_routing import sinkhorn_reference
 from moekit.routing import register_router
 from moekit.routing.base import Router, Routing, renormalize
+
+
+@dataclass
+class SinkhornOptions(RouterOptions):
+    """The balancing iterations and how hard the balanced plan is."""
+
+    iters: int = 50
+    tau: float = 0.05  # entropic temperature: smaller = closer to a hard balanced plan
+    candidates: int | None = None  # restrict each token to its top-n experts by logit
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.iters, int) or self.iters < 1:
+            raise ValueError(f"router.options.iters={self.iters!r} must be an integer >= 1")
+        if not isinstance(self.tau, int | float) or not 0 < self.tau < float("inf"):
+            raise ValueError(f"router.options.tau={self.tau!r} must be finite and > 0")
+        if self.candidates is not None and (
+            not isinstance(self.candidates, int) or self.candidates < 1
+        ):
+            raise ValueError(
+                f"router.options.candidates={self.candidates!r} must be None or an integer >= 1"
+            )
 
 
 def sinkhorn_log(scores_TE: Tensor, iters: int) -> Tensor:
@@ -80,17 +104,21 @@ def balanced_topk(
     return torch.stack(picks, dim=1)
 
 
-@register_router("sinkhorn")
+@register_router("sinkhorn", options=SinkhornOptions)
 class SinkhornRouter(Router):
+    """k balanced assignments per pass; capacity, when set, drops the lowest-probability slots."""
+
+    uses_capacity = True
+    batch_invariant = False  # the balance is over every token of the pass
+    reference = staticmethod(sinkhorn_reference)
+
     def select(self, logits_TE: Tensor) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
         if logits_TE.shape[0] == 0:
             experts_TK = torch.empty(0, self.k, dtype=torch.long, device=logits_TE.device)
         else:
-            r = self.rcfg
-            experts_TK = balanced_topk(
-                logits_TE, self.k, r.sinkhorn_iters, r.sinkhorn_tau, r.sinkhorn_candidates
-            )
+            o = self.options
+            experts_TK = balanced_topk(logits_TE, self.k, o.iters, o.tau, o.candidates)
         weights_TK = probs_TE.gather(1, experts_TK)
         priority_TK = weights_TK.detach()
         if self.rcfg.renormalize and self.k > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from moekit.config import MoEConfig
+from moekit.reference_routing import topk_reference
 from moekit.routing import register_router
 from moekit.routing.base import (
     Router,
@@ -22,7 +23,13 @@ class TopKRouter(Router):
 
     Optionally limited to the best groups first: DeepSeek's equal `n_groups`, or arbitrary
     `constellations` (e.g. clusters of co-activated experts from `MoE.constellations`).
+    It has no options of its own.
     """
+
+    uses_capacity = True
+    batch_invariant = True
+    supports_constellations = True
+    reference = staticmethod(topk_reference)
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__(cfg)
