@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moekit.model import KVCache, Transformer
+from moekit.model import AttentionCache, KVCache, Transformer
 
 
 def _kv(B, S, fill):
@@ -49,3 +49,12 @@ def test_prefix_cache_reuse_equals_fresh_prefill(tiny_cfg):
     tail = model(prompt[:, 8:], cache=reused).out
     full = model(prompt).out[:, 8:]
     assert torch.allclose(tail, full, atol=1e-5)
+
+
+def test_kv_cache_is_an_attention_cache():
+    cache = KVCache(n_layers=1)
+    assert isinstance(cache, AttentionCache)
+    assert cache.positions(2, 3, torch.device("cpu")).tolist() == [0, 1, 2]
+    k, v, mask = cache.update(0, *_kv(2, 3, 1))
+    assert mask is None and k.shape == (2, 2, 3, 4)
+    assert cache.positions(2, 2, torch.device("cpu")).tolist() == [3, 4]

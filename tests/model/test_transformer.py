@@ -89,3 +89,21 @@ def test_moe_width_follows_model_width():
     cfg = ModelConfig(vocab_size=10, d_model=64, moe=moekit.MoEConfig(d_model=8, d_hidden=16))
     assert cfg.moe.d_model == 64
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_positions_per_row_or_shared(tiny_cfg):
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg()).eval()
+    x = torch.randint(0, 37, (2, 6))
+    base = model(x).out
+    assert torch.equal(model(x, positions=torch.arange(6)).out, base)
+    per_row = torch.arange(6).repeat(2, 1)
+    torch.testing.assert_close(model(x, positions=per_row).out, base)
+    shifted = model(x, positions=per_row + torch.tensor([[7], [0]])).out
+    torch.testing.assert_close(shifted, base)  # RoPE scores depend on offsets only
+    gapped = model(x, positions=per_row + torch.tensor([[0] * 6, [0, 0, 0, 9, 9, 9]])).out
+    torch.testing.assert_close(gapped[0], base[0])
+    torch.testing.assert_close(gapped[1, :3], base[1, :3])
+    assert not torch.allclose(gapped[1, 3:], base[1, 3:])  # row 1 alone sees a gap
+    with pytest.raises(ValueError, match="positions"):
+        model(x, positions=torch.arange(5))

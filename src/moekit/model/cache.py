@@ -1,20 +1,55 @@
-"""`KVCache`: keys and values of past positions, one entry per attention layer.
+"""Caches of past keys and values: the `AttentionCache` protocol and the generation `KVCache`.
 
-A cache holds a batch of sequences that share one length (a single sequence when B = 1, the
-usual unit of an inference server). It grows in place with amortised doubling; `prefix` and
-`select` copy out a shorter cache or some sequences, so shared prompt prefixes can be reused.
+Attention talks to a cache through two calls, so training, `generate` and the server's batched
+slots run one forward (`model(x, cache=..., positions=...)`):
 
-Shapes: B sequences, H kv heads, S positions, Dh head size; storage per layer [B, H, cap, Dh].
+- `positions(B, S, device)`: where the S new positions of each row sit, [S] when every row
+  holds the same number of past positions, else [B, S]. These are the RoPE positions unless
+  the caller passes its own.
+- `update(layer, k, v)`: store k, v [B, Hkv, S, Dh] after each row's past and return the keys
+  and values to attend to, [B, Hkv, W, Dh], with a bool mask [B, 1, S, W] of what each new
+  position sees; None means every row holds the same W - S past positions (plain causal).
+
+A row's length grows once every layer has stored its new positions. Implementations:
+`KVCache` here (rows share one length, storage grows) and `moekit.serve.slots.SlotCache`
+(static per-row buffers, per-row lengths kept on the device). The protocol is shaped for a
+paged or CUDA-graph-captured cache: keep the storage static (pages [P, Hkv, page, Dh] plus a
+block table [B, pages per row]), keep lengths in a device tensor, derive positions and the
+mask from it on the device, write with an index (scatter) instead of a slice, and pad W to a
+fixed bucket; masked keys cost nothing in the result, so callers never branch on lengths.
+
+Shapes: B sequences, Hkv kv heads, S new positions, W keys attended, Dh head size; `KVCache`
+storage per layer [B, Hkv, cap, Dh].
 """
 
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 
+@runtime_checkable
+class AttentionCache(Protocol):
+    """Past keys and values of every attention layer, as attention needs them."""
+
+    def positions(self, batch: int, new: int, device: torch.device) -> Tensor:
+        """Positions of `new` tokens about to enter each of `batch` rows: [new] or [batch, new]."""
+        ...
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Store k, v [B, Hkv, S, Dh]; return keys, values [B, Hkv, W, Dh] and mask [B, 1, S, W]."""
+        ...
+
+
 class KVCache:
-    """Per-layer K/V storage for `n_layers` attention layers."""
+    """Per-layer K/V storage for `n_layers` layers; every row of the batch has one length.
+
+    A single sequence (B = 1) is the usual unit of an inference server. Storage grows in place
+    with amortised doubling; `prefix` and `select` copy out a shorter cache or some rows, so
+    shared prompt prefixes can be reused.
+    """
 
     def __init__(self, n_layers: int) -> None:
         self.keys: list[Tensor | None] = [None] * n_layers  # [B, H, cap, Dh]
@@ -33,6 +68,16 @@ class KVCache:
     def batch_size(self) -> int:
         k = self.keys[0]
         return 0 if k is None else k.shape[0]
+
+    def positions(self, batch: int, new: int, device: torch.device) -> Tensor:
+        """[new]: the next positions, the same for every row."""
+        n = len(self)
+        return torch.arange(n, n + new, device=device)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, None]:
+        """`append`, with no mask: rows share one length, so attention is plain causal."""
+        k, v = self.append(layer, k, v)
+        return k, v, None
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add k, v [B, H, S, Dh] at the end of `layer`; return that layer's full K, V."""

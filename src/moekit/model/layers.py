@@ -1,7 +1,7 @@
 """Transformer building blocks: norms, rotary embeddings, causal attention and the block.
 
-Shapes: B batch, S new positions, P past positions (in the KV cache), D model, H heads,
-Hkv kv heads, Dh head size.
+Shapes: B batch, S new positions, P past positions (in the KV cache), W keys attended
+(P + S), D model, H heads, Hkv kv heads, Dh head size.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from moekit.config import ExpertConfig
 from moekit.experts import DenseMLP
 from moekit.layer import MoE, MoEInfo
-from moekit.model.cache import KVCache
+from moekit.model.cache import AttentionCache
 from moekit.model.config import ModelConfig
 
 
@@ -45,13 +45,15 @@ class Rotary(nn.Module):
         inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [Dh/2]
 
-    def forward(self, x: Tensor, start: int) -> Tensor:
-        # x: [B, H, S, Dh]; rotate pairs (x1, x2) of the two halves by position * inv_freq
-        S = x.shape[2]
-        pos = torch.arange(start, start + S, device=x.device, dtype=torch.float32)
-        angles = pos[:, None] * self.inv_freq  # [S, Dh/2]
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """x [B, H, S, Dh] rotated at positions [S] (shared by rows) or [B, S]; None: 0..S-1."""
+        if positions is None:
+            positions = torch.arange(x.shape[2], device=x.device, dtype=torch.float32)
+        angles = positions.float()[..., None] * self.inv_freq  # [S, Dh/2] or [B, S, Dh/2]
+        if angles.dim() == 3:
+            angles = angles[:, None]  # [B, 1, S, Dh/2]: each row its own, shared by heads
         cos, sin = angles.cos(), angles.sin()
-        x1, x2 = x.float().chunk(2, dim=-1)
+        x1, x2 = x.float().chunk(2, dim=-1)  # rotate pairs (x1, x2) of the two halves
         out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
         return out.to(x.dtype)
 
@@ -68,23 +70,33 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(self.head_dim, cfg.rope_theta)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor | None = None,
+        cache: AttentionCache | None = None,
+        layer: int = 0,
+    ) -> Tensor:
+        """x [B, S, D] at positions [S] or [B, S] (None: 0..S-1), after what `cache` holds."""
         B, S, D = x.shape
         kv_dim = self.n_kv * self.head_dim
         q, k, v = self.qkv(x).split([D, kv_dim, kv_dim], dim=-1)
         q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
         k = k.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
         v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
-        past = cache.lengths[layer] if cache is not None else 0
-        q, k = self.rotary(q, past), self.rotary(k, past)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        mask = None
         if cache is not None:
-            k, v = cache.append(layer, k, v)  # [B, Hkv, P + S, Dh]
+            k, v, mask = cache.update(layer, k, v)  # [B, Hkv, W, Dh], mask [B, 1, S, W]
+        past = k.shape[2] - S
+        if mask is None and past and S > 1:
+            mask = causal_mask(S, past, x.device)
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=causal_mask(S, past, x.device) if past and S > 1 else None,
-            is_causal=past == 0 and S > 1,
+            attn_mask=mask,
+            is_causal=mask is None and past == 0 and S > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv != self.n_heads,
         )  # [B, H, S, Dh]
@@ -114,9 +126,11 @@ class Block(nn.Module):
             self.ffn = DenseMLP(cfg.d_model, cfg.d_ff, expert)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> tuple[Tensor, MoEInfo | None]:
-        # x: [B, S, D]
-        x = x + self.drop(self.attn(self.norm1(x), cache, self.index))
+    def forward(
+        self, x: Tensor, positions: Tensor | None = None, cache: AttentionCache | None = None
+    ) -> tuple[Tensor, MoEInfo | None]:
+        # x: [B, S, D]; positions: [S] or [B, S]
+        x = x + self.drop(self.attn(self.norm1(x), positions, cache, self.index))
         h = self.norm2(x)
         info = None
         if self.is_moe:

@@ -3,6 +3,8 @@
 tokens [B, S] (or vectors [B, S, d_in]) -> embed -> n_layers x Block -> norm -> head
 -> logits [B, S, vocab] (or predictions [B, S, d_out]). Every MoE layer's weighted aux loss
 is summed into `ModelOutput.aux_loss`; per-layer routing metrics come back in `layers`.
+Training, `generate` and the server run this one forward; the last two pass a cache
+(`moekit.model.cache.AttentionCache`) that holds past positions, per row.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.layer import MoEInfo
-from moekit.model.cache import KVCache
+from moekit.model.cache import AttentionCache, KVCache
 from moekit.model.config import ModelConfig
 from moekit.model.layers import Block, build_norm
 
@@ -65,14 +67,27 @@ class Transformer(nn.Module):
         return self.cfg.d_out is None
 
     def forward(
-        self, x: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+        self,
+        x: Tensor,
+        targets: Tensor | None = None,
+        cache: AttentionCache | None = None,
+        positions: Tensor | None = None,
     ) -> ModelOutput:
-        """x: tokens [B, S] int64 or vectors [B, S, d_in]; targets like the output, or None."""
+        """x: tokens [B, S] int64 or vectors [B, S, d_in]; targets like the output, or None.
+
+        positions [S] or [B, S] place x for RoPE; by default right after what `cache` holds
+        in each row, or 0..S-1 without a cache.
+        """
+        B, S = x.shape[0], x.shape[1]
+        if positions is None and cache is not None:
+            positions = cache.positions(B, S, x.device)
+        elif positions is not None and tuple(positions.shape) not in ((S,), (B, S)):
+            raise ValueError(f"positions must be [S] or [B, S] = [{B}, {S}], got {positions.shape}")
         h = self.drop(self.embed(x))  # [B, S, D]
         aux = h.new_zeros((), dtype=torch.float32)
         infos: list[MoEInfo | None] = []
         for block in self.blocks:
-            h, info = block(h, cache)
+            h, info = block(h, positions, cache)
             infos.append(info)
             if info is not None:
                 aux = aux + info.aux_loss
