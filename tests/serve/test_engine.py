@@ -12,7 +12,6 @@ from moekit.model import ModelConfig, Transformer
 from moekit.serve.config import EngineConfig
 from moekit.serve.engine import Engine, QueueFull
 from moekit.serve.sequence import SamplingParams, Sequence
-from moekit.serve.slots import SlotCache, decode_step
 
 from .conftest import make_model
 
@@ -36,25 +35,6 @@ def _run(model: Transformer, prompts, params, **cfg) -> tuple[list[Sequence], En
     return asyncio.run(main())
 
 
-def test_decode_step_matches_full_forward():
-    model = make_model()
-    lengths = [3, 17, 9, 1]
-    prompts = [torch.randint(0, 256, (n,)) for n in lengths]
-    slots = SlotCache(model, 4)
-    for row, p in enumerate(prompts):
-        cache = model.new_cache()
-        model(p[None], cache=cache)
-        slots.load(row, cache)
-    nxt = torch.randint(0, 256, (4, 1))
-    out, infos = decode_step(model, slots, nxt)  # [4, V]
-    for row, p in enumerate(prompts):
-        ref = model(torch.cat([p, nxt[row]])[None])
-        torch.testing.assert_close(out[row], ref.out[0, -1], atol=1e-4, rtol=1e-4)
-        assert slots.lengths[row] == lengths[row] + 1
-        moe_ref = ref.layers[1].routing.experts[-1]  # last position, [k]
-        assert torch.equal(infos[1].routing.experts[row], moe_ref)
-
-
 def test_concurrent_greedy_equals_generate_alone():
     """Different lengths, more requests than rows, prompts past the window (it slides)."""
     model = make_model()
@@ -67,6 +47,38 @@ def test_concurrent_greedy_equals_generate_alone():
         assert seq.finish_reason == "length"
     assert engine.stats.batched_sequences / engine.stats.steps > 2  # it did batch
     assert engine.active == 0 and engine.runner.free_rows == 4
+
+
+def test_expert_counts_add_up_on_the_device():
+    """Every prefilled and decoded position routes k token-slots in each MoE layer."""
+    model = make_model()
+    prompts = [torch.randint(0, 256, (n,)) for n in (3, 9, 20)]
+    _, engine = _run(model, prompts, SamplingParams(max_new_tokens=6), prefix_cache_tokens=0)
+    counts = engine.stats.expert_tokens  # [L, E]
+    assert counts is engine.runner.expert_tokens and counts.device == engine.runner.slots.device
+    positions = sum(len(p) + 6 - 1 for p in prompts)  # the last output is never fed
+    assert counts.sum(1).tolist() == [2 * positions] * 2
+    load = engine.stats.expert_load()
+    assert [row["tokens"] for row in load] == counts.tolist()
+
+
+def test_greedy_rows_ignore_sampled_neighbours():
+    model = make_model()
+    p = torch.tensor(list(b"while True:"))
+    greedy = SamplingParams(max_new_tokens=12)
+    hot = SamplingParams(max_new_tokens=12, temperature=1.5, top_k=40, seed=1)
+
+    async def main():
+        engine = Engine(model, EngineConfig(max_batch=4))
+        engine.start()
+        seqs = [engine.submit(p, hot), engine.submit(p, greedy), engine.submit(p[:3], hot)]
+        await asyncio.gather(*(_drain(s) for s in seqs))
+        await engine.stop()
+        return seqs
+
+    hot_a, cold, hot_b = asyncio.run(main())
+    assert cold.outputs == model.generate(p[None], 12)[0, len(p) :].tolist()
+    assert hot_a.outputs != cold.outputs and len(hot_b.outputs) == 12
 
 
 def test_seeded_sampling_does_not_depend_on_batch():

@@ -23,7 +23,7 @@ from torch import Tensor
 from moekit.model.transformer import Transformer
 from moekit.serve.config import EngineConfig
 from moekit.serve.prefix_cache import PrefixCache
-from moekit.serve.runner import ModelRunner, batch_invariant
+from moekit.serve.runner import ModelRunner, StepResult, batch_invariant
 from moekit.serve.sequence import SamplingParams, Sequence
 from moekit.serve.stats import ServeStats
 
@@ -54,6 +54,8 @@ class Engine:
         )
         self.runner = ModelRunner(model, max_batch, self.prefix)
         self.stats = ServeStats(self.runner.moe_layers, self.runner.n_experts)
+        # the runner adds to this device tensor each step; only /v1/stats and /metrics read it
+        self.stats.expert_tokens = self.runner.expert_tokens
         self.waiting: deque[Sequence] = deque()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # one model call at a time (steps and routing jobs)
@@ -146,9 +148,8 @@ class Engine:
                 continue
             self._deliver(result)
 
-    def _deliver(self, result) -> None:
+    def _deliver(self, result: StepResult) -> None:
         s = self.stats
-        s.expert_tokens += result.expert_tokens[:, : s.expert_tokens.shape[1]]
         if result.decoded:
             s.steps += 1
             s.batched_sequences += result.decoded

@@ -1,22 +1,24 @@
-"""`SlotCache` and `decode_step`: one forward pass advancing many sequences of different lengths.
+"""`SlotCache`: the server's K/V rows, one per decoding sequence, as an `AttentionCache`.
 
-Each active sequence owns one row ("slot") of a preallocated per-layer K/V store
-[N, Hkv, L, Dh] and its own length. A decode step feeds one new position per sequence: the
-dense parts (embedding, projections, norms, MoE experts, head) run on the whole batch, and
-attention masks each row to its own length, so sequences never see each other's positions.
-Rows 0..n-1 are kept contiguous (a finished sequence's row is filled by the last one), so the
-batch view of the store is a slice, not a gather.
+Each active sequence owns one row ("slot") of a preallocated per-layer store [N, Hkv, L, Dh]
+and its own length, so `model(x, cache=slots)` advances rows of different lengths in one
+forward: every row stores its new positions after its own past and the returned mask hides
+other rows' extra positions. Rows 0..B-1 are the batch (a finished sequence's row is filled
+by the last one), so the batch view of the store is a slice, not a gather.
 
-Shapes: B active sequences, N slots, L max_seq_len, Hkv kv heads, Dh head size, D model.
+Lengths live on the device, so positions and masks never wait for the host; the host keeps
+its own count of the same lengths (set by `load`, grown by each forward) to size the keys
+attended, W = the longest row after the step.
+
+Shapes: B batch rows, N slots, L max_seq_len, S new positions, W keys attended, Hkv kv
+heads, Dh head size.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.layer import MoEInfo
 from moekit.model.cache import KVCache
 from moekit.model.transformer import Transformer
 
@@ -30,93 +32,73 @@ class SlotCache:
         shape = (n_slots, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim)  # [N, Hkv, L, Dh]
         self.keys = [p.new_zeros(shape) for _ in range(cfg.n_layers)]
         self.values = [p.new_zeros(shape) for _ in range(cfg.n_layers)]
-        self.lengths = [0] * n_slots  # host copy: positions held by each row
+        self.lengths = torch.zeros(n_slots, dtype=torch.long, device=p.device)  # [N]
+        self._host_lengths = [0] * n_slots  # the same counts, never read back from the device
+        self._steps = torch.arange(cfg.max_seq_len, device=p.device)  # [L]
+        self._rows = torch.arange(n_slots, device=p.device)  # [N]
         self.max_len = cfg.max_seq_len
 
     @property
     def n_slots(self) -> int:
-        return len(self.lengths)
+        return len(self._host_lengths)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lengths.device
+
+    def length(self, row: int) -> int:
+        """Positions held by `row`, from the host's count."""
+        return self._host_lengths[row]
+
+    def positions(self, batch: int, new: int, device: torch.device) -> Tensor:
+        """[B, S]: row b's new positions follow its own length."""
+        return self.lengths[:batch, None] + self._steps[:new]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Store k, v [B, Hkv, S, Dh] after each of rows 0..B-1; see `AttentionCache`."""
+        B, _, S, _ = k.shape
+        width = max(self._host_lengths[:B]) + S
+        if width > self.max_len:
+            raise ValueError(f"a row of {width - S} positions has no room for {S} more")
+        pos = self.positions(B, S, k.device)  # [B, S]
+        rows = self._rows[:B, None]  # [B, 1]
+        self.keys[layer][rows, :, pos] = k.transpose(1, 2)  # indexed view [B, S, Hkv, Dh]
+        self.values[layer][rows, :, pos] = v.transpose(1, 2)
+        mask = self._steps[:width] <= pos[:, :, None]  # [B, S, W]
+        if layer == self.n_layers - 1:  # every layer has stored this step: the rows grow
+            self.lengths[:B] += S
+            for b in range(B):
+                self._host_lengths[b] += S
+        return self.keys[layer][:B, :, :width], self.values[layer][:B, :, :width], mask[:, None]
 
     def load(self, row: int, cache: KVCache) -> None:
         """Copy a single-sequence KVCache (B = 1, len <= max_len) into `row`."""
         n = len(cache)
         if n > self.max_len:
             raise ValueError(f"cache of {n} positions does not fit max_len={self.max_len}")
-        for i in range(len(self.keys)):
+        for i in range(self.n_layers):
             k, v = cache.layer(i)  # [1, Hkv, n, Dh]
             self.keys[i][row, :, :n] = k[0]
             self.values[i][row, :, :n] = v[0]
         self.lengths[row] = n
+        self._host_lengths[row] = n
 
     def move(self, src: int, dst: int) -> None:
         """Copy row `src` into row `dst` (compaction after a sequence leaves)."""
-        n = self.lengths[src]
+        n = self._host_lengths[src]
         for store in (*self.keys, *self.values):
             store[dst, :, :n] = store[src, :, :n]
-        self.lengths[dst] = n
+        self.lengths[dst] = self.lengths[src]
+        self._host_lengths[dst] = n
 
     def to_kv_cache(self, row: int) -> KVCache:
         """A single-sequence KVCache copy of `row` (B = 1)."""
-        out = KVCache(len(self.keys))
-        n = self.lengths[row]
-        for i in range(len(self.keys)):
+        out = KVCache(self.n_layers)
+        n = self._host_lengths[row]
+        for i in range(self.n_layers):
             out.append(i, self.keys[i][row : row + 1, :, :n], self.values[i][row : row + 1, :, :n])
         return out
-
-
-def _rotate(x: Tensor, pos: Tensor, inv_freq: Tensor) -> Tensor:
-    """RoPE at per-row positions: x [B, H, 1, Dh], pos [B]; same math as `Rotary`."""
-    angles = pos.float()[:, None, None, None] * inv_freq  # [B, 1, 1, Dh/2]
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
-
-
-@torch.no_grad()
-def decode_step(
-    model: Transformer, slots: SlotCache, x: Tensor
-) -> tuple[Tensor, list[MoEInfo | None]]:
-    """Feed one position to each of the first B rows; x: tokens [B, 1] or vectors [B, 1, d_in].
-
-    Every row must have room (length < max_len). Returns outputs [B, V or d_out] and each
-    block's MoEInfo (routing over the B new positions). Row lengths grow by one.
-    """
-    B = x.shape[0]
-    lengths = slots.lengths[:B]
-    pos = torch.tensor(lengths, device=slots.keys[0].device)  # [B] position of the new token
-    width = max(lengths) + 1
-    visible = torch.arange(width, device=pos.device)[None, :] <= pos[:, None]  # [B, width]
-    mask = visible[:, None, None, :]  # [B, 1, 1, width]
-    rows = torch.arange(B, device=pos.device)
-    h = model.embed(x)  # [B, 1, D]
-    infos: list[MoEInfo | None] = []
-    for i, block in enumerate(model.blocks):
-        attn = block.attn
-        D, kv_dim = h.shape[-1], attn.n_kv * attn.head_dim
-        q, k, v = attn.qkv(block.norm1(h)).split([D, kv_dim, kv_dim], dim=-1)
-        q = q.view(B, 1, attn.n_heads, attn.head_dim).transpose(1, 2)  # [B, H, 1, Dh]
-        k = k.view(B, 1, attn.n_kv, attn.head_dim).transpose(1, 2)  # [B, Hkv, 1, Dh]
-        v = v.view(B, 1, attn.n_kv, attn.head_dim).transpose(1, 2)
-        inv_freq = attn.rotary.inv_freq
-        q, k = _rotate(q, pos, inv_freq), _rotate(k, pos, inv_freq)
-        slots.keys[i][rows, :, pos] = k[:, :, 0]
-        slots.values[i][rows, :, pos] = v[:, :, 0]
-        y = F.scaled_dot_product_attention(
-            q,
-            slots.keys[i][:B, :, :width],
-            slots.values[i][:B, :, :width],
-            attn_mask=mask,
-            enable_gqa=attn.n_kv != attn.n_heads,
-        )  # [B, H, 1, Dh]
-        h = h + attn.proj(y.transpose(1, 2).reshape(B, 1, D))
-        f = block.norm2(h)
-        info = None
-        if block.is_moe:
-            f, info = block.ffn(f)
-        else:
-            f = block.ffn(f)
-        infos.append(info)
-        h = h + f
-    for b in range(B):
-        slots.lengths[b] += 1
-    return model.head(model.norm(h))[:, -1], infos
