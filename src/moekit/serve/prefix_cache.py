@@ -20,6 +20,18 @@ from torch import Tensor
 from moekit.model.cache import KVCache
 
 
+def _sync_key(tokens: Tensor) -> tuple[int, ...]:
+    """Token ids [P] as a hashable key."""
+    # NOTE: host sync, a plain copy: prompts stay host tensors, only their K/V move
+    return tuple(tokens.tolist())
+
+
+def _sync_shared_prefix(a: Tensor, b: Tensor) -> int:
+    """How many leading token ids of a, b [n] agree."""
+    # NOTE: host sync, a plain read for the host prompts the engine passes
+    return int((a == b).to(torch.int32).cumprod(0).sum())
+
+
 @dataclass
 class PrefixHit:
     """The longest stored prefix of a prompt: `length` positions, as a private KV copy."""
@@ -65,8 +77,7 @@ class PrefixCache:
             n = min(len(tokens), int(prompt.numel()), limit)
             if n <= best:
                 continue
-            same = (tokens[:n] == prompt[:n]).to(torch.int32).cumprod(0)  # [n]
-            m = int(same.sum())
+            m = _sync_shared_prefix(tokens[:n], prompt[:n])
             if m > best:
                 best, best_key = m, key
         if best_key is None or best < self.min_prefix:
@@ -81,7 +92,7 @@ class PrefixCache:
         n = min(len(cache), int(prompt.numel()))
         if n < self.min_prefix or n > self.capacity_tokens:
             return
-        key = tuple(prompt[:n].tolist())
+        key = _sync_key(prompt[:n])
         if key in self._entries:
             self._entries.move_to_end(key)
             return
@@ -93,4 +104,4 @@ class PrefixCache:
             self.stats.evictions += 1
 
     def contains(self, prompt: Tensor) -> bool:
-        return tuple(prompt.tolist()) in self._entries
+        return _sync_key(prompt) in self._entries
