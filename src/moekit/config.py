@@ -68,7 +68,9 @@ class RouterConfig:
     temperature: float = 1.0  # logits / temperature before scoring
     noise: str = "none"  # training-only: none | gaussian | gumbel (on logits) | jitter (on x)
     noise_std: float = 1.0
-    renormalize: bool = True  # selected weights sum to 1 (Mixtral/Qwen); False keeps raw scores
+    # selected weights sum to 1 for every k, so top-1 weighs 1.0 (Mixtral; HF norm_topk_prob);
+    # False keeps the raw scores (Switch Transformer's top-1, Qwen/OLMoE defaults)
+    renormalize: bool = True
     scaling_factor: float = 1.0  # multiplies the final weights (DeepSeek routed_scaling_factor)
     # loss weights; components are reported unweighted in metrics whatever these are
     load_balance_weight: float = 0.01  # Switch Transformer eq. 4
@@ -226,6 +228,7 @@ class MoEConfig:
     k: int = 2
     capacity_factor: float | None = None  # None = dropless; C = ceil(cf * T * k / E)
     n_shared_experts: int = 0  # always-on experts added to the routed output (DeepSeek/Qwen)
+    shared_gate: bool = False  # shared output scaled by sigmoid(x @ gate) per token (Qwen2-MoE)
     router: RouterConfig = field(default_factory=RouterConfig)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     backend: str = "auto"
@@ -254,6 +257,8 @@ class MoEConfig:
             _positive("capacity_factor", self.capacity_factor)
         if self.n_shared_experts < 0:
             raise ValueError(f"n_shared_experts={self.n_shared_experts} must be >= 0")
+        if self.shared_gate and not self.n_shared_experts:
+            raise ValueError("shared_gate=True needs n_shared_experts >= 1")
         _choice("backend", self.backend, ("auto", *available_backends()))
         _choice("fallback", self.fallback, FALLBACKS)
         if self.dedup_threshold is not None and not 0 < self.dedup_threshold <= 1:

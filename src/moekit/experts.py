@@ -76,3 +76,15 @@ class DenseMLP(Experts):
 
     def forward(self, x_TD: Tensor) -> Tensor:
         return self.expert(0, x_TD)
+
+
+class GatedDenseMLP(DenseMLP):
+    """A shared expert whose output each token scales by sigmoid(x . gate) (Qwen2-MoE)."""
+
+    def __init__(self, d_model: int, d_hidden: int, cfg: ExpertConfig) -> None:
+        super().__init__(d_model, d_hidden, cfg)
+        self.gate = nn.Parameter(torch.empty(1, d_model))  # [1, D]
+        nn.init.normal_(self.gate, std=cfg.init_std)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        return torch.sigmoid(F.linear(x_TD, self.gate)) * super().forward(x_TD)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from moekit.backends import get_backend
 from moekit.config import MoEConfig
 from moekit.dispatch import Plan, gather, make_plan
-from moekit.experts import DenseMLP, Experts
+from moekit.experts import DenseMLP, Experts, GatedDenseMLP
 from moekit.librarian import deduplicated_compute
 from moekit.routing import Routing, build_router
 from moekit.routing.coactivation import coactivation_counts, find_constellations
@@ -56,9 +56,8 @@ class MoE(nn.Module):
         self.router = build_router(cfg)
         self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_hidden, cfg.expert)
         n_shared = cfg.n_shared_experts
-        self.shared = (
-            DenseMLP(cfg.d_model, n_shared * cfg.d_hidden, cfg.expert) if n_shared else None
-        )
+        shared = GatedDenseMLP if cfg.shared_gate else DenseMLP
+        self.shared = shared(cfg.d_model, n_shared * cfg.d_hidden, cfg.expert) if n_shared else None
         self.fallback = (
             DenseMLP(cfg.d_model, cfg.d_hidden, cfg.expert) if cfg.fallback == "dense" else None
         )

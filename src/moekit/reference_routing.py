@@ -102,7 +102,7 @@ def _token_choice(
         ranked = top([v if e in allowed else -math.inf for e, v in enumerate(select)], k)
         chosen.append(ranked)
         w = torch.stack([scores[e] for e in ranked])
-        if r.renormalize and k > 1:
+        if r.renormalize:
             w = w / w.sum()
         weights[t] = w * r.scaling_factor
         priority[t] = torch.tensor([select[e] for e in ranked], dtype=logits.dtype)
@@ -202,7 +202,7 @@ def sinkhorn_reference(router: Router, x_TD: Tensor) -> Routing:
             chosen[t].append(e)
             allowed[t][e] = False
     raw = torch.stack([torch.stack([probs[t, e] for e in chosen[t]]) for t in range(T)])
-    weights = raw / raw.sum(1, keepdim=True) if (r.renormalize and k > 1) else raw
+    weights = raw / raw.sum(1, keepdim=True) if r.renormalize else raw
     return Routing(
         experts=torch.tensor(chosen, dtype=torch.long, device=logits.device),
         weights=weights * r.scaling_factor,

@@ -33,7 +33,11 @@ def test_bias_changes_selection_not_weights():
     torch.manual_seed(1)
     moe = moekit.MoE(
         moekit.MoEConfig(
-            d_model=4, d_hidden=4, n_experts=4, k=1, router=moekit.RouterConfig(kind="sigmoid")
+            d_model=4,
+            d_hidden=4,
+            n_experts=4,
+            k=1,
+            router=moekit.RouterConfig(kind="sigmoid", renormalize=False),
         )
     ).eval()
     x = torch.randn(32, 4)

@@ -13,6 +13,7 @@ from typing import Any
 from moekit.config import ACTIVATIONS, MoEConfig, strict_from_dict
 
 NORMS = ("rms", "layer")
+QK_NORMS = ("none", "head", "full")
 
 
 def _at_least(name: str, value: Any, low: int) -> None:
@@ -35,6 +36,10 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # grouped-query attention; None = n_heads (plain MHA)
+    head_size: int | None = None  # per-head width; None = d_model // n_heads (Qwen3 sets its own)
+    # RMSNorm of queries and keys before RoPE: per head (Qwen3) or across all heads (OLMoE)
+    qk_norm: str = "none"
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
     max_seq_len: int = 256  # longest context trained on; generation slides a window past it
     norm: str = "rms"
     norm_eps: float = 1e-5
@@ -70,12 +75,17 @@ class ModelConfig:
         kv = self.kv_heads
         if kv < 1 or self.n_heads % kv:
             raise ValueError(f"model.n_kv_heads={self.n_kv_heads} must divide n_heads")
-        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+        if self.head_size is not None:
+            if not isinstance(self.head_size, int) or self.head_size < 2 or self.head_size % 2:
+                raise ValueError(f"model.head_size={self.head_size!r} must be an even integer >= 2")
+        elif self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"model.d_model={self.d_model} must be n_heads={self.n_heads} x an even head size"
             )
         if self.norm not in NORMS:
             raise ValueError(f"model.norm={self.norm!r} is not one of {NORMS}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"model.qk_norm={self.qk_norm!r} is not one of {QK_NORMS}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"model.activation={self.activation!r} is not one of {ACTIVATIONS}")
         if not 0.0 <= self.dropout < 1.0:
@@ -94,7 +104,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_model // self.n_heads if self.head_size is None else self.head_size
 
     @property
     def out_dim(self) -> int:

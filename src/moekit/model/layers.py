@@ -64,11 +64,16 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        kv_dim = self.n_kv * self.head_dim
-        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(q_dim, cfg.d_model, bias=False)
         self.rotary = Rotary(self.head_dim, cfg.rope_theta)
         self.dropout = cfg.dropout
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":  # over one head's width (Qwen3) or every head's (OLMoE)
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per_head else q_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per_head else kv_dim, cfg.norm_eps)
 
     def forward(
         self,
@@ -78,11 +83,16 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
     ) -> Tensor:
         """x [B, S, D] at positions [S] or [B, S] (None: 0..S-1), after what `cache` holds."""
-        B, S, D = x.shape
-        kv_dim = self.n_kv * self.head_dim
-        q, k, v = self.qkv(x).split([D, kv_dim, kv_dim], dim=-1)
-        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
-        k = k.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
+        B, S, _ = x.shape
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        if self.qk_norm == "full":  # OLMoE: over all heads' features at once
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim)
+        k = k.view(B, S, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":  # Qwen3: over each head's features
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, S, Dh], [B, Hkv, S, Dh]
         v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
         mask = None
@@ -100,7 +110,7 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv != self.n_heads,
         )  # [B, H, S, Dh]
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+        return self.proj(y.transpose(1, 2).reshape(B, S, q_dim))
 
 
 def causal_mask(S: int, past: int, device: torch.device) -> Tensor:

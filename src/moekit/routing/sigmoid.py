@@ -49,7 +49,7 @@ class SigmoidRouter(Router):
         biased_TE = group_limited(biased_TE, self.rcfg.n_groups, self.rcfg.topk_groups)
         experts_TK = biased_TE.topk(self.k, dim=-1).indices
         weights_TK = scores_TE.gather(1, experts_TK)
-        if self.rcfg.renormalize and self.k > 1:
+        if self.rcfg.renormalize:  # for every k (DeepSeek-V3 norm_topk_prob)
             weights_TK = renormalize(weights_TK)
         if self.training and self.options.bias_update_rate > 0:
             self._update_bias(experts_TK)

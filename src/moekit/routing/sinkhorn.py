@@ -121,7 +121,7 @@ class SinkhornRouter(Router):
             experts_TK = balanced_topk(logits_TE, self.k, o.iters, o.tau, o.candidates)
         weights_TK = probs_TE.gather(1, experts_TK)
         priority_TK = weights_TK.detach()
-        if self.rcfg.renormalize and self.k > 1:
+        if self.rcfg.renormalize:
             weights_TK = renormalize(weights_TK)
         return Routing(
             experts=experts_TK,

@@ -46,7 +46,7 @@ class TopKRouter(Router):
             candidates_TE = group_limited(probs_TE, self.rcfg.n_groups, self.rcfg.topk_groups)
         top_TK, experts_TK = candidates_TE.topk(self.k, dim=-1)
         weights_TK = top_TK
-        if self.rcfg.renormalize and self.k > 1:
+        if self.rcfg.renormalize:  # for every k: top-1 weighs 1.0, as in Mixtral
             weights_TK = renormalize(weights_TK)
         return Routing(
             experts=experts_TK,
