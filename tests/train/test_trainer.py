@@ -79,3 +79,13 @@ def test_reduced_precision_steps_on_cpu(tmp_path, make_run, precision):
     after = list(trainer.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert trainer.scaler.is_enabled() == (precision == "fp16")
+
+
+def test_run_config_reads_the_flat_task_layout_of_older_runs() -> None:
+    """A run.json saved before task options were nested still loads, its options moved."""
+    from moekit.train.config import RunConfig
+
+    cfg = RunConfig(task={"name": "signals", "noise": 0.2, "seq_len": 32})
+    assert cfg.task.options == {"noise": 0.2}
+    with pytest.raises(ValueError, match="model: unknown ModelConfig field"):
+        RunConfig(model={"bogus": 1})

@@ -119,8 +119,9 @@ class RunConfig:
         for name, cls in sections:
             value = getattr(self, name)
             if isinstance(value, dict):
+                build = getattr(cls, "from_dict", None) or (lambda d, cls=cls: cls(**d))
                 try:
-                    setattr(self, name, cls(**value))
+                    setattr(self, name, build(value))
                 except (TypeError, ValueError) as err:  # say which section the key is in
                     text = str(err)
                     raise ValueError(text if text.startswith(name) else f"{name}: {text}") from err
