@@ -7,7 +7,14 @@ import moekit
 
 SRC = Path(moekit.__file__).parent
 LOW = ["routing", "backends", "dispatch.py", "layer.py", "experts.py", "config.py", "librarian.py"]
-HIGH = ("moekit.model", "moekit.train", "moekit.serve", "moekit.tasks", "moekit.viz")
+HIGH = (
+    "moekit.model",
+    "moekit.train",
+    "moekit.serve",
+    "moekit.tasks",
+    "moekit.viz",
+    "moekit.integrations",
+)
 
 
 def _imports(path: Path):
