@@ -2,6 +2,7 @@
 
 from moekit import reference
 from moekit.config import ExpertConfig, MoEConfig, RouterConfig
+from moekit.integrations.hf.convert import load_hf
 from moekit.layer import MoE, MoEInfo
 from moekit.model.io import load
 from moekit.routing import Routing, register_router
@@ -19,6 +20,7 @@ __all__ = [
     "System",
     "SystemConfig",
     "load",
+    "load_hf",
     "reference",
     "register_router",
 ]

@@ -5,6 +5,7 @@ by the functions that need them.
 """
 
 from moekit.integrations.hf.convert import hf_to_moekit, load_hf, moekit_to_hf, read_hf
+from moekit.integrations.hf.experts import register
 from moekit.integrations.hf.families import FAMILIES, UnsupportedCheckpoint
 from moekit.integrations.hf.tokenizer import TextTokenizer, load_tokenizer
 
@@ -17,4 +18,5 @@ __all__ = [
     "load_tokenizer",
     "moekit_to_hf",
     "read_hf",
+    "register",
 ]
