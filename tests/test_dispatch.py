@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moekit
-from moekit.dispatch import make_plan
+from moekit.dispatch import combine, gather, make_plan
 
 
 @st.composite
@@ -101,3 +101,36 @@ def test_layer_reports_dropped_fraction_of_forced_overflow():
     C = math.ceil(cf * T / E)
     assert torch.isclose(info.metrics["dropped_fraction"], torch.tensor(1 - C / T))
     assert torch.isclose(info.metrics["expert_load"][0], torch.tensor(1.0))
+
+
+@given(routings(), st.integers(1, 9))
+def test_combine_is_each_tokens_weighted_sum_and_gather_reads_its_rows(r, D):
+    T, E, k, experts, priority, cf = r
+    C = None if cf is None else math.ceil(cf * T * k / E)
+    plan = make_plan(experts, priority, priority, E, C)
+    g = torch.Generator().manual_seed(T * 31 + D)
+    x = torch.randn(T, D, generator=g, dtype=torch.float64)
+    x_SD = gather(x, plan.token_S)
+    assert torch.equal(x_SD, x[plan.token_S])
+    n = int(plan.offsets_E1[-1])
+    out = torch.randn(T * k, D, generator=g, dtype=torch.float64)
+    for rows in (n, T * k):  # only the rows given are read
+        y = combine(out[:rows], plan.token_S, plan.weight_S, T)
+        want = torch.zeros(T, D, dtype=torch.float64)
+        for s in range(rows):  # dropped slots (s >= n) carry weight 0
+            want[plan.token_S[s]] += plan.weight_S[s] * out[s]
+        assert torch.allclose(y, want, rtol=1e-12, atol=1e-12)
+    unweighted = combine(out[:n], plan.token_S, None, T)
+    want = torch.zeros(T, D, dtype=torch.float64).index_add(0, plan.token_S[:n], out[:n])
+    assert torch.equal(unweighted, want)
+
+
+def test_combine_accumulates_half_rows_in_the_weights_dtype():
+    """bfloat16 outputs with float32 weights: summed in float32, rounded once."""
+    token_S = torch.tensor([0, 0, 0, 1])
+    weight_S = torch.tensor([1.0, 1.0, 1.0, 0.5])
+    out = torch.tensor([[1.0], [2.0**-8], [2.0**-8], [3.0]], dtype=torch.bfloat16)
+    y = combine(out, token_S, weight_S, 2)
+    assert y.dtype == torch.bfloat16
+    # bfloat16 steps by 2^-7 at 1: a bfloat16 running sum would round 1 + 2^-8 back to 1 twice
+    assert y[0, 0].item() == 1.0 + 2.0**-7 and y[1, 0].item() == 1.5

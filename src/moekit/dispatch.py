@@ -1,8 +1,13 @@
-"""Stage 2 of the layer: turn a `Routing` into a `Plan` of token-slots grouped by expert.
+"""Stage 2 of the layer, and the two halves of stage 3's data movement.
 
-Shape legend: T tokens, K slots per token, S = T * K token-slots, E experts, C capacity.
-Every tensor keeps its static size S: dropped and empty slots are sorted to the end and
-`offsets_E1[E]` says where the kept ones stop, so nothing here needs a host sync.
+`make_plan` turns routing into a `Plan` of token-slots grouped by expert; `gather` reads the
+rows of x in that order and `combine` sums per-slot expert outputs back into token rows, the
+one weighted combine every caller shares (backends, expert parallelism, the librarian).
+
+Shape legend: T tokens, K slots per token, S = T * K token-slots, N <= S leading sorted slots,
+E experts, C capacity, D model dim. Every tensor keeps its static size S: dropped and empty
+slots are sorted to the end and `offsets_E1[E]` says where the kept ones stop, so nothing here
+needs a host sync.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -82,3 +88,25 @@ def make_plan(
         n_experts=E,
         capacity=capacity,
     )
+
+
+def gather(x_TD: Tensor, token_S: Tensor) -> Tensor:
+    """x_SD [S, D]: row token_S[s] of x for each sorted slot (the input of grouped experts)."""
+    # embedding is the same row gather as index_select and an order of magnitude faster on CPU
+    return F.embedding(token_S, x_TD)
+
+
+def combine(out_ND: Tensor, token_S: Tensor, weight_S: Tensor | None, n_tokens: int) -> Tensor:
+    """y_TD [T, D] in out's dtype: y[t] = sum of weight_S[s] * out_ND[s] over t's sorted slots.
+
+    Only the first N = out_ND.shape[0] slots are read: a caller that knows where the kept ones
+    stop may pass just those. Accumulates in promote(out, weight) and rounds once; weight_S None
+    sums unweighted (outputs already scaled by their gate weight).
+    """
+    N = out_ND.shape[0]
+    acc = out_ND.dtype if weight_S is None else torch.promote_types(out_ND.dtype, weight_S.dtype)
+    contrib_ND = out_ND.to(acc)
+    if weight_S is not None:
+        contrib_ND = contrib_ND * weight_S[:N].unsqueeze(-1)
+    y_TD = torch.zeros(n_tokens, out_ND.shape[-1], dtype=acc, device=out_ND.device)
+    return y_TD.index_add(0, token_S[:N], contrib_ND).to(out_ND.dtype)

@@ -8,10 +8,12 @@ sum over survivors of merged weight * expert output, so a near-duplicate's contr
 replaced by the higher-weight expert's. Exact duplicates therefore leave y unchanged up to
 rounding; the merge matters when outputs agree in direction but not exactly.
 
-It needs every slot's own output, so it runs the experts once per token-slot through the same
-backend as the layer (the same FLOPs as the normal pass) and combines them itself. Training
-ignores the option: the merge is a hard, non-differentiable decision on expert outputs.
-Shape legend: T tokens, K slots per token, S = T * K token-slots, D model dim.
+It needs every slot's own output, so it asks the layer for stage 3 without the combine (the
+backend's per-slot outputs, the same FLOPs as the normal pass) and then combines them with the
+merged weights through `dispatch.combine`. Training ignores the option: the merge is a hard,
+non-differentiable decision on expert outputs.
+Shape legend: T tokens, K slots per token, S = T * K token-slots, N <= S leading sorted slots,
+D model dim.
 """
 
 from __future__ import annotations
@@ -23,23 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.dispatch import Plan, make_plan
+from moekit.dispatch import Plan, combine
 
 
-def slot_outputs(
-    x_TD: Tensor, experts_TK: Tensor, kept_TK: Tensor, plan: Plan, compute: Callable
-) -> Tensor:
-    """Unweighted output of each kept slot's expert [T, K, D] (zeros where not kept).
+def slot_outputs(out_ND: Tensor, plan: Plan) -> Tensor:
+    """Per-slot outputs in the router's slot order [T, K, D] (zeros where not kept).
 
-    Every slot becomes its own one-slot row (x repeated K times) so that the backend's combine,
-    with weight 1, returns per-slot outputs instead of their weighted sum.
+    out_ND: unweighted outputs of the plan's first N sorted slots, zero past the kept ones.
     """
-    T, K = experts_TK.shape
-    slot_S1 = torch.where(kept_TK, experts_TK, -1).reshape(T * K, 1)
-    ones_S1 = plan.weights_TK.new_ones(T * K, 1)
-    slot_plan = make_plan(slot_S1, ones_S1, ones_S1, plan.n_experts)
-    out_SD = compute(x_TD.repeat_interleave(K, dim=0), slot_plan)
-    return out_SD.view(T, K, x_TD.shape[-1])
+    T, K = plan.kept_TK.shape
+    flat_SD = out_ND.new_zeros(T * K, out_ND.shape[-1])
+    flat_SD.index_copy_(0, plan.order_S[: out_ND.shape[0]], out_ND)
+    return flat_SD.view(T, K, out_ND.shape[-1])
 
 
 def merge_duplicates(
@@ -79,16 +76,19 @@ def merge_duplicates(
 
 
 def deduplicated_compute(
-    x_TD: Tensor, experts_TK: Tensor, plan: Plan, compute: Callable, threshold: float
+    x_TD: Tensor, plan: Plan, compute_slots: Callable[[Tensor, Plan], Tensor], threshold: float
 ) -> tuple[Tensor, Plan, Tensor]:
-    """Stage 3 with librarian merging: (y [T, D], plan with merged weights_TK, fired fraction).
+    """Stage 3 with librarian merging: (y [T, D], plan with the merged weights, fired fraction).
 
+    compute_slots(x_TD, plan) -> [N, D] is stage 3 without the combine (`MoE.compute_slots`).
     The fraction is absorbed slots over kept slots (0 when nothing is kept).
     """
-    outputs_TKD = slot_outputs(x_TD, experts_TK, plan.kept_TK, plan, compute)
-    merged_TK, absorbed_TK = merge_duplicates(outputs_TKD, plan.weights_TK, plan.kept_TK, threshold)
-    acc = torch.promote_types(x_TD.dtype, merged_TK.dtype)
-    y_TD = torch.einsum("tk,tkd->td", merged_TK.to(acc), outputs_TKD.to(acc)).to(x_TD.dtype)
+    out_ND = compute_slots(x_TD, plan)
+    merged_TK, absorbed_TK = merge_duplicates(
+        slot_outputs(out_ND, plan), plan.weights_TK, plan.kept_TK, threshold
+    )
+    merged_S = merged_TK.reshape(-1)[plan.order_S]
+    y_TD = combine(out_ND, plan.token_S, merged_S, x_TD.shape[0])
     n_kept = plan.kept_TK.sum().clamp_min(1)
     fraction = absorbed_TK.sum() / n_kept
-    return y_TD, replace(plan, weights_TK=merged_TK), fraction.float()
+    return y_TD, replace(plan, weights_TK=merged_TK, weight_S=merged_S), fraction.float()

@@ -43,3 +43,36 @@ def test_auto_on_cpu_is_torch():
     from moekit.backends import torch as torch_backend
 
     assert get_backend("auto", torch.device("cpu"), torch.float32) is torch_backend.experts_forward
+
+
+@pytest.mark.skipif(
+    unsupported_reason("grouped_mm", torch.device("cpu"), torch.float32) is not None,
+    reason="torch._grouped_mm unavailable here",
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_per_slot_matches_torch_backend_and_is_zero_past_the_kept_rows(bias):
+    from moekit.backends import grouped_mm
+    from moekit.backends import torch as torch_backend
+    from moekit.dispatch import gather, make_plan
+
+    g = torch.Generator().manual_seed(3)
+    E, D, H = 4, 16, 12
+    leaves = [torch.randn(E, D, H, generator=g), torch.randn(E, H, D, generator=g)]
+    leaves += [torch.randn(E, H, generator=g), torch.randn(E, D, generator=g)] if bias else []
+    experts = torch.randint(0, E, (21, 2), generator=g)
+    plan = make_plan(experts, torch.ones(21, 2), torch.rand(21, 2, generator=g), E, capacity=7)
+    x_SD = gather(torch.randn(21, D, generator=g), plan.token_S)
+    n = int(plan.offsets_E1[-1])
+    assert n < 42  # capacity dropped some slots
+    results = []
+    for backend in (torch_backend, grouped_mm):
+        params = [t.clone().requires_grad_() for t in [x_SD, *leaves]]
+        w1, w2, b1, b2 = params[1], params[2], *(params[3:] if bias else (None, None))
+        out = backend.experts_per_slot(params[0], plan.offsets_E1, w1, w2, b1, b2, "gelu")
+        grads = torch.autograd.grad(out[:n].square().sum(), params)
+        results.append((out, grads))
+    (ref, ref_grads), (out, grads) = results
+    assert out.shape == (42, D) and torch.equal(out[n:], torch.zeros(42 - n, D))
+    assert torch.allclose(out[:n], ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)

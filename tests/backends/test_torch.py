@@ -5,7 +5,7 @@ import torch
 
 import moekit
 import moekit.backends.torch as torch_backend
-from moekit.dispatch import make_plan
+from moekit.dispatch import combine, gather, make_plan
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.8])
@@ -64,3 +64,32 @@ def test_inference_path_writes_the_same_output(bias):
     y_ref, _ = moekit.reference.moe_forward(moe, x)
     assert torch.allclose(y_inf, y_grad, rtol=1e-12, atol=1e-14)
     assert torch.allclose(y_inf, y_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_per_slot_outputs_are_each_slots_own_expert(capacity_factor, bias):
+    """experts_per_slot: row s is expert(x[token s]) unweighted; combined, it is the layer's y."""
+    torch.manual_seed(2)
+    cfg = moekit.MoEConfig(
+        d_model=8,
+        d_hidden=5,
+        n_experts=4,
+        k=2,
+        capacity_factor=capacity_factor,
+        expert=moekit.ExpertConfig(bias=bias),
+    )
+    moe = moekit.MoE(cfg).double()
+    x = torch.randn(13, 8, dtype=torch.float64)
+    _, plan = moe.route(x)
+    e = moe.experts
+    out = torch_backend.experts_per_slot(
+        gather(x, plan.token_S), plan.offsets_E1, e.w1, e.w2, e.b1, e.b2, e.activation
+    )
+    n = int(plan.offsets_E1[-1])
+    assert out.shape == (n, 8) and (n < 26) == (capacity_factor is not None)
+    for s in range(n):
+        want = e.expert(int(plan.expert_S[s]), x[plan.token_S[s]][None])[0]
+        assert torch.allclose(out[s], want, rtol=1e-12, atol=1e-12)
+    y = torch_backend.experts_forward(x, plan, e.w1, e.w2, e.b1, e.b2, e.activation)
+    assert torch.allclose(combine(out, plan.token_S, plan.weight_S, 13), y, rtol=1e-12, atol=1e-14)

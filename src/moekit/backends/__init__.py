@@ -1,12 +1,17 @@
 """Stage 3 of the layer: compute the routed experts given a `Plan`.
 
-Every backend implements one function with the same contract::
+Every backend implements stage 3 whole, and its grouped middle, with the same contracts::
 
     experts_forward(x_TD, plan, w1, w2, b1, b2, activation) -> y_TD
+    experts_per_slot(x_SD, offsets_E1, w1, w2, b1, b2, activation) -> out_ND
 
 x_TD [T, D]; w1 [E, D, H1]; w2 [E, H, D] (any strides); b1 [E, H1] | None; b2 [E, D] | None.
-y_TD[t] = sum over t's kept slots of weight * expert(x_t), in x's dtype. Backends never
-change what is computed: each matches `moekit.reference` in the tests.
+experts_forward: y_TD[t] = sum over t's kept slots of weight * expert(x_t), in x's dtype.
+experts_per_slot: rows already sorted by expert (`dispatch.gather`), expert e on rows
+offsets_E1[e]:offsets_E1[e + 1], unweighted; N rows with offsets_E1[E] <= N <= S, zero past
+the kept ones. `dispatch.combine` turns them into y_TD, so callers that need every slot's own
+output (expert parallelism, the librarian) share one combine. Backends never change what is
+computed: each matches `moekit.reference` in the tests.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from types import ModuleType
 
 import torch
 
-# name -> module; a module exposes experts_forward(...) and supported(device, dtype) -> str | None
+# name -> module; a module exposes experts_forward, experts_per_slot and
+# supported(device, dtype) -> str | None
 _MODULES = {
     "torch": "moekit.backends.torch",
     "grouped_mm": "moekit.backends.grouped_mm",
@@ -47,14 +53,20 @@ def unsupported_reason(name: str, device: torch.device, dtype: torch.dtype) -> s
     return module.supported(device, dtype)
 
 
-def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Callable:
-    """The experts_forward function for `name` ("auto" picks the fastest that runs here)."""
+def get_backend(
+    name: str, device: torch.device, dtype: torch.dtype, per_slot: bool = False
+) -> Callable:
+    """experts_forward of backend `name`, or experts_per_slot when per_slot.
+
+    "auto" picks the fastest backend that runs on (device, dtype).
+    """
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-            if unsupported_reason(candidate, device, dtype) is None:
-                return _module(candidate).experts_forward
-        name = "torch"
+        candidates = _AUTO_ORDER.get(device.type, ("torch",))
+        name = next(
+            (c for c in candidates if unsupported_reason(c, device, dtype) is None), "torch"
+        )
     reason = unsupported_reason(name, device, dtype)
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run here: {reason}")
-    return _module(name).experts_forward
+    module = _module(name)
+    return module.experts_per_slot if per_slot else module.experts_forward

@@ -1,7 +1,8 @@
 """`torch._grouped_mm` backend: two grouped GEMMs over the expert-sorted rows, no host sync.
 
 Rows past the last kept slot are computed over garbage and masked out with `where`, so the
-sizes stay static (graph-capturable). Shape legend as in `moekit.backends.torch`.
+sizes stay static (graph-capturable); `experts_forward` is `dispatch.combine` of the per-slot
+outputs. Shape legend as in `moekit.backends.torch`.
 """
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ from __future__ import annotations
 from functools import cache
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.dispatch import Plan
+from moekit.dispatch import Plan, combine, gather
 from moekit.experts import activate
 
 
@@ -39,6 +39,45 @@ def supported(device: torch.device, dtype: torch.dtype) -> str | None:
     return _probe(device.type, device.index, dtype)
 
 
+def _grouped(x_SD: Tensor, offsets_E1: Tensor, w1, w2, b1, b2, activation: str) -> Tensor:
+    """[S, D] expert outputs of the sorted rows; rows past the kept ones hold b2 (or 0)."""
+    S, E = x_SD.shape[0], offsets_E1.shape[0] - 1
+    ends_E = offsets_E1[1:].to(torch.int32)
+    rows_S = torch.arange(S, device=x_SD.device)
+    keep_S1 = (rows_S < offsets_E1[E]).unsqueeze(-1)
+    expert_S = torch.searchsorted(offsets_E1[1:], rows_S, right=True).clamp_max(E - 1)
+    # every grouped_mm input is zeroed past the kept rows: the gradients grouped_mm returns
+    # for those rows are unspecified and must not flow back into x, b1 or the activation
+    x_SD = torch.where(keep_S1, x_SD, 0.0)
+    # outputs past the kept rows are unspecified (NaN possible): zero them before any
+    # elementwise op, whose backward would turn 0 * NaN into NaN gradients (b1, gate weights)
+    h = torch.where(keep_S1, torch._grouped_mm(x_SD, w1.to(x_SD.dtype), offs=ends_E), 0.0)
+    if b1 is not None:
+        h = h + b1.to(h.dtype).index_select(0, expert_S)
+    a_SH = torch.where(keep_S1, activate(h, activation), 0.0)
+    out_SD = torch.where(keep_S1, torch._grouped_mm(a_SH, w2.to(x_SD.dtype), offs=ends_E), 0.0)
+    if b2 is not None:
+        out_SD = out_SD + b2.to(out_SD.dtype).index_select(0, expert_S)
+    return out_SD
+
+
+def experts_per_slot(
+    x_SD: Tensor,
+    offsets_E1: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Tensor | None,
+    b2: Tensor | None,
+    activation: str,
+) -> Tensor:
+    """Unweighted outputs [S, D] of the sorted rows, zero past the kept ones."""
+    out_SD = _grouped(x_SD, offsets_E1, w1, w2, b1, b2, activation)
+    if b2 is None:
+        return out_SD
+    keep_S1 = (torch.arange(x_SD.shape[0], device=x_SD.device) < offsets_E1[-1]).unsqueeze(-1)
+    return torch.where(keep_S1, out_SD, 0.0)
+
+
 def experts_forward(
     x_TD: Tensor,
     plan: Plan,
@@ -48,24 +87,6 @@ def experts_forward(
     b2: Tensor | None,
     activation: str,
 ) -> Tensor:
-    E = plan.n_experts
-    ends_E = plan.offsets_E1[1:].to(torch.int32)
-    kept_S = plan.expert_S < E
-    expert_S = plan.expert_S.clamp_max(E - 1)
-    # every grouped_mm input is zeroed past the kept rows: the gradients grouped_mm returns
-    # for those rows are unspecified and must not flow back into x, b1 or the activation
-    keep_S1 = kept_S.unsqueeze(-1)
-    x_SD = torch.where(keep_S1, F.embedding(plan.token_S, x_TD), 0.0)
-    # outputs past the kept rows are unspecified (NaN possible): zero them before any
-    # elementwise op, whose backward would turn 0 * NaN into NaN gradients (b1, gate weights)
-    h = torch.where(keep_S1, torch._grouped_mm(x_SD, w1.to(x_TD.dtype), offs=ends_E), 0.0)
-    if b1 is not None:
-        h = h + b1.to(h.dtype).index_select(0, expert_S)
-    a_SH = torch.where(keep_S1, activate(h, activation), 0.0)
-    out_SD = torch.where(keep_S1, torch._grouped_mm(a_SH, w2.to(x_TD.dtype), offs=ends_E), 0.0)
-    if b2 is not None:
-        out_SD = out_SD + b2.to(out_SD.dtype).index_select(0, expert_S)
-    # dropped slots carry weight 0, so their (finite) rows add nothing
-    contrib_SD = out_SD.to(plan.weight_S.dtype) * plan.weight_S.unsqueeze(-1)
-    y_TD = torch.zeros(x_TD.shape, dtype=contrib_SD.dtype, device=x_TD.device)
-    return y_TD.index_add(0, plan.token_S, contrib_SD).to(x_TD.dtype)
+    # dropped slots carry weight 0, so their (finite) b2 rows add nothing
+    out_SD = _grouped(gather(x_TD, plan.token_S), plan.offsets_E1, w1, w2, b1, b2, activation)
+    return combine(out_SD, plan.token_S, plan.weight_S, x_TD.shape[0])

@@ -1,7 +1,7 @@
 """The reference-quality vectorised backend, and the CPU path.
 
 Slots arrive sorted by expert, so each expert's rows are one contiguous slice: one matmul
-pair per expert slice, then a weighted index_add combine. (A padded [E, C_max, D] batched
+pair per expert slice, then `dispatch.combine`. (A padded [E, C_max, D] batched
 matmul was measured slower than this loop on a 2-core CPU even with 64 small experts.)
 Shape legend: T tokens, S sorted token-slots (N kept), E experts, D model dim,
 H1 expert hidden (2H when gated), H activation width.
@@ -10,10 +10,9 @@ H1 expert hidden (2H when gated), H activation width.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.dispatch import Plan
+from moekit.dispatch import Plan, combine, gather
 from moekit.experts import activate
 
 
@@ -21,13 +20,13 @@ def supported(device: torch.device, dtype: torch.dtype) -> str | None:
     return None if dtype.is_floating_point else f"dtype {dtype} is not floating point"
 
 
-def _sync_expert_bounds(plan: Plan) -> list[int]:
+def _sync_expert_bounds(offsets_E1: Tensor) -> list[int]:
     """Per-expert slice bounds on the host.
 
     NOTE: host sync. Python slicing needs the counts; the grouped_mm and triton backends
     keep them on the device instead.
     """
-    return plan.offsets_E1.tolist()
+    return offsets_E1.tolist()
 
 
 def _mlp(
@@ -81,6 +80,29 @@ def _per_expert(x_ND: Tensor, sizes: list[int], w1, w2, b1, b2, act: str, scale_
     return torch.cat(pieces)
 
 
+def _grouped(x_ND: Tensor, bounds: list[int], w1, w2, b1, b2, act: str, scale_N1) -> Tensor:
+    """[N, D] outputs of the N = bounds[-1] kept sorted rows, one matmul pair per expert."""
+    if bounds[-1] == 0:
+        return x_ND.new_zeros(0, w2.shape[-1])
+    sizes = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    return _per_expert(x_ND, sizes, w1, w2, b1, b2, act, scale_N1)
+
+
+def experts_per_slot(
+    x_SD: Tensor,
+    offsets_E1: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Tensor | None,
+    b2: Tensor | None,
+    activation: str,
+) -> Tensor:
+    """Unweighted outputs [N, D] of the N kept sorted rows (contract in `moekit.backends`)."""
+    bounds = _sync_expert_bounds(offsets_E1)
+    x_ND = x_SD if x_SD.shape[0] == bounds[-1] else x_SD[: bounds[-1]]  # no needless slice node
+    return _grouped(x_ND, bounds, w1, w2, b1, b2, activation, None)
+
+
 def experts_forward(
     x_TD: Tensor,
     plan: Plan,
@@ -90,22 +112,17 @@ def experts_forward(
     b2: Tensor | None,
     activation: str,
 ) -> Tensor:
-    bounds = _sync_expert_bounds(plan)
-    n_kept = bounds[-1]
+    bounds = _sync_expert_bounds(plan.offsets_E1)
+    n_kept, T = bounds[-1], x_TD.shape[0]
     out_dtype = torch.promote_types(x_TD.dtype, plan.weight_S.dtype)
-    y_TD = torch.zeros(x_TD.shape, dtype=out_dtype, device=x_TD.device)
     if n_kept == 0:
-        return y_TD.to(x_TD.dtype)
+        return torch.zeros(x_TD.shape, dtype=out_dtype, device=x_TD.device).to(x_TD.dtype)
     token_N = plan.token_S[:n_kept]
-    # gather rows grouped by expert; embedding is the same row gather as index_select and
-    # an order of magnitude faster on CPU
-    x_ND = F.embedding(token_N, x_TD)
-    weight_N1 = plan.weight_S[:n_kept].unsqueeze(-1)
+    x_ND = gather(x_TD, token_N)
     # scale by the gate weight on the narrower side of w2 (bias b2 must be scaled too)
-    scale_early = b2 is None and w2.shape[-2] <= w2.shape[-1]
-    scale_N1 = weight_N1 if scale_early else None
-    sizes = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    out_ND = _per_expert(x_ND, sizes, w1, w2, b1, b2, activation, scale_N1)
-    if not scale_early:
-        out_ND = out_ND * weight_N1
-    return y_TD.index_add(0, token_N, out_ND.to(out_dtype)).to(x_TD.dtype)
+    if b2 is None and w2.shape[-2] <= w2.shape[-1]:
+        scale_N1 = plan.weight_S[:n_kept].unsqueeze(-1)
+        out_ND = _grouped(x_ND, bounds, w1, w2, b1, b2, activation, scale_N1)
+        return combine(out_ND.to(out_dtype), token_N, None, T).to(x_TD.dtype)
+    out_ND = _grouped(x_ND, bounds, w1, w2, b1, b2, activation, None)
+    return combine(out_ND, token_N, plan.weight_S, T)

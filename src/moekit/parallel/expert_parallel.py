@@ -3,7 +3,8 @@
 Each rank routes its own tokens with a replicated router and makes the same `Plan` the
 single-process layer makes, so the layer on rank r computes exactly `moekit.MoE` applied to
 rank r's tokens. Only stage 3 differs: kept token-slots travel to the rank owning their expert
-(all-to-all), run through the usual backend seam on a local Plan, and travel back.
+(all-to-all), run through the backend's per-slot half grouped by local expert, travel back, and
+`dispatch.combine` sums them per token as in the single-process layer.
 
 Shape legend: T tokens on this rank, S = T * K token-slots, N kept slots this rank sends,
 M slots it receives, R ranks in the group, L = E / R experts per rank, D model dim.
@@ -18,7 +19,7 @@ from torch.distributed import ProcessGroup
 
 from moekit.backends import get_backend
 from moekit.config import MoEConfig
-from moekit.dispatch import Plan, make_plan
+from moekit.dispatch import Plan, combine, gather
 from moekit.layer import MoE
 from moekit.parallel.comm import _sync_split_sizes, all_to_all
 
@@ -59,11 +60,16 @@ class ExpertParallelMoE(MoE):
     # stage 3 ---------------------------------------------------------------------------------
     def compute(self, x_TD: Tensor, plan: Plan) -> Tensor:
         """Send kept slots to their expert's rank, run local experts, combine the answers."""
+        out_ND = self.compute_slots(x_TD, plan)
+        return combine(out_ND, plan.token_S, plan.weight_S, x_TD.shape[0])
+
+    def compute_slots(self, x_TD: Tensor, plan: Plan) -> Tensor:
+        """Unweighted outputs [N, D] of this rank's N kept sorted slots, each computed on the
+        rank that owns its expert."""
         counts_RL = plan.counts_E.view(self.ep_size, self.n_local)
         send_R, recv_R, recv_counts_RL = _sync_split_sizes(counts_RL, self.group)
-        N = sum(send_R)
-        token_N = plan.token_S[:N]  # kept slots come first, sorted by expert, so by rank
-        x_ND = x_TD.index_select(0, token_N)
+        # kept slots come first, sorted by expert, so by rank
+        x_ND = gather(x_TD, plan.token_S[: sum(send_R)])
         if torch.is_grad_enabled() and not x_ND.requires_grad:
             # every rank must run the backward exchange, even where x needs no gradient
             x_ND = x_ND.detach().requires_grad_()
@@ -71,28 +77,25 @@ class ExpertParallelMoE(MoE):
         out_MD = self._local_experts(x_MD, recv_counts_RL)
         if x_MD.shape[0] == 0:  # backends return a constant here; keep the graph through x_MD
             out_MD = out_MD + x_MD
-        out_ND = all_to_all(out_MD, recv_R, send_R, self.group)
-        out_dtype = torch.promote_types(x_TD.dtype, plan.weight_S.dtype)
-        contrib_ND = out_ND * plan.weight_S[:N].unsqueeze(-1)
-        y_TD = torch.zeros(x_TD.shape, dtype=out_dtype, device=x_TD.device)
-        return y_TD.index_add(0, token_N, contrib_ND.to(out_dtype)).to(x_TD.dtype)
+        return all_to_all(out_MD, recv_R, send_R, self.group)
 
     def _local_experts(self, x_MD: Tensor, recv_counts_RL: Tensor) -> Tensor:
-        """Unweighted expert outputs for received rows, in received order, via the backend seam.
+        """Unweighted expert outputs for received rows, in received order.
 
-        Rows arrive grouped by source rank, then by local expert; each row is its own "token"
-        with one slot of weight 1 in a local Plan, so any backend computes them unchanged.
+        Rows arrive grouped by source rank, then by local expert: a stable sort by local expert
+        groups them for the backend's per-slot half, and the outputs go back to received order.
         """
         M, L = x_MD.shape[0], self.n_local
         local_ids_RL = torch.arange(L, device=x_MD.device).repeat(self.ep_size)
-        expert_M1 = torch.repeat_interleave(
-            local_ids_RL, recv_counts_RL.reshape(-1), output_size=M
-        ).unsqueeze(-1)
-        ones_M1 = torch.ones(M, 1, dtype=torch.float32, device=x_MD.device)
-        plan = make_plan(expert_M1, ones_M1, ones_M1, L)
-        experts_forward = get_backend(self.cfg.backend, x_MD.device, x_MD.dtype)
+        expert_M = torch.repeat_interleave(local_ids_RL, recv_counts_RL.reshape(-1), output_size=M)
+        order_M = torch.argsort(expert_M, stable=True)
+        counts_L = recv_counts_RL.sum(0)
+        offsets_L1 = torch.cat([counts_L.new_zeros(1), torch.cumsum(counts_L, 0)])
+        experts_per_slot = get_backend(self.cfg.backend, x_MD.device, x_MD.dtype, per_slot=True)
         e = self.experts
-        return experts_forward(x_MD, plan, e.w1, e.w2, e.b1, e.b2, e.activation)
+        x_SD = gather(x_MD, order_M)  # every received row is kept: S = M
+        out_SD = experts_per_slot(x_SD, offsets_L1, e.w1, e.w2, e.b1, e.b2, e.activation)
+        return torch.zeros_like(out_SD).index_copy(0, order_M, out_SD)
 
     # conversion --------------------------------------------------------------------------------
     @classmethod
