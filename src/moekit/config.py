@@ -15,6 +15,9 @@ from typing import Any
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu", "geglu", "reglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu")
 NOISES = ("none", "gaussian", "gumbel", "jitter")
+PRE_NORMS = ("none", "rms")
+# options a router schedule may anneal: capacity_factor is MoEConfig's, the rest RouterConfig's
+SCHEDULED = ("temperature", "noise_std", "capacity_factor")
 INITS = ("normal", "xavier", "depth_scaled")
 FALLBACKS = ("zero", "dense")
 
@@ -68,6 +71,15 @@ class RouterConfig:
     temperature: float = 1.0  # logits / temperature before scoring
     noise: str = "none"  # training-only: none | gaussian | gumbel (on logits) | jitter (on x)
     noise_std: float = 1.0
+    dropout: float = 0.0  # training only: dropout on the router's input (experts see x as is)
+    pre_norm: str = "none"  # "rms": RMSNorm (with its own weight) of the router's input
+    # training only: each chosen slot is dropped with this probability and the survivors'
+    # weights are scaled by 1 / (1 - p), so a token's expected output is unchanged
+    expert_dropout: float = 0.0
+    # options the trainer anneals, by name (SCHEDULED): "2.0 -> 1.0 over 1000" or a dict;
+    # the option itself holds the value now (the end value once the anneal is over); the
+    # values become moekit.routing.schedule.Schedule objects
+    schedules: dict[str, Any] | None = None
     # selected weights sum to 1 for every k, so top-1 weighs 1.0 (Mixtral; HF norm_topk_prob);
     # False keeps the raw scores (Switch Transformer's top-1, Qwen/OLMoE defaults)
     renormalize: bool = True
@@ -109,6 +121,12 @@ class RouterConfig:
         ):
             _positive(f"router.{name}", getattr(self, name), allow_zero=True)
         _positive("router.scaling_factor", self.scaling_factor)
+        _choice("router.pre_norm", self.pre_norm, PRE_NORMS)
+        for name in ("dropout", "expert_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+                raise ValueError(f"router.{name}={value!r} must be in [0, 1)")
+        self._check_schedules()
         if self.n_groups < 1:
             raise ValueError(f"router.n_groups={self.n_groups} must be >= 1")
         n_sets = self.n_groups if self.constellations is None else len(self.constellations)
@@ -124,6 +142,26 @@ class RouterConfig:
                     f"router.constellations: router.kind={self.kind!r} does not support them"
                 )
             self._check_constellations()
+
+    def _check_schedules(self) -> None:
+        """Parse each schedule and check its values are ones the option may take."""
+        from moekit.routing.schedule import Schedule
+
+        if self.schedules is None:
+            return
+        if not isinstance(self.schedules, dict):
+            raise ValueError(f"router.schedules={self.schedules!r} must map option names")
+        parsed = {}
+        for name, value in self.schedules.items():
+            _choice("router.schedules key", name, SCHEDULED)
+            key = f"router.schedules.{name}"
+            schedule = Schedule.parse(value, key)
+            for end in ("start", "end"):
+                _positive(f"{key}.{end}", getattr(schedule, end), allow_zero=name == "noise_std")
+            parsed[name] = schedule
+        if "noise_std" in parsed and self.noise == "none":
+            raise ValueError("router.schedules.noise_std needs router.noise other than 'none'")
+        self.schedules = parsed or None
 
     def _build_options(self, legacy: dict[str, Any]) -> RouterOptions:
         """The kind's options dataclass from None, a dict, or options (of any router) by name."""

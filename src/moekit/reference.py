@@ -3,7 +3,8 @@
 Every fast path (backends, kernels, parallel layers) is tested against `moe_forward`.
 It reads the layer's parameters but shares none of its routing or dispatch code: routing
 comes from the router class's own `reference` (`moekit.reference_routing` for the built-in
-ones). It is deterministic (no noise) and never updates buffers such as the sigmoid bias.
+ones). It is deterministic (no noise, no dropout) and never updates buffers such as the
+sigmoid bias. The router's input norm (RouterConfig.pre_norm) is applied here, token by token.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from moekit.layer import MoE, MoEInfo, check_input
-from moekit.routing.base import router_dtype
+from moekit.routing.base import Router, router_dtype
 from moekit.routing.losses import router_losses, routing_metrics, weighted_aux_loss
 
 
@@ -33,13 +34,29 @@ def _capacity_keep(
     return keep
 
 
+def _router_input(router: Router, xs: Tensor) -> Tensor:
+    """What the router reads: x, or with RouterConfig.pre_norm x_t / rms(x_t) * weight per token."""
+    if router.norm is None:
+        return xs
+    dtype = router_dtype(xs.dtype)
+    weight, eps = router.norm.weight.to(dtype), router.norm.eps
+    rows = []
+    for t in range(xs.shape[0]):
+        x_t = xs[t].to(dtype)
+        rms = torch.sqrt((x_t * x_t).sum() / x_t.numel() + eps)
+        rows.append(x_t / rms * weight)
+    return torch.stack(rows) if rows else xs.to(dtype)
+
+
 def moe_forward(moe: MoE, x: Tensor) -> tuple[Tensor, MoEInfo]:
     """Same contract as `moe(x)`, computed token by token; routing by the router's oracle."""
     cfg = moe.cfg
     router = type(moe.router)
-    if moe.training and cfg.router.noise != "none":
+    r = cfg.router
+    if moe.training and (r.noise != "none" or r.dropout > 0 or r.expert_dropout > 0):
         raise ValueError(
-            "the reference is deterministic: call moe.eval() or use router.noise='none'"
+            "the reference is deterministic: call moe.eval() or use router.noise='none', "
+            "router.dropout=0 and router.expert_dropout=0"
         )
     if router.reference is None:
         raise ValueError(
@@ -51,7 +68,7 @@ def moe_forward(moe: MoE, x: Tensor) -> tuple[Tensor, MoEInfo]:
     xs = x.reshape(-1, cfg.d_model)
     T, E = xs.shape[0], cfg.n_experts
     dtype = router_dtype(x.dtype)
-    routing = router.reference(moe.router, xs)
+    routing = router.reference(moe.router, _router_input(moe.router, xs))
     weights, priority = routing.weights, routing.priority
     chosen = routing.experts.tolist()
     capacity = cfg.capacity(T) if router.uses_capacity else None

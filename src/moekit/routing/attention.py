@@ -65,4 +65,4 @@ class AttentionRouter(TopKRouter):
         q_TNA = (x_TD.to(dtype) @ self.query.to(dtype).T).view(T, N, A)
         k_ENA = (self.weight.to(dtype) @ self.key.to(dtype).T).view(-1, N, A)
         scores_TE = torch.einsum("tna,ena->te", q_TNA, k_ENA) / (N * math.sqrt(A))
-        return scores_TE / self.rcfg.temperature
+        return scores_TE / self.live("temperature")

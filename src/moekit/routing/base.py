@@ -7,7 +7,7 @@ E for expert choice), D model dim.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -15,6 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+
+# scheduled options the router reads as device scalars (capacity_factor stays a Python number:
+# the plan's capacity is a size)
+LIVE_OPTIONS = ("temperature", "noise_std")
 
 
 @dataclass
@@ -92,12 +96,37 @@ def renormalize(weights_TK: Tensor) -> Tensor:
     )
 
 
+class InputNorm(nn.Module):
+    """RMSNorm of the router's input (Zhang & Sennrich 2019), in router precision."""
+
+    eps = 1e-6
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        x = x_TD.to(router_dtype(x_TD.dtype))
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def drop_slots(routing: Routing, p: float) -> Routing:
+    """Expert dropout: each chosen slot is emptied with probability p, survivors scaled 1/(1-p)."""
+    keep_TK = torch.rand(routing.experts.shape, device=routing.experts.device) >= p
+    return replace(
+        routing,
+        experts=torch.where(keep_TK, routing.experts, -1),
+        weights=torch.where(keep_TK, routing.weights / (1.0 - p), 0.0),
+    )
+
+
 class Router(nn.Module):
     """Base router: float32 logits x @ weight.T, temperature and training noise.
 
     Subclasses implement `select(logits_TE) -> Routing`; everything else is shared so every
-    router gets the same noise options, losses and metrics. The class attributes below tell
-    the layer, the oracle and the server how to treat a router, so none of them asks its name.
+    router gets the same input norm, dropouts, noise, schedules, losses and metrics. The class
+    attributes below tell the layer, the oracle and the server how to treat a router, so none
+    of them asks its name.
     """
 
     # MoEConfig.capacity_factor drops this router's slots (False: it sizes its own choices)
@@ -120,17 +149,45 @@ class Router(nn.Module):
         self.k = cfg.k
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         nn.init.normal_(self.weight, std=cfg.expert.init_std)
+        self.norm = InputNorm(cfg.d_model) if cfg.router.pre_norm == "rms" else None
+        # scheduled router options as device scalars: moving them recompiles nothing
+        for name in LIVE_OPTIONS:
+            if name in (cfg.router.schedules or {}):
+                value = torch.tensor(getattr(cfg.router, name), dtype=torch.float32)
+                self.register_buffer(f"live_{name}", value, persistent=False)
+
+    def live(self, name: str) -> float | Tensor:
+        """Router option `name` now: a device scalar when scheduled, else the config's number."""
+        value = getattr(self, f"live_{name}", None)
+        return getattr(self.rcfg, name) if value is None else value
+
+    @torch.no_grad()
+    def set_step(self, step: int) -> dict[str, float]:
+        """Set every scheduled option to its value at optimiser step `step`; returns them."""
+        values = {}
+        for name, schedule in (self.rcfg.schedules or {}).items():
+            values[name] = schedule.value(step)
+            if name == "capacity_factor":
+                self.cfg.capacity_factor = values[name]
+            else:
+                setattr(self.rcfg, name, values[name])
+                getattr(self, f"live_{name}").fill_(values[name])  # no host sync
+        return values
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """Clean logits [T, E] in router precision, divided by the temperature."""
         dtype = router_dtype(x_TD.dtype)
-        return F.linear(x_TD.to(dtype), self.weight.to(dtype)) / self.rcfg.temperature
+        return F.linear(x_TD.to(dtype), self.weight.to(dtype)) / self.live("temperature")
 
     def forward(self, x_TD: Tensor) -> Routing:
-        noise, std = self.rcfg.noise, self.rcfg.noise_std
-        noisy = self.training and noise != "none" and std > 0
+        if self.norm is not None:
+            x_TD = self.norm(x_TD)
+        if self.training and self.rcfg.dropout > 0:
+            x_TD = F.dropout(x_TD, self.rcfg.dropout)
+        noise, std = self.rcfg.noise, self.live("noise_std")
+        noisy = self.training and noise != "none" and (isinstance(std, Tensor) or std > 0)
         if noisy and noise == "jitter":  # Switch Transformer multiplicative input jitter
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - std, 1.0 + std)
+            x_TD = x_TD * _jitter(x_TD, std)
         logits_TE = self.logits(x_TD)
         scored_TE = logits_TE
         if noisy and noise == "gaussian":  # noisy top-k gating (Shazeer et al. 2017)
@@ -140,7 +197,16 @@ class Router(nn.Module):
             scored_TE = logits_TE - torch.log(-torch.log(u)) * std
         routing = self.select(scored_TE)
         routing.logits = logits_TE
+        if self.training and self.rcfg.expert_dropout > 0:
+            routing = drop_slots(routing, self.rcfg.expert_dropout)
         return routing
 
     def select(self, logits_TE: Tensor) -> Routing:
         raise NotImplementedError
+
+
+def _jitter(x_TD: Tensor, std: float | Tensor) -> Tensor:
+    """Uniform factors in [1 - std, 1 + std] shaped like x; std may be a device scalar."""
+    if isinstance(std, Tensor):
+        return 1.0 + torch.empty_like(x_TD).uniform_(-1.0, 1.0) * std
+    return torch.empty_like(x_TD).uniform_(1.0 - std, 1.0 + std)
