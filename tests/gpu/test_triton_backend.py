@@ -17,9 +17,11 @@ pytestmark = [
 
 from moekit import MoE, MoEConfig  # noqa: E402
 from moekit.backends.torch import experts_forward as torch_experts  # noqa: E402
+from moekit.backends.torch import experts_per_slot as torch_per_slot  # noqa: E402
 from moekit.backends.triton import experts_forward as triton_experts  # noqa: E402
+from moekit.backends.triton import experts_per_slot as triton_per_slot  # noqa: E402
 from moekit.config import ACTIVATIONS, GATED_ACTIVATIONS  # noqa: E402
-from moekit.dispatch import make_plan  # noqa: E402
+from moekit.dispatch import gather, make_plan  # noqa: E402
 
 
 def _case(seed: int, activation: str, dtype: torch.dtype, bias: bool, transposed: bool):
@@ -132,3 +134,27 @@ def test_torch_compile_runs_the_layer() -> None:
     assert torch.equal(y, y_eager)
     y.float().square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_per_slot_matches_float64_reference(dtype: torch.dtype) -> None:
+    """experts_per_slot (expert parallelism's and the librarian's half) and its gradients."""
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    x, w1, w2, b1, b2, logits, K, capacity = _case(3, "swiglu", dtype, True, True)
+    weights, experts = torch.softmax(logits, -1).topk(K, -1)
+    plan = make_plan(experts, weights, weights, logits.shape[1], capacity)
+    n = int(plan.offsets_E1[-1])
+    dout = torch.randn(n, x.shape[1], device="cuda").to(dtype)  # exact in both dtypes
+    results = []
+    for fn, cast in ((torch_per_slot, torch.float64), (triton_per_slot, dtype)):
+        params = [t.detach().to(cast).requires_grad_() for t in (x, w1, w2, b1, b2)]
+        out = fn(gather(params[0], plan.token_S), plan.offsets_E1, *params[1:], "swiglu")
+        grads = torch.autograd.grad(out[:n], params, dout.to(cast))
+        results.append((out, grads))
+    (ref, ref_grads), (out, grads) = results
+    assert out.dtype == dtype and torch.equal(out[n:], torch.zeros_like(out[n:]))
+    for name, o, r in zip(
+        ["out", "dx", "dw1", "dw2", "db1", "db2"], (out[:n], *grads), (ref, *ref_grads), strict=True
+    ):
+        err = ((o.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
+        assert err < tol, f"{name}: rel err {err:.2e}"

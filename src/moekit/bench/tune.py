@@ -99,7 +99,7 @@ def tune(out: str = "") -> dict[str, Any]:
 
     from moekit.backends.triton.align import schedule
     from moekit.backends.triton.configs import _DIR, DEFAULT, device_key
-    from moekit.backends.triton.up import grouped_gemm
+    from moekit.backends.triton.up import Tiles, gemm_down, gemm_up
 
     table = {}
     for cls, per_shape in _TUNE_T.items():
@@ -116,12 +116,11 @@ def tune(out: str = "") -> dict[str, Any]:
                     for x, w1, w2, a, plan in cases:
                         S = plan.token_S.shape[0]
                         sched = schedule(plan.offsets_E1, S, block_m)
+                        tiles = Tiles(plan.offsets_E1, block_m, *sched)
                         if kernel == "up":
-                            args = (x, w1, sched, plan.offsets_E1, S, cfg, block_m)
-                            kw = {"gather_S": plan.token_S, "activation": "swiglu"}
+                            fn = partial(gemm_up, x, w1, None, tiles, cfg, "swiglu", plan.token_S)
                         else:
-                            args, kw = (a, w2, sched, plan.offsets_E1, S, cfg, block_m), {}
-                        fn = partial(grouped_gemm, *args, **kw)
+                            fn = partial(gemm_down, a, w2, None, tiles, cfg)
                         total += float(do_bench(fn, warmup=5, rep=30, return_mode="median"))
                 except Exception as err:  # configs past the shared-memory limit fail to compile
                     print(f"tune {cls} {kernel} bm={block_m} {cfg}: {type(err).__name__}")
@@ -154,7 +153,7 @@ def tune_backward(
     from moekit.backends.triton import backward as bw
     from moekit.backends.triton.align import schedule
     from moekit.backends.triton.configs import config_by_key
-    from moekit.backends.triton.up import grouped_gemm
+    from moekit.backends.triton.up import Tiles, gemm_dx
 
     gemm_keys = ("block_n", "block_k", "group_m", "num_warps", "num_stages")
     gemms = [(128, 64, 8, 8, 3), (128, 64, 8, 8, 4), (256, 64, 8, 8, 3), (128, 64, 8, 4, 4)]
@@ -181,9 +180,7 @@ def tune_backward(
                         S, off = plan.token_S.shape[0], plan.offsets_E1
                         sched = schedule(off, S, block_m)
                         if kind == "dx":
-                            fn = partial(
-                                grouped_gemm, h1, w1.transpose(1, 2), sched, off, S, cfg, block_m
-                            )
+                            fn = partial(gemm_dx, h1, w1, Tiles(off, block_m, *sched), cfg)
                         elif kind == "wgrad":
                             dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
 

@@ -2,9 +2,11 @@
 combine, with Triton backward kernels. No host sync: the tile schedule is built on the
 device (`align`), so the layer runs under CUDA graphs and torch.compile.
 
-Files: align (tile schedule), up (gather + up-projection + activation), down (down-projection
-+ deterministic combine), backward (dh, weight gradients, dX and the autograd Function),
-decode (the small-batch column split), configs (tuned configs as data, per shape class).
+Files: align (tile schedule), up (the grouped GEMM, its up / down / dX launchers and the fused
+up-projection op), down (down-projection op + deterministic combine), backward (dh, weight
+gradients, dX: the two backward ops), autograd (the fused and per-slot autograd Functions),
+decode (the small-batch column split), configs (tuned configs as data, per shape class),
+checks (operand checks of the launchers).
 Shape legend: T tokens, S sorted token-slots, E experts, D model dim, H1 = w1's last dim.
 """
 
@@ -32,6 +34,11 @@ def supported(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"device {device.type} needs CUDA (or TRITON_INTERPRET=1 on the CPU)"
 
 
+def _training(*params: Tensor | None) -> bool:
+    """Whether autograd will need the backward (then the forward keeps h1)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+
+
 def experts_forward(
     x_TD: Tensor,
     plan: Plan,
@@ -42,12 +49,10 @@ def experts_forward(
     activation: str,
 ) -> Tensor:
     """The backend contract of `moekit.backends`: y_TD in x's dtype."""
-    from moekit.backends.triton.backward import FusedExperts
+    from moekit.backends.triton.autograd import FusedExperts
 
     if x_TD.shape[0] == 0 or plan.token_S.shape[0] == 0:  # static shapes: no sync
         return x_TD.new_zeros(x_TD.shape) + 0.0 * x_TD
-    params = (x_TD, plan.weight_S, w1, w2, b1, b2)
-    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
     return FusedExperts.apply(
         x_TD,
         plan.weight_S,
@@ -60,5 +65,23 @@ def experts_forward(
         plan.kept_TK,
         plan.offsets_E1,
         activation,
-        train,  # keep h1 for the backward pass
+        _training(x_TD, plan.weight_S, w1, w2, b1, b2),
     )
+
+
+def experts_per_slot(
+    x_SD: Tensor,
+    offsets_E1: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Tensor | None,
+    b2: Tensor | None,
+    activation: str,
+) -> Tensor:
+    """Unweighted outputs [S, D] of the sorted rows, zero past the kept ones (the contract)."""
+    from moekit.backends.triton.autograd import PerSlotExperts
+
+    if x_SD.shape[0] == 0:  # static shapes: no sync
+        return x_SD.new_zeros(0, w2.shape[-1]) + 0.0 * x_SD.sum()
+    train = _training(x_SD, w1, w2, b1, b2)
+    return PerSlotExperts.apply(x_SD, w1, w2, b1, b2, offsets_E1, activation, train)

@@ -4,7 +4,8 @@ Shape legend: S sorted token-slots, E experts, M tiles (each tile = up to BLOCK_
 sorted rows of one expert). The number of tiles is data dependent, so the grid is sized from
 the static bound M <= min(S, cdiv(S, BLOCK_M) + E); tiles past the real count get expert E and
 their programs return at once. Nothing here synchronises with the host. Each program of the
-schedule kernel redoes the [E] prefix sum (cheap) and resolves 64 tiles, so it is one launch.
+schedule kernel redoes the [E] prefix sum (`expert_tiles`, cheap) and resolves 64 tiles, so it
+is one launch; on the decode path the GEMM programs skip it and call `find_tile` themselves.
 """
 
 from __future__ import annotations
@@ -21,6 +22,31 @@ def max_tiles(n_rows: int, n_experts: int, block_m: int) -> int:
 
 
 @triton.jit
+def expert_tiles(offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The tile table over the experts [BLOCK_E]: (expert ids, end, base).
+
+    end[e] is one past expert e's last tile (int32 max for padding experts, so they own no
+    tile); the first sorted row of tile m of expert e is base[e] + m * BLOCK_M.
+    """
+    e = tl.arange(0, BLOCK_E)
+    mask_e = e < E
+    lo = tl.load(offsets_ptr + e, mask=mask_e, other=0).to(tl.int32)
+    hi = tl.load(offsets_ptr + e + 1, mask=mask_e, other=0).to(tl.int32)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    end = tl.cumsum(tiles, 0)
+    base = lo - (end - tiles) * BLOCK_M
+    return e, tl.where(mask_e, end, 2147483647), base
+
+
+@triton.jit
+def find_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, first sorted row) of tile pid_m: the schedule inline (expert E past the last)."""
+    e_vec, end, base = expert_tiles(offsets_ptr, E, BLOCK_M, BLOCK_E)
+    e = tl.sum((end <= pid_m).to(tl.int32), 0)
+    return e, tl.sum(tl.where(e_vec == e, base, 0), 0) + pid_m * BLOCK_M
+
+
+@triton.jit
 def _schedule_kernel(
     # pointers
     offsets_ptr,  # [E + 1] int64 row offsets of each expert in the sorted order
@@ -34,15 +60,7 @@ def _schedule_kernel(
     BLOCK_E: tl.constexpr,  # next power of two >= E, so one vector holds every expert
     BLOCK_T: tl.constexpr,  # tiles resolved per program (a [BLOCK_T, BLOCK_E] compare)
 ):
-    e = tl.arange(0, BLOCK_E)
-    mask_e = e < E
-    lo = tl.load(offsets_ptr + e, mask=mask_e, other=0).to(tl.int32)
-    hi = tl.load(offsets_ptr + e + 1, mask=mask_e, other=0).to(tl.int32)
-    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
-    end = tl.cumsum(tiles, 0)
-    start = end - tiles
-    end = tl.where(mask_e, end, 2147483647)  # padding experts never own a tile
-    base = lo - start * BLOCK_M  # row of tile m is base[e] + m * BLOCK_M
+    e, end, base = expert_tiles(offsets_ptr, E, BLOCK_M, BLOCK_E)
     m = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     owner = tl.sum((end[None, :] <= m[:, None]).to(tl.int32), 1)  # E past the last tile
     pick = e[None, :] == owner[:, None]
@@ -50,6 +68,11 @@ def _schedule_kernel(
     mask_m = m < n_tiles
     tl.store(expert_M_ptr + m, owner, mask=mask_m)
     tl.store(row_M_ptr + m, row, mask=mask_m)
+
+
+def block_e(n_experts: int) -> int:
+    """BLOCK_E of the tile table: the next power of two >= E (at least 2, for tl.arange)."""
+    return triton.next_power_of_2(max(n_experts, 2))
 
 
 @torch.library.custom_op("moekit_triton::schedule", mutates_args=())
@@ -67,7 +90,7 @@ def schedule(offsets_E1: Tensor, n_rows: int, block_m: int) -> tuple[Tensor, Ten
             E,
             n_tiles,
             BLOCK_M=block_m,
-            BLOCK_E=triton.next_power_of_2(max(E, 2)),
+            BLOCK_E=block_e(E),
             BLOCK_T=64,
         )
     return expert_M, row_M
@@ -78,9 +101,3 @@ def _(offsets_E1: Tensor, n_rows: int, block_m: int) -> tuple[Tensor, Tensor]:
     n_tiles = max_tiles(n_rows, offsets_E1.shape[0] - 1, block_m)
     empty = offsets_E1.new_empty(n_tiles, dtype=torch.int32)
     return empty, torch.empty_like(empty)
-
-
-def inverse_order(order_S: Tensor) -> Tensor:
-    """inv[flat slot] = its position in the sorted order (int64), the combine's gather index."""
-    positions = torch.arange(order_S.shape[0], device=order_S.device)
-    return torch.empty_like(order_S).scatter_(0, order_S, positions)

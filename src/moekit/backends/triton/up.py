@@ -1,6 +1,13 @@
-"""Fused up-projection: gather rows of x by the sorted slot order -> grouped GEMM with w1
--> bias -> activation epilogue -> h. The same grouped-GEMM kernel (no gather, no activation)
-serves the down-projection and the dX product of the backward pass.
+"""The grouped GEMM every projection runs on, its three launchers, and the fused `up` op.
+
+`_grouped_gemm_kernel` computes, for each BLOCK_M tile of sorted rows of one expert e,
+out = act(A[rows] @ B[e] + bias[e]). Its launchers:
+  `gemm_up`    x rows gathered by token_S inside the kernel (no x[token] copy), w1, b1, the
+               activation epilogue, optionally the pre-activation h1 and the inverse sort;
+  `gemm_down`  a @ w2[e] + b2[e];
+  `gemm_dx`    dh1 @ w1[e]^T for the backward (w1 read transposed through its strides).
+Optional operands are None pointers, which Triton compiles out, so the kernel needs no flags
+or dummy pointers for them.
 
 Shape legend: T tokens, S sorted token-slots, E experts, M tiles, D model dim, H expert hidden,
 H1 = 2H for gated activations (gate half first, up half second) else H.
@@ -9,12 +16,15 @@ Activation codes: 0 identity, 1 gelu (erf form, as F.gelu), 2 relu, 3 silu.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from moekit.backends.triton.align import max_tiles
+from moekit.backends.triton.align import block_e, find_tile, max_tiles
+from moekit.backends.triton.checks import FLOATS, INDICES, check_operand
 from moekit.backends.triton.configs import config_by_key, for_dtype
 from moekit.backends.triton.decode import spread
 from moekit.config import GATED_ACTIVATIONS
@@ -74,34 +84,19 @@ def tile_of(pid, n_tiles, n_blocks_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def find_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """(expert, first sorted row) of tile pid_m from the offsets: align.py's schedule, inline."""
-    e_vec = tl.arange(0, BLOCK_E)
-    mask_e = e_vec < E
-    lo = tl.load(offsets_ptr + e_vec, mask=mask_e, other=0).to(tl.int32)
-    hi = tl.load(offsets_ptr + e_vec + 1, mask=mask_e, other=0).to(tl.int32)
-    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
-    end = tl.cumsum(tiles, 0)
-    base = lo - (end - tiles) * BLOCK_M
-    end = tl.where(mask_e, end, 2147483647)
-    e = tl.sum((end <= pid_m).to(tl.int32), 0)
-    return e, tl.sum(tl.where(e_vec == e, base, 0), 0) + pid_m * BLOCK_M
-
-
-@triton.jit
 def _grouped_gemm_kernel(
     # pointers
-    a_ptr,  # [rows of A, K] left operand (x when gathering, else sorted rows)
-    gather_ptr,  # [S] int64 source row of A for each sorted row (token_S); unused if not GATHER
-    order_ptr,  # [S] int64 flat slot id of each sorted row; unused if not WRITE_INV
-    inv_ptr,  # [S] int32 out: sorted row of each kept flat slot; unused if not WRITE_INV
+    a_ptr,  # [rows of A, K] left operand: x when gather_ptr is given, else sorted rows
     b_ptr,  # [E, K, N or 2N] per-expert right operand, any strides
-    bias_ptr,  # [E, N or 2N]; unused if not HAS_BIAS
-    pre_ptr,  # [S, N or 2N] out: pre-activation (saved for backward); unused if not STORE_PRE
     out_ptr,  # [S, N] out
-    expert_M_ptr,  # [M] int32 expert of each tile (E = empty tile); unused if INLINE_SCHEDULE
-    row_M_ptr,  # [M] int32 first sorted row of each tile; unused if INLINE_SCHEDULE
     offsets_ptr,  # [E + 1] int64 expert row offsets
+    gather_ptr,  # [S] int64 row of A for each sorted row (token_S); None: A is sorted already
+    bias_ptr,  # [E, N or 2N]; None: no bias
+    pre_ptr,  # [S, N or 2N] out: pre-activation, saved for backward; None: not stored
+    order_ptr,  # [S] int64 flat slot id of each sorted row; None: no inverse written
+    inv_ptr,  # [S] int32 out: sorted row of each kept flat slot; None when order_ptr is
+    expert_M_ptr,  # [M] int32 expert of each tile (E = empty); None: found from the offsets
+    row_M_ptr,  # [M] int32 first sorted row of each tile; None when expert_M_ptr is
     # dims
     n_tiles,
     N,  # output columns (H for a gated up-projection: the kernel reads 2N columns of B)
@@ -124,18 +119,13 @@ def _grouped_gemm_kernel(
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_K: tl.constexpr,  # reduction step
     GROUP_M: tl.constexpr,  # tiles per L2 swizzle group
-    GATHER: tl.constexpr,  # A rows come through gather_ptr (fused x[token_S])
     ACT: tl.constexpr,  # epilogue activation code
     GATED: tl.constexpr,  # two accumulators (gate, up); out = act(gate) * up
-    HAS_BIAS: tl.constexpr,  # add bias before the activation
-    STORE_PRE: tl.constexpr,  # also write the pre-activation (training)
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 ("ieee" or "tf32")
-    WRITE_INV: tl.constexpr,  # also invert the sort for the combine (saves two launches)
-    INLINE_SCHEDULE: tl.constexpr,  # find the tile from the offsets here (decode: one launch less)
-    BLOCK_E: tl.constexpr,  # next power of two >= E, for INLINE_SCHEDULE
+    BLOCK_E: tl.constexpr,  # next power of two >= E, for the inline tile lookup
 ):
     pid_m, pid_n = tile_of(tl.program_id(0), n_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
-    if INLINE_SCHEDULE:
+    if expert_M_ptr is None:  # decode: find the tile here (one launch less)
         e, row0 = find_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
     else:
         e = tl.load(expert_M_ptr + pid_m)
@@ -144,10 +134,11 @@ def _grouped_gemm_kernel(
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     mask_m = rows < tl.load(offsets_ptr + e + 1)
-    if WRITE_INV and pid_n == 0:
+    if order_ptr is not None and pid_n == 0:  # invert the sort for the combine (two launches less)
         slot = tl.load(order_ptr + rows, mask=mask_m, other=0)
         tl.store(inv_ptr + slot, rows, mask=mask_m)
-    src = tl.load(gather_ptr + rows, mask=mask_m, other=0) if GATHER else rows
+    # fused x[token_S] when gathering
+    src = tl.load(gather_ptr + rows, mask=mask_m, other=0) if gather_ptr is not None else rows
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < N
     ks = tl.arange(0, BLOCK_K)
@@ -167,14 +158,14 @@ def _grouped_gemm_kernel(
             acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    if HAS_BIAS:
+    if bias_ptr is not None:  # before the activation
         c_ptrs = bias_ptr + e.to(tl.int64) * stride_ce + cols * stride_cn
         acc += tl.load(c_ptrs, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if GATED:
             bias_up = tl.load(c_ptrs + N * stride_cn, mask=mask_n, other=0.0)
             acc_up += bias_up.to(tl.float32)[None, :]
     mask_o = mask_m[:, None] & mask_n[None, :]
-    if STORE_PRE:
+    if pre_ptr is not None:  # training
         p_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * stride_pm + cols[None, :] * stride_pn
         tl.store(p_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=mask_o)
         if GATED:
@@ -186,90 +177,137 @@ def _grouped_gemm_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_o)
 
 
-def grouped_gemm(
-    a: Tensor,
-    b_EKN: Tensor,
-    schedule: tuple[Tensor, Tensor] | None,
-    offsets_E1: Tensor,
-    n_rows: int,
-    cfg: dict,
-    block_m: int,
-    gather_S: Tensor | None = None,
-    bias: Tensor | None = None,
-    activation: str | None = None,
-    store_pre: bool = False,
-    inverse: tuple[Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """out [S, N] = act(A[rows] @ B[e] + bias[e]) per tile; returns (pre [S, N1] or empty, out).
+@dataclass(frozen=True)
+class Tiles:
+    """How a grouped kernel's programs find their tile: an `align.schedule`, or inline."""
 
-    A is x [T, K] gathered through gather_S, or sorted rows [S, K]. B [E, K, N1] by strides,
-    N1 = 2N when the activation is gated. Rows past offsets_E1[E] are left unwritten.
-    inverse = (order_S, inv_S): also write inv_S[order_S[row]] = row for the kept rows.
-    schedule None: each program finds its tile from the offsets (no schedule launch).
-    """
+    offsets_E1: Tensor  # [E + 1] int64 expert row offsets of the sorted rows
+    block_m: int  # tile height
+    expert_M: Tensor | None = None  # [M] int32 from align.schedule; None: found inline
+    row_M: Tensor | None = None  # [M] int32, given with expert_M
+
+    def count(self, n_rows: int) -> int:
+        """Programs along M: the schedule's length, or the static bound when found inline."""
+        if self.expert_M is not None:
+            return self.expert_M.shape[0]
+        return max_tiles(n_rows, self.offsets_E1.shape[0] - 1, self.block_m)
+
+    def check(self, n_experts: int, device: torch.device) -> None:
+        check_operand("offsets_E1", self.offsets_E1, (n_experts + 1,), INDICES, device, True)
+        if self.expert_M is not None:
+            check_operand("expert_M", self.expert_M, (None,), (torch.int32,), device, True)
+            check_operand("row_M", self.row_M, self.expert_M.shape, (torch.int32,), device, True)
+
+
+def _check_gemm(a_name: str, a: Tensor, b_name: str, b: Tensor, tiles: Tiles) -> None:
+    """A [rows, K] and per-expert B [E, K, N] on one device, and a tile source for E experts."""
+    check_operand(b_name, b, (None, None, None), FLOATS, a.device)
+    check_operand(a_name, a, (None, b.shape[1]), FLOATS, a.device)
+    tiles.check(b.shape[0], a.device)
+
+
+def _strides(t: Tensor | None) -> tuple[int, int]:
+    return t.stride() if t is not None else (0, 0)
+
+
+def _launch(
+    a: Tensor,
+    b: Tensor,
+    out: Tensor,
+    tiles: Tiles,
+    cfg: dict,
+    activation: str | None = None,
+    *,
+    gather: Tensor | None = None,
+    bias: Tensor | None = None,
+    pre: Tensor | None = None,
+    order: Tensor | None = None,
+    inv: Tensor | None = None,
+) -> None:
+    """The one launch site of `_grouped_gemm_kernel` (operands already checked)."""
     code, gated = act_code(activation) if activation is not None else (0, False)
-    cfg = for_dtype(cfg, a.dtype)
-    E, K, N1 = b_EKN.shape
-    if a.shape[1] != K:
-        raise ValueError(f"A has {a.shape[1]} columns, B expects K={K}")
-    N = N1 // 2 if gated else N1
-    out = a.new_empty(n_rows, N)
-    pre = a.new_empty(n_rows if store_pre else 0, N1)
-    if schedule is None:
-        n_tiles = max_tiles(n_rows, E, block_m)
-        expert_M = row_M = offsets_E1
-    else:
-        expert_M, row_M = schedule
-        n_tiles = expert_M.shape[0]
+    E, K, _ = b.shape
+    n_tiles, N = tiles.count(out.shape[0]), out.shape[1]
     if n_tiles == 0 or N == 0:
-        return pre, out
-    cfg = spread(cfg, n_tiles, N, a.device)
-    grid = (n_tiles * triton.cdiv(N, cfg["block_n"]),)
-    _grouped_gemm_kernel[grid](
-        a,
-        gather_S if gather_S is not None else expert_M,
-        *(inverse if inverse is not None else (expert_M, expert_M)),
-        b_EKN,
-        bias if bias is not None else b_EKN,
-        pre if store_pre else out,
-        out,
-        expert_M,
-        row_M,
-        offsets_E1,
-        n_tiles,
-        N,
-        K,
-        E,
-        a.stride(0),
-        a.stride(1),
-        *b_EKN.stride(),
-        *(bias.stride() if bias is not None else (0, 0)),
-        *(pre.stride() if store_pre else (0, 0)),
-        *out.stride(),
-        BLOCK_M=block_m,
-        BLOCK_N=cfg["block_n"],
-        BLOCK_K=cfg["block_k"],
-        GROUP_M=cfg["group_m"],
-        GATHER=gather_S is not None,
-        ACT=code,
-        GATED=gated,
-        HAS_BIAS=bias is not None,
-        STORE_PRE=store_pre,
-        PRECISION=dot_precision(a.dtype),
-        WRITE_INV=inverse is not None,
-        INLINE_SCHEDULE=schedule is None,
-        BLOCK_E=triton.next_power_of_2(max(E, 2)),
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
-    return pre, out
+        return
+    cfg = spread(for_dtype(cfg, a.dtype), n_tiles, N, a.device)
+    _grouped_gemm_kernel[(n_tiles * triton.cdiv(N, cfg["block_n"]),)](
+        a, b, out, tiles.offsets_E1, gather, bias, pre, order, inv, tiles.expert_M, tiles.row_M,
+        n_tiles, N, K, E,
+        *a.stride(), *b.stride(), *_strides(bias), *_strides(pre), *out.stride(),
+        BLOCK_M=tiles.block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+        GROUP_M=cfg["group_m"], ACT=code, GATED=gated, PRECISION=dot_precision(a.dtype),
+        BLOCK_E=block_e(E), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+
+
+def gemm_up(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    tiles: Tiles,
+    cfg: dict,
+    activation: str,
+    token_S: Tensor | None = None,
+    order_S: Tensor | None = None,
+    store_pre: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(h1 [S, H1] or [0, H1], a [S, H], inv [S] or [0] int32): a = act(x[token] @ w1[e] + b1[e]).
+
+    token_S None: x is the sorted rows already. store_pre keeps h1 for the backward; order_S
+    also writes inv[order_S[row]] = row for the kept rows (the combine's index).
+    """
+    _check_gemm("x", x, "w1", w1, tiles)
+    E, _, H1 = w1.shape
+    S = token_S.shape[0] if token_S is not None else x.shape[0]
+    for name, index in (("token_S", token_S), ("order_S", order_S)):
+        if index is not None:
+            check_operand(name, index, (S,), INDICES, x.device, contiguous=True)
+    if b1 is not None:
+        check_operand("b1", b1, (E, H1), FLOATS, x.device)
+    H = H1 // 2 if act_code(activation)[1] else H1
+    a = x.new_empty(S, H)
+    h1 = x.new_empty(S if store_pre else 0, H1)
+    inv = torch.empty(S if order_S is not None else 0, dtype=torch.int32, device=x.device)
+    _launch(
+        x, w1, a, tiles, cfg, activation,
+        gather=token_S, bias=b1, pre=h1 if store_pre else None,
+        order=order_S, inv=inv if order_S is not None else None,
+    )  # fmt: skip
+    return h1, a, inv
+
+
+def gemm_down(
+    a_SH: Tensor, w2: Tensor, b2: Tensor | None, tiles: Tiles, cfg: dict, zero_tail: bool = False
+) -> Tensor:
+    """out [S, D] = a @ w2[e] + b2[e] per kept sorted row; the rows past them are left
+    unwritten, or zero with zero_tail."""
+    _check_gemm("a_SH", a_SH, "w2", w2, tiles)
+    if b2 is not None:
+        check_operand("b2", b2, (w2.shape[0], w2.shape[2]), FLOATS, a_SH.device)
+    alloc = a_SH.new_zeros if zero_tail else a_SH.new_empty
+    out = alloc(a_SH.shape[0], w2.shape[2])
+    _launch(a_SH, w2, out, tiles, cfg, bias=b2)
+    return out
+
+
+def gemm_dx(
+    dh1_SH1: Tensor, w1: Tensor, tiles: Tiles, cfg: dict, zero_tail: bool = False
+) -> Tensor:
+    """dx [S, D] = dh1 @ w1[e]^T per kept sorted row (rows past them as in `gemm_down`)."""
+    w1_t = w1.transpose(1, 2)  # [E, H1, D], a view: the kernel reads through the strides
+    _check_gemm("dh1", dh1_SH1, "w1^T", w1_t, tiles)
+    alloc = dh1_SH1.new_zeros if zero_tail else dh1_SH1.new_empty
+    out = alloc(dh1_SH1.shape[0], w1.shape[1])
+    _launch(dh1_SH1, w1_t, out, tiles, cfg)
+    return out
 
 
 @torch.library.custom_op("moekit_triton::up", mutates_args=())
 def up(
-    x_TD: Tensor,
-    token_S: Tensor,
-    order_S: Tensor,
+    x: Tensor,
+    token_S: Tensor | None,
+    order_S: Tensor | None,
     w1: Tensor,
     b1: Tensor | None,
     expert_M: Tensor | None,
@@ -280,30 +318,16 @@ def up(
     cfg_key: str,
     store_pre: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(h1 [S, H1] pre-activation, or [0, H1] at inference; a [S, H]; inv [S] int32, the
-    sorted row of each kept flat slot, others unwritten); x gathered in-kernel."""
-    inv_S = torch.empty(token_S.shape[0], dtype=torch.int32, device=x_TD.device)
-    h1, a = grouped_gemm(
-        x_TD,
-        w1,
-        (expert_M, row_M) if expert_M is not None else None,
-        offsets_E1,
-        token_S.shape[0],
-        config_by_key(x_TD.device, cfg_key)["up"],
-        block_m,
-        gather_S=token_S,
-        bias=b1,
-        activation=activation,
-        store_pre=store_pre,
-        inverse=(order_S, inv_S),
-    )
-    return h1, a, inv_S
+    """`gemm_up` as an op: (h1 pre-activation or [0, H1] at inference, a [S, H], inv)."""
+    tiles = Tiles(offsets_E1, block_m, expert_M, row_M)
+    cfg = config_by_key(x.device, cfg_key)["up"]
+    return gemm_up(x, w1, b1, tiles, cfg, activation, token_S, order_S, store_pre)
 
 
 @up.register_fake
-def _(x_TD, token_S, order_S, w1, b1, expert_M, row_M, offsets_E1, activation, block_m, key, pre):
+def _(x, token_S, order_S, w1, b1, expert_M, row_M, offsets_E1, activation, block_m, key, pre):
     H1 = w1.shape[2]
     H = H1 // 2 if activation in GATED_ACTIVATIONS else H1
-    S = token_S.shape[0]
-    inv_S = token_S.new_empty(S, dtype=torch.int32)
-    return x_TD.new_empty(S if pre else 0, H1), x_TD.new_empty(S, H), inv_S
+    S = token_S.shape[0] if token_S is not None else x.shape[0]
+    inv = x.new_empty(S if order_S is not None else 0, dtype=torch.int32)
+    return x.new_empty(S if pre else 0, H1), x.new_empty(S, H), inv
