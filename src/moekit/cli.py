@@ -172,6 +172,7 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("layer-demo", _layer_demo_parser())
     _add_bench(sub)
     _add_finance(sub)
+    _add_hf(sub)
     return parser
 
 
@@ -275,6 +276,86 @@ def _run_finance(args: Namespace) -> None:
     run_demo(out_dir=args.demo.out, seed=args.demo.seed)
 
 
+def _add_hf(parent) -> None:
+    """`moekit convert ...` and `moekit route-report`: Hugging Face checkpoints (moekit[hf])."""
+    p = ArgumentParser(description="Convert MoE checkpoints between Hugging Face and moekit.")
+    parent.add_subcommand("convert", p)
+    sub = p.add_subcommands(dest="convert")
+    to_moekit = ArgumentParser(
+        description="An HF MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) as a moekit "
+        "checkpoint, its tokenizer files beside it."
+    )
+    to_moekit.add_argument("hf_dir", type=str, help="HF checkpoint directory (safetensors)")
+    to_moekit.add_argument("out", type=str, help="new moekit checkpoint directory")
+    to_moekit.add_argument(
+        "--max-seq-len",
+        type=int | None,
+        default=None,
+        help="longest context (serving sizes its KV slots by it); default max_position_embeddings",
+    )
+    to_moekit.add_argument("--dtype", type=str | None, default=None, help="bf16, fp16, fp32")
+    sub.add_subcommand("hf-to-moekit", to_moekit)
+    to_hf = ArgumentParser(
+        description="A moekit checkpoint whose architecture maps onto Mixtral, Qwen2-MoE, "
+        "Qwen3-MoE or OLMoE as an HF checkpoint AutoModelForCausalLM loads."
+    )
+    to_hf.add_argument("ckpt", type=str, help="moekit checkpoint directory")
+    to_hf.add_argument("out", type=str, help="new HF checkpoint directory")
+    to_hf.add_argument("--dtype", type=str | None, default=None, help="bf16, fp16, fp32")
+    sub.add_subcommand("moekit-to-hf", to_hf)
+    report = ArgumentParser(
+        description="Per-layer expert load, router entropy and dead experts of an HF MoE "
+        "model on a text file; prints a table and draws a layers x experts heatmap."
+    )
+    report.add_argument("hf_dir", type=str, help="HF checkpoint directory with tokenizer.json")
+    report.add_argument("--text", type=str, required=True, help="UTF-8 text file to route")
+    report.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    report.add_argument("--max-tokens", type=int, default=16384, help="tokens read at most")
+    report.add_argument("--plot", type=str, default="route-report.png", help="heatmap PNG")
+    report.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda")
+    parent.add_subcommand("route-report", report)
+
+
+def _hf_command(name: str, run) -> None:
+    """Run an HF command; a refusal or a missing extra ends it with one line."""
+    from moekit.integrations.hf import UnsupportedCheckpoint
+
+    try:
+        run()
+    except (UnsupportedCheckpoint, ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"moekit {name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    except ImportError as err:
+        print(f"moekit {name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+def _run_convert(args: Namespace) -> None:
+    from moekit.integrations.hf import hf_to_moekit, moekit_to_hf
+
+    direction = args.convert
+    a = args[direction]
+    if direction == "hf-to-moekit":
+        run = lambda: hf_to_moekit(a.hf_dir, a.out, a.max_seq_len, a.dtype)  # noqa: E731
+    else:
+        run = lambda: moekit_to_hf(a.ckpt, a.out, a.dtype)  # noqa: E731
+    _hf_command(f"convert {direction}", run)
+    print(f"wrote {a.out}")
+
+
+def _run_route_report(args: Namespace) -> None:
+    from pathlib import Path
+
+    from moekit.integrations.hf.report import report_text
+
+    def run() -> None:
+        text = Path(args.text).read_text(encoding="utf-8")
+        report_text(args.hf_dir, text, args.seq_len, args.max_tokens, args.plot, args.device)
+
+    _hf_command("route-report", run)
+    print(f"wrote {args.plot}")
+
+
 _HANDLERS = {
     "demo": _run_demo,
     "train": _run_train,
@@ -285,6 +366,8 @@ _HANDLERS = {
     "finance": _run_finance,
     "serve": _run_serve,
     "layer-demo": _run_layer_demo,
+    "convert": _run_convert,
+    "route-report": _run_route_report,
 }
 
 

@@ -7,10 +7,12 @@ by the functions that need them.
 from moekit.integrations.hf.convert import hf_to_moekit, load_hf, moekit_to_hf, read_hf
 from moekit.integrations.hf.experts import register
 from moekit.integrations.hf.families import FAMILIES, UnsupportedCheckpoint
+from moekit.integrations.hf.report import RoutingReport, routing_report
 from moekit.integrations.hf.tokenizer import TextTokenizer, load_tokenizer
 
 __all__ = [
     "FAMILIES",
+    "RoutingReport",
     "TextTokenizer",
     "UnsupportedCheckpoint",
     "hf_to_moekit",
@@ -19,4 +21,5 @@ __all__ = [
     "moekit_to_hf",
     "read_hf",
     "register",
+    "routing_report",
 ]
