@@ -1,5 +1,6 @@
 """experts_implementation="moekit" gives transformers' eager logits and parameter gradients."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -132,3 +133,27 @@ def test_dense_router_scores_read_each_slots_expert():
     scores = torch.rand(5, 4)
     dense = experts(x, index, scores)
     assert torch.allclose(dense, experts(x, index, scores.gather(1, index)))
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="the triton backend needs CUDA or TRITON_INTERPRET=1",
+)
+def test_triton_backend_reads_hf_weights_through_their_strides():
+    pytest.importorskip("triton")
+    register(backend="triton", name="moekit-triton")
+    torch.manual_seed(3)
+    experts = _experts_class(has_bias=True)(SimpleNamespace(_experts_implementation="batched_mm"))
+    x, index = torch.randn(6, 8), torch.randint(0, 4, (6, 2))
+    weights = torch.rand(6, 2, requires_grad=True)
+    grads = []
+    for name in ("batched_mm", "moekit-triton"):
+        experts.config._experts_implementation = name
+        experts.zero_grad()
+        weights.grad = None
+        y = experts(x, index, weights)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append([y, weights.grad, *(p.grad for p in experts.parameters())])
+    assert not experts.gate_up_proj.mT.is_contiguous()  # the layout the backend was handed
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert rel_err(got, want) < 1e-5

@@ -248,8 +248,7 @@ def _check_exportable(cfg: ModelConfig) -> None:
         "moe_every=0 (no MoE layers)": cfg.moe_every == 0,
         f"router.kind={r.kind!r} (HF families route by softmax top-k)": r.kind != "topk",
         f"router.temperature={r.temperature}": r.temperature != 1.0,
-        f"router.pre_norm={getattr(r, 'pre_norm', 'none')!r}": getattr(r, "pre_norm", "none")
-        != "none",
+        f"router.pre_norm={r.pre_norm!r}": r.pre_norm != "none",
         f"router.scaling_factor={r.scaling_factor}": r.scaling_factor != 1.0,
         f"router.n_groups={r.n_groups}": r.n_groups != 1,
         "router.constellations": r.constellations is not None,
