@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-_BUILTIN = ("layer", "kernels", "tune", "serve", "memory", "librarian", "expert_parallel")
+_BUILTIN = ("layer", "kernels", "tune", "serve", "memory", "librarian", "expert_parallel", "hf")
 _BENCHES: dict[str, BenchSpec] = {}
 F = TypeVar("F", bound=Callable[..., Any])
 
