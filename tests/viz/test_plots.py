@@ -3,30 +3,35 @@ import json
 import numpy as np
 import pytest
 
-from moekit.viz import category_shares, plot_dashboard, plot_run, plot_specialisation
+from moekit.viz import (
+    category_shares,
+    dashboard_figure,
+    plot_dashboard,
+    plot_run,
+    plot_specialisation,
+    read_panels,
+)
+from moekit.viz.dashboard import load_window, smooth
+from moekit.viz.style import text_overlaps
 
 
-def _records(steps=6, layers=("0", "2"), E=4):
+def _records(steps=6, layers=("0", "2"), E=4, drop=0.01, moe=True):
     recs = []
     for s in range(1, steps + 1):
         load = np.roll(np.arange(1, E + 1) / (E * (E + 1) / 2), s).tolist()
-        recs.append(
-            {
-                "kind": "train",
-                "step": s,
-                "loss": 1.0 / s,
-                "task_loss": 0.9 / s,
-                "tokens_per_s": 1000.0 + s,
-                "expert_load": {layer: load for layer in layers},
-                "dropped_fraction": {layer: 0.01 * s for layer in layers},
-            }
-        )
+        rec = {"kind": "train", "step": s, "loss": 1.0 / s, "task_loss": 0.9 / s}
+        rec["tokens_per_s"] = 1000.0 + s
+        if moe:
+            rec["aux_loss"] = 0.1 / s
+            rec["expert_load"] = {layer: load for layer in layers}
+            rec["dropped_fraction"] = {layer: drop * s for layer in layers}
+        recs.append(rec)
     recs.append(
         {
             "kind": "eval",
             "step": steps,
             "val_loss": 0.2,
-            "routing": {layer: [[5, 0, 0, 1], [0, 3, 3, 0]] for layer in layers},
+            "routing": {layer: [[5, 0, 0, 1], [0, 3, 3, 0]] for layer in layers} if moe else {},
         }
     )
     return recs
@@ -37,12 +42,43 @@ def test_category_shares_rows_sum_to_one_and_empty_rows_stay_zero():
     assert shares.tolist() == [[0.75, 0.25], [0.0, 0.0]]
 
 
-def test_plots_are_written_as_png(tmp_path):
+def test_plots_are_written_as_png_with_their_panels(tmp_path):
     dash = plot_dashboard(_records(), tmp_path / "d.png")
     spec = plot_specialisation(_records()[-1]["routing"], ["a", "b"], tmp_path / "s.png")
     for path in (dash, spec):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size > 5_000
+    assert read_panels(dash) == [
+        "loss",
+        "router aux loss (weighted)",
+        "dropped token-slots",
+        "throughput",
+        "layer 0: expert load",
+        "layer 2: expert load",
+    ]
+    assert read_panels(spec) == ["layer 0", "layer 2"]
+
+
+def test_dashboard_leaves_out_panels_without_data():
+    dropless = dashboard_figure(_records(drop=0.0))
+    dense = dashboard_figure(_records(moe=False))
+    assert "dropped token-slots" not in [ax.get_title() for ax in dropless.axes]
+    assert [ax.get_title() for ax in dense.axes] == ["loss", "throughput"]
+
+
+def test_every_colour_bar_is_labelled_and_no_text_overlaps():
+    fig = dashboard_figure(_records(steps=200))
+    bars = [ax for ax in fig.axes if not ax.get_title()]
+    assert len(bars) == 2 and all(ax.get_ylabel() == "load / uniform share" for ax in bars)
+    assert "layer 0: expert load, mean of 5 steps" in [ax.get_title() for ax in fig.axes]
+    assert text_overlaps(fig) == []
+
+
+def test_load_heatmap_is_a_trailing_moving_mean():
+    x = np.array([[0.0, 2.0, 4.0, 6.0]])
+    assert smooth(x, 2).tolist() == [[0.0, 1.0, 3.0, 5.0]]
+    assert smooth(x, 1) is x
+    assert load_window(39) == 1 and load_window(400) == 10
 
 
 def test_plot_run_redraws_from_logs(tmp_path):

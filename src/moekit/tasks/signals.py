@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from moekit.tasks.base import Batch, Task, register_task
+from moekit.tasks.base import Batch, Task, generator, register_task
 
 CATEGORIES = (
     "sine",
@@ -102,3 +104,27 @@ class SignalsTask(Task):
 
     def metrics(self, out: Tensor, batch: Batch, task_loss: Tensor) -> dict[str, Tensor]:
         return {"mse": task_loss.detach(), "mae": (out - batch.y).abs().mean().detach()}
+
+    @torch.no_grad()
+    def forecasts(self, model: torch.nn.Module, per_category: int = 16) -> tuple[np.ndarray, ...]:
+        """One-step forecasts of fresh sequences of every family: (truth, pred), each [C, N, S]."""
+        gen = generator(self.seed, "plot")
+        S, N = self.cfg.seq_len, per_category
+        t = torch.arange(S + 1, dtype=torch.float32)
+        series = torch.stack(
+            [torch.stack([make_signal(kind, t, gen) for _ in range(N)]) for kind in CATEGORIES]
+        )  # [C, N, S+1]
+        series = series + self.options.noise * torch.randn(series.shape, generator=gen)
+        x = series[..., :-1].reshape(-1, S, 1)  # [C*N, S, 1]
+        was_training = model.training
+        model.eval()
+        out = model(x.to(next(model.parameters()).device)).out.float().cpu()  # [C*N, S, 1]
+        model.train(was_training)
+        return series[..., 1:].numpy(), out.reshape(len(CATEGORIES), N, S).numpy()
+
+    def plots(self, model: torch.nn.Module, out_dir: Path) -> list[Path]:
+        """Forecasts against truth per family, error by family and the error spectrum."""
+        from moekit.viz.signals import plot_signal_analysis
+
+        truth, pred = self.forecasts(model)
+        return plot_signal_analysis(truth, pred, list(CATEGORIES), out_dir)

@@ -150,10 +150,23 @@ class TrajectoriesTask(Task):
         return {"err3d": err.mean().detach(), "mse": task_loss.detach()}
 
     def plots(self, model: torch.nn.Module, out_dir: Path) -> list[Path]:
-        from moekit.viz.trajectories import plot_rollouts
+        """Rollouts in 3D and in 2D projections, and error growth over the rollout per family."""
+        from moekit.viz.figure import save_figure
+        from moekit.viz.trajectories import plot_trajectory_analysis, rollout, rollouts_figure
 
         gen = generator(self.seed, "plot")
-        n = self.cfg.seq_len
-        paths = torch.stack([self.trajectory(c, n, gen, "val") for c in CATEGORIES])
-        path = out_dir / "trajectories3d.png"
-        return [plot_rollouts(model, paths, CATEGORIES, path, horizon=max(1, n // 4))]
+        n, per = self.cfg.seq_len, 8
+        horizon = max(1, n // 4)
+        paths = torch.stack(
+            [
+                torch.stack([self.trajectory(c, n, gen, "val") for _ in range(per)])
+                for c in CATEGORIES
+            ]
+        )  # [C, N, n, 3]
+        pred = rollout(model, paths.flatten(0, 1), horizon).view(paths.shape).numpy()
+        paths_np, names = paths.numpy(), list(CATEGORIES)
+        figure = rollouts_figure(paths_np[:, 0], pred[:, 0], names, horizon)
+        return [
+            save_figure(figure, out_dir / "trajectories3d.png"),
+            *plot_trajectory_analysis(paths_np, pred, names, horizon, out_dir),
+        ]

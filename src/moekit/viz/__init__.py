@@ -1,12 +1,13 @@
-"""Plots from run logs (matplotlib, Agg backend, PNG files)."""
+"""Plots from run logs and checkpoints (matplotlib, Agg backend, PNG files, one style)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from moekit.viz.dashboard import plot_dashboard
-from moekit.viz.routing import category_shares, plot_specialisation
+from moekit.viz.dashboard import dashboard_figure, plot_dashboard
+from moekit.viz.figure import read_panels, save_figure
+from moekit.viz.routing import category_shares, plot_specialisation, specialisation_figure
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -26,4 +27,27 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return paths
 
 
-__all__ = ["category_shares", "plot_dashboard", "plot_run", "plot_specialisation"]
+def plot_task(run_dir: str | Path) -> list[Path]:
+    """The task's own analysis plots (`Task.plots`) of a run's best checkpoint, in plots/."""
+    from moekit.model.io import load_files
+    from moekit.tasks import build_task
+    from moekit.train.checkpoint import pick_checkpoint
+    from moekit.train.commands import run_config_of
+
+    ckpt = pick_checkpoint(run_dir)
+    cfg = run_config_of(ckpt)
+    task = build_task(cfg.task, cfg.seed)
+    return task.plots(load_files(ckpt), Path(run_dir) / "plots")
+
+
+__all__ = [
+    "category_shares",
+    "dashboard_figure",
+    "plot_dashboard",
+    "plot_run",
+    "plot_specialisation",
+    "plot_task",
+    "read_panels",
+    "save_figure",
+    "specialisation_figure",
+]

@@ -1,68 +1,124 @@
-"""The training dashboard: loss curves, expert utilisation over time, drops, throughput."""
+"""The training dashboard: losses, throughput, drops and expert load over time.
+
+A panel is drawn only when the run logged something for it: a dense model has no load
+heatmaps, a dropless one no dropped-slots panel. Per-step expert load is mostly sampling
+noise, so the heatmaps show a moving mean over a window of logged steps.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from moekit.viz.figure import save_figure
+from moekit.viz.style import colorbar, hide_unused, new_figure, styled
 
-from moekit.viz.figure import save_figure  # noqa: E402
+COLS = 3
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in records if key in r]
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
     return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving mean over the last axis, shorter at the start: [..., N] -> [..., N]."""
+    if window <= 1:
+        return values
+    csum = np.cumsum(values, axis=-1)
+    out = csum.copy()
+    out[..., window:] = csum[..., window:] - csum[..., :-window]
+    counts = np.minimum(np.arange(1, values.shape[-1] + 1), window)
+    return out / counts
+
+
+def load_window(n_steps: int) -> int:
+    """Moving-mean window of the load heatmaps: about 1/40 of the logged steps, at least 1."""
+    return max(1, n_steps // 40)
+
+
+def _loss_panel(ax: Axes, train: list[dict], evals: list[dict]) -> None:
+    # the total loss underneath (wide, pale) and the task loss on top (thin) stay both visible
+    ax.plot(*_series(train, "loss"), lw=3.5, alpha=0.35, label="train loss (task + aux)")
+    ax.plot(*_series(train, "task_loss"), lw=1.0, color="black", label="train task loss")
+    if evals:
+        ax.plot(*_series(evals, "val_loss"), "o-", ms=3, color="tab:red", label="val loss")
+    ax.set_yscale("log")
+    ax.set(title="loss", xlabel="step", ylabel="loss (log)")
+    ax.legend()
+
+
+def _dropped_panel(ax: Axes, train: list[dict], layers: list[str]) -> None:
+    steps = [r["step"] for r in train]
+    for layer in layers:
+        ax.plot(steps, [100 * r["dropped_fraction"][layer] for r in train], label=f"layer {layer}")
+    ax.set(title="dropped token-slots", xlabel="step", ylabel="% of token-slots")
+    ax.legend()
+
+
+def _load_panel(fig: Figure, ax: Axes, train: list[dict], layer: str) -> None:
+    load = np.array([r["expert_load"][layer] for r in train], dtype=float).T  # [E, steps]
+    E, n = load.shape
+    window = load_window(n)
+    ratio = smooth(load * E, window)  # 1 = the uniform share
+    im = ax.imshow(
+        ratio,
+        aspect="auto",
+        cmap="viridis",
+        interpolation="nearest",
+        extent=(train[0]["step"], train[-1]["step"], E - 0.5, -0.5),
+        vmin=0,
+        vmax=max(2.0, float(ratio.max())),
+    )
+    mean = f", mean of {window} steps" if window > 1 else ""
+    ax.set(title=f"layer {layer}: expert load{mean}", xlabel="step", ylabel="expert")
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=min(E, 8), integer=True))
+    ax.grid(False)
+    colorbar(fig, im, ax, "load / uniform share")
+
+
+def _has_drops(train: list[dict], layers: list[str]) -> bool:
+    return any(r.get("dropped_fraction", {}).get(layer, 0) > 0 for r in train for layer in layers)
+
+
+@styled
+def dashboard_figure(records: list[dict[str, Any]], title: str = "") -> Figure:
+    """The dashboard of a run's log records (train and eval) as a Figure."""
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    layers = sorted(train[-1].get("expert_load", {}), key=int) if train else []
+    panels: list[Any] = ["loss"]
+    if any(r.get("aux_loss", 0) for r in train):
+        panels.append("aux")
+    if _has_drops(train, layers):
+        panels.append("dropped")
+    if _series(train, "tokens_per_s")[0]:
+        panels.append("throughput")
+    panels += [("load", layer) for layer in layers]
+    rows = -(-len(panels) // COLS)
+    fig, axes = new_figure(rows, COLS, title=title or "training dashboard")
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        if panel == "loss":
+            _loss_panel(ax, train, evals)
+        elif panel == "aux":
+            ax.plot(*_series(train, "aux_loss"))
+            ax.set(title="router aux loss (weighted)", xlabel="step", ylabel="aux loss")
+        elif panel == "dropped":
+            _dropped_panel(ax, train, layers)
+        elif panel == "throughput":
+            ax.plot(*_series(train, "tokens_per_s"))
+            ax.set(title="throughput", xlabel="step", ylabel="tokens/s")
+        else:
+            _load_panel(fig, ax, train, panel[1])
+    hide_unused(axes, len(panels))
+    return fig
 
 
 def plot_dashboard(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """One PNG from a run's log records (train and eval); returns its path."""
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    layers = sorted(train[-1].get("expert_load", {}), key=int) if train else []
-    n_maps = max(1, len(layers))
-    fig = plt.figure(figsize=(15, 4.2 + 2.6 * ((n_maps + 2) // 3)))
-    grid = fig.add_gridspec(1 + (n_maps + 2) // 3, 3)
-
-    ax = fig.add_subplot(grid[0, 0])
-    for key, label in (("loss", "train loss"), ("task_loss", "train task loss")):
-        ax.plot(*_series(train, key), label=label, lw=1)
-    if evals:
-        ax.plot(*_series(evals, "val_loss"), "o-", label="val loss", ms=3)
-    ax.set_yscale("log")
-    ax.set(title="loss", xlabel="step")
-    ax.legend(fontsize=8)
-
-    ax = fig.add_subplot(grid[0, 1])
-    for layer in layers:
-        steps = [r["step"] for r in train]
-        ax.plot(steps, [100 * r["dropped_fraction"][layer] for r in train], label=f"layer {layer}")
-    ax.set(title="dropped token-slots (%)", xlabel="step")
-    if layers:
-        ax.legend(fontsize=8)
-
-    ax = fig.add_subplot(grid[0, 2])
-    ax.plot(*_series(train, "tokens_per_s"), lw=1)
-    ax.set(title="throughput (tokens/s)", xlabel="step")
-
-    for j, layer in enumerate(layers):
-        ax = fig.add_subplot(grid[1 + j // 3, j % 3])
-        load = np.array([r["expert_load"][layer] for r in train]).T  # [E, steps]
-        E = load.shape[0]
-        im = ax.imshow(
-            load * E,
-            aspect="auto",
-            cmap="viridis",
-            interpolation="nearest",
-            extent=(train[0]["step"], train[-1]["step"], E - 0.5, -0.5),
-            vmin=0,
-            vmax=max(2.0, float((load * E).max())),
-        )
-        ax.set(title=f"layer {layer}: expert load / uniform", xlabel="step", ylabel="expert")
-        fig.colorbar(im, ax=ax)
-    fig.suptitle(title or "training dashboard")
-    return save_figure(fig, path)
+    return save_figure(dashboard_figure(records, title), path)

@@ -1,0 +1,162 @@
+"""One look for every PNG moekit writes: fonts, colours, grids, labelled colour bars.
+
+Plotting functions are decorated with `@styled` (the style holds while they create artists)
+and build figures with `new_figure`, which never touches pyplot's global figure registry.
+`panel_titles` lists a figure's panels, which `save_figure` also stores in the PNG, so a test
+can check a written file's panels without parsing pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colorbar import Colorbar
+from matplotlib.figure import Figure
+from matplotlib.text import Text
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STYLE: dict[str, Any] = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 9,
+    "axes.grid": True,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "legend.fontsize": 8,
+    "legend.frameon": False,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "lines.linewidth": 1.4,
+    "figure.titlesize": 11,
+    "figure.dpi": 110,
+    "image.cmap": "viridis",
+}
+PALETTE = tuple(matplotlib.colormaps["tab10"](i) for i in range(10))
+HEATMAP = "viridis"  # sequential maps for every heatmap: shares, loads, counts
+
+
+def styled(fn: F) -> F:
+    """Run a plotting function with the moekit style in force (rcParams are restored after)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.rc_context(STYLE):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def new_figure(
+    rows: int = 1,
+    cols: int = 1,
+    panel: tuple[float, float] = (4.6, 3.3),
+    title: str = "",
+    layout: str | None = "constrained",
+    **grid: Any,
+) -> tuple[Figure, np.ndarray]:
+    """A figure of rows x cols panels of about `panel` inches each; axes [rows, cols].
+
+    `layout="none"` leaves placement to `fig.subplots_adjust` (3D panels need it).
+    """
+    size = (panel[0] * cols, panel[1] * rows + (0.4 if title else 0))
+    fig = Figure(figsize=size, layout=layout)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False, **grid)
+    if title:
+        fig.suptitle(title)
+    return fig, axes
+
+
+def colors(names: Iterable[str]) -> dict[str, Any]:
+    """A stable colour per name, in order, cycling through the palette."""
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+
+
+def colorbar(fig: Figure, mappable: Any, ax: Axes | Sequence[Axes], label: str) -> Colorbar:
+    """A colour bar beside `ax`; the label is required so no colour goes unexplained."""
+    if not label:
+        raise ValueError("label must say what the colour means")
+    bar = fig.colorbar(mappable, ax=ax, fraction=0.05, pad=0.02)
+    bar.set_label(label)
+    return bar
+
+
+def figure_legend(fig: Figure, ax: Axes, ncol: int = 4) -> None:
+    """The legend of `ax`'s lines once for the whole figure, below the panels (never on data)."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(ncol, max(1, len(labels))))
+
+
+def category_boxes(
+    ax: Axes, values: Sequence[np.ndarray], names: Sequence[str], palette: dict[str, Any]
+) -> None:
+    """Horizontal box plots, one per category, top to bottom in `names` order."""
+    style = {"patch_artist": True, "medianprops": {"color": "black"}}
+    try:
+        box = ax.boxplot(list(values), orientation="horizontal", **style)
+    except TypeError:  # matplotlib < 3.10 names it vert
+        box = ax.boxplot(list(values), vert=False, **style)
+    for patch, name in zip(box["boxes"], names, strict=True):
+        patch.set_facecolor(palette[name])
+        patch.set_alpha(0.6)
+    ax.set_yticks(range(1, len(names) + 1), names)
+    ax.invert_yaxis()
+
+
+def hide_unused(axes: np.ndarray, used: int) -> None:
+    """Remove the grid cells after the first `used` panels (row-major)."""
+    for ax in axes.flat[used:]:
+        ax.remove()
+
+
+def panel_titles(fig: Figure) -> list[str]:
+    """Titles of the figure's panels, in creation order (colour bars have none)."""
+    return [ax.get_title() for ax in fig.axes if ax.get_title()]
+
+
+def _tick_labels(axis: Any) -> list[Text]:
+    """Labels of the major ticks inside the view (the others are not drawn)."""
+    lo, hi = sorted(axis.get_view_interval())
+    eps = 1e-9 * max(1.0, abs(hi - lo))
+    locs = axis.get_majorticklocs()
+    ticks = axis.get_major_ticks(len(locs))
+    return [t.label1 for t, loc in zip(ticks, locs, strict=False) if lo - eps <= loc <= hi + eps]
+
+
+def drawn_texts(fig: Figure) -> list[Text]:
+    """Texts a reader sees: figure titles and legends, and per panel its titles, axis labels,
+    tick labels in view, notes and legend (3D panels: titles only)."""
+    texts = [*fig.texts, *[t for legend in fig.legends for t in legend.get_texts()]]
+    for ax in fig.axes:
+        texts.append(ax.title)
+        if ax.name == "3d":
+            continue
+        texts += [ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        texts += _tick_labels(ax.xaxis) + _tick_labels(ax.yaxis)
+        if ax.get_legend() is not None:
+            texts += ax.get_legend().get_texts()
+    unique = {id(t): t for t in texts}  # the suptitle is also among fig.texts
+    return [t for t in unique.values() if t.get_visible() and t.get_text().strip()]
+
+
+def text_overlaps(fig: Figure) -> list[tuple[str, str]]:
+    """Pairs of drawn texts (titles, labels, tick labels, legends, notes) whose boxes overlap."""
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in drawn_texts(fig)]
+    out = []
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1 :]:
+            if box_a.width and box_b.width and box_a.overlaps(box_b):
+                out.append((a, b))
+    return out
