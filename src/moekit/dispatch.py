@@ -12,7 +12,9 @@ needs a host sync.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,10 @@ def make_plan(
     Drops depend on priority (the gate score), never on token position, so permuting the
     tokens permutes the result.
     """
+    if capacity is None and _counting_sort_available(experts_TK.device):
+        from moekit.backends.triton.plan import make_plan_dropless
+
+        return make_plan_dropless(experts_TK, weights_TK, n_experts)
     T, K = experts_TK.shape
     S, E = T * K, n_experts
     device = experts_TK.device
@@ -88,6 +94,16 @@ def make_plan(
         n_experts=E,
         capacity=capacity,
     )
+
+
+def _counting_sort_available(device: torch.device) -> bool:
+    """On CUDA with triton, the dropless plan is one counting sort (equal output, two launches)."""
+    return device.type == "cuda" and _have_triton()
+
+
+@cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def gather(x_TD: Tensor, token_S: Tensor) -> Tensor:
