@@ -1,8 +1,9 @@
 """Triton kernel tuning and profiling on CUDA: `moekit bench tune`, `tune-backward`, `profile`.
 
-`tune` searches forward (up / down) tile configs per shape class and writes the per-device
-JSON that `moekit.backends.triton.configs` loads; `tune-backward` times backward configs;
-`profile` lists the kernels of one fwd+bwd with their CUDA time.
+`tune` searches tile configs per shape class (forward up / down, and with --backward the dh,
+dx and wgrad kernels too) on the local GPU and writes them to the user's config cache, which
+`moekit.backends.triton.configs` reads before the shipped files; `tune-backward` only reports
+backward timings; `profile` lists the kernels of one fwd+bwd with their CUDA time.
 """
 
 from __future__ import annotations
@@ -28,9 +29,17 @@ _PROFILE_ROWS = 14
 
 @dataclass
 class TuneBench:
-    """Search forward Triton tile configs per shape class on this GPU; write them as JSON."""
+    """Search Triton tile configs per shape class on this GPU; write them to the config cache."""
 
-    out: str = option("", "JSON path to write ('' = the package's file for this GPU)")
+    out: str = option("", "JSON path to write ('' = the user's config cache for this GPU)")
+    shapes: list[str] = option(list(SHAPES), f"model shapes tuned for, from {list(SHAPES)}")
+    classes: list[str] = option(list(CLASSES), f"shape classes, from {list(CLASSES)}")
+    backward: bool = option(False, "also tune the backward kernels (dh, dx, wgrad)")
+
+    def __post_init__(self) -> None:
+        check_shapes(self.shapes)
+        if not self.classes or not set(self.classes) <= set(CLASSES):
+            raise ValueError(f"classes={self.classes} must be a non-empty subset of {CLASSES}")
 
 
 @dataclass
@@ -92,54 +101,79 @@ def _candidates(cls: str) -> list[tuple[int, dict]]:
     return [(g[0], dict(zip(keys, g[1:], strict=True))) for g in grid]
 
 
+def tune_path(out: str = "") -> Path:
+    """The JSON `tune` writes: `out`, else this GPU's file in the user's config cache."""
+    from moekit.backends.triton.configs import cache_dir, device_key
+
+    return Path(out) if out else cache_dir() / f"{device_key(torch.device('cuda'))}.json"
+
+
+def merge_tuned(path: Path, tuned: dict[str, dict]) -> dict[str, dict]:
+    """The file's classes updated with the new ones (kernel by kernel); written back."""
+    table = json.loads(path.read_text()) if path.exists() else {}
+    for cls, cfg in tuned.items():
+        table[cls] = {**table.get(cls, {}), **cfg}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    return table
+
+
 @register_bench("tune", TuneBench)
-def tune(out: str = "") -> dict[str, Any]:
-    """Search up / down configs per shape class on this GPU; write the per-device JSON."""
+def tune(
+    out: str = "",
+    shapes: Sequence[str] = tuple(SHAPES),
+    classes: Sequence[str] = CLASSES,
+    backward: bool = False,
+) -> dict[str, Any]:
+    """Search configs per shape class on this GPU; merge them into the user's config cache."""
+    from moekit.backends.triton.configs import tuned_table
+
+    tuned = {cls: _tune_forward(cls, shapes) for cls in classes}
+    if backward:
+        for (cls, kind), (_, cfg) in _search_backward(classes, shapes, tuned).items():
+            tuned[cls][kind] = cfg
+    path = tune_path(out)
+    table = merge_tuned(path, tuned)
+    tuned_table.cache_clear()
+    return {"configs": table, "files": [str(path)]}
+
+
+def _tune_forward(cls: str, shapes: Sequence[str]) -> dict:
+    """block_m, up and down configs of one shape class: the fastest summed over the shapes."""
     from triton.testing import do_bench
 
     from moekit.backends.triton.align import schedule
-    from moekit.backends.triton.configs import _DIR, DEFAULT, device_key
     from moekit.backends.triton.up import Tiles, gemm_down, gemm_up
 
-    table = {}
-    for cls, per_shape in _TUNE_T.items():
-        cases = []
-        for name, T in per_shape.items():
-            x, w1, w2, _, _, plan = setup(SHAPES[name], T, torch.bfloat16)
-            a = torch.randn(plan.token_S.shape[0], SHAPES[name]["H"], device="cuda").bfloat16()
-            cases.append((x, w1, w2, a, plan))
-        best: dict[tuple[int, str], tuple[float, dict]] = {}
-        for block_m, cfg in _candidates(cls):
-            for kernel in ("up", "down"):
-                total = 0.0
-                try:
-                    for x, w1, w2, a, plan in cases:
-                        S = plan.token_S.shape[0]
-                        sched = schedule(plan.offsets_E1, S, block_m)
-                        tiles = Tiles(plan.offsets_E1, block_m, *sched)
-                        if kernel == "up":
-                            fn = partial(gemm_up, x, w1, None, tiles, cfg, "swiglu", plan.token_S)
-                        else:
-                            fn = partial(gemm_down, a, w2, None, tiles, cfg)
-                        total += float(do_bench(fn, warmup=5, rep=30, return_mode="median"))
-                except Exception as err:  # configs past the shared-memory limit fail to compile
-                    print(f"tune {cls} {kernel} bm={block_m} {cfg}: {type(err).__name__}")
-                    continue
-                print(f"tune {cls} {kernel} bm={block_m} {cfg}: {total:.4f} ms", flush=True)
-                if total < best.get((block_m, kernel), (float("inf"), {}))[0]:
-                    best[(block_m, kernel)] = (total, cfg)
-        block_ms = {bm for bm, _ in best if (bm, "up") in best and (bm, "down") in best}
-        pick = min(block_ms, key=lambda bm: best[(bm, "up")][0] + best[(bm, "down")][0])
-        table[cls] = {
-            **DEFAULT[cls],
-            "block_m": pick,
-            "up": best[(pick, "up")][1],
-            "down": best[(pick, "down")][1],
-        }
-        print(f"tuned {cls}: {table[cls]}", flush=True)
-    path = Path(out) if out else _DIR / f"{device_key(torch.device('cuda'))}.json"
-    path.write_text(json.dumps(table, indent=1) + "\n")
-    return {"configs": table, "files": [str(path)]}
+    cases = []
+    for name in shapes:
+        x, w1, w2, _, _, plan = setup(SHAPES[name], _TUNE_T[cls][name], torch.bfloat16)
+        a = torch.randn(plan.token_S.shape[0], SHAPES[name]["H"], device="cuda").bfloat16()
+        cases.append((x, w1, w2, a, plan))
+    best: dict[tuple[int, str], tuple[float, dict]] = {}
+    for block_m, cfg in _candidates(cls):
+        for kernel in ("up", "down"):
+            total = 0.0
+            try:
+                for x, w1, w2, a, plan in cases:
+                    S = plan.token_S.shape[0]
+                    tiles = Tiles(plan.offsets_E1, block_m, *schedule(plan.offsets_E1, S, block_m))
+                    if kernel == "up":
+                        fn = partial(gemm_up, x, w1, None, tiles, cfg, "swiglu", plan.token_S)
+                    else:
+                        fn = partial(gemm_down, a, w2, None, tiles, cfg)
+                    total += float(do_bench(fn, warmup=5, rep=30, return_mode="median"))
+            except Exception as err:  # configs past the shared-memory limit fail to compile
+                print(f"tune {cls} {kernel} bm={block_m} {cfg}: {type(err).__name__}")
+                continue
+            print(f"tune {cls} {kernel} bm={block_m} {cfg}: {total:.4f} ms", flush=True)
+            if total < best.get((block_m, kernel), (float("inf"), {}))[0]:
+                best[(block_m, kernel)] = (total, cfg)
+    block_ms = {bm for bm, _ in best if (bm, "up") in best and (bm, "down") in best}
+    pick = min(block_ms, key=lambda bm: best[(bm, "up")][0] + best[(bm, "down")][0])
+    tuned = {"block_m": pick, "up": best[(pick, "up")][1], "down": best[(pick, "down")][1]}
+    print(f"tuned {cls}: {tuned}", flush=True)
+    return tuned
 
 
 @register_bench("tune-backward", TuneBackwardBench)
@@ -147,6 +181,26 @@ def tune_backward(
     classes: Sequence[str] = ("large", "medium"), out_dir: str | None = DEFAULT_DIR
 ) -> dict[str, Any]:
     """Time backward kernel configs (dh, dx, wgrad) per shape class; report the best of each."""
+    best = _search_backward(classes, tuple(SHAPES), {})
+    rows = [(cls, kind, f"{total:.4f}", cfg) for (cls, kind), (total, cfg) in best.items()]
+    return write_report(
+        "tune-backward",
+        "Fastest backward kernel configs per shape class (bf16)",
+        bench_command("tune-backward", classes=list(classes)),
+        [Table(("shape class", "kernel", "ms (sum over shapes)", "config"), rows)],
+        {"best": [{"class": c, "kernel": k, "ms": t, "config": cfg} for c, k, t, cfg in rows]},
+        config={"classes": list(classes)},
+        device="cuda",
+        text=["Median ms of triton.testing.do_bench, summed over the shapes of each class."],
+        out_dir=out_dir,
+    )
+
+
+def _search_backward(
+    classes: Sequence[str], shapes: Sequence[str], forward: dict[str, dict]
+) -> dict[tuple[str, str], tuple[float, dict]]:
+    """{(class, kernel): (ms summed over shapes, config)} for dh, dx and wgrad; the tile height
+    is the class's block_m from `forward` when it was just tuned, else the loaded one."""
     import triton
     from triton.testing import do_bench
 
@@ -165,12 +219,12 @@ def tune_backward(
     best = {}
     for cls in classes:
         cases = []
-        for name, T in _TUNE_T[cls].items():
-            x, w1, w2, _, _, plan = setup(SHAPES[name], T, torch.bfloat16)
+        for name in shapes:
+            x, w1, w2, _, _, plan = setup(SHAPES[name], _TUNE_T[cls][name], torch.bfloat16)
             S, H = plan.token_S.shape[0], SHAPES[name]["H"]
             h1 = torch.randn(S, 2 * H, device="cuda").bfloat16()
             cases.append((x, w1, w2, h1, torch.randn_like(x), plan))
-        block_m = config_by_key(torch.device("cuda"), cls)["block_m"]
+        block_m = (forward.get(cls) or config_by_key(torch.device("cuda"), cls))["block_m"]
         for kind, grid in (("dh", gemms), ("dx", gemms), ("wgrad", wgrads)):
             for values in grid:
                 cfg = dict(zip(wkeys if kind == "wgrad" else gemm_keys, values, strict=True))
@@ -211,18 +265,7 @@ def tune_backward(
                 print(f"tune-bw {cls} {kind} {cfg}: {total:.4f} ms", flush=True)
                 if total < best.get((cls, kind), (float("inf"), {}))[0]:
                     best[(cls, kind)] = (total, cfg)
-    rows = [(cls, kind, f"{total:.4f}", cfg) for (cls, kind), (total, cfg) in best.items()]
-    return write_report(
-        "tune-backward",
-        "Fastest backward kernel configs per shape class (bf16)",
-        bench_command("tune-backward", classes=list(classes)),
-        [Table(("shape class", "kernel", "ms (sum over shapes)", "config"), rows)],
-        {"best": [{"class": c, "kernel": k, "ms": t, "config": cfg} for c, k, t, cfg in rows]},
-        config={"classes": list(classes)},
-        device="cuda",
-        text=["Median ms of triton.testing.do_bench, summed over the shapes of each class."],
-        out_dir=out_dir,
-    )
+    return best
 
 
 def _short(kernel: str, width: int = 64) -> str:

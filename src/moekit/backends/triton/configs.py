@@ -2,8 +2,9 @@
 
 A shape class is the number of sorted rows per expert (S / E), which decides the tile height:
 decode batches want short tiles and many CTAs along N (each expert's weights are streamed
-once), prefill batches want large square tiles. A missing device file falls back to the
-defaults below with one logged warning.
+once), prefill batches want large square tiles. Each class layers, last wins: the defaults
+below, the file shipped for the device, then the user's own tuning from `moekit bench tune`
+(`cache_dir()`). A device with neither file gets the defaults and one warning naming the fix.
 """
 
 from __future__ import annotations
@@ -95,15 +96,41 @@ def device_key(device: torch.device) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
+def cache_dir() -> Path:
+    """Where `moekit bench tune` writes this user's configs: $MOEKIT_CACHE_DIR/triton, else
+    ~/.cache/moekit/triton."""
+    root = os.environ.get("MOEKIT_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "moekit") / "triton"
+
+
+def _read(path: Path) -> dict:
+    """A tuned JSON file as {class: config}; ValueError naming the file when it is not one."""
+    try:
+        tuned = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"tuned config file {path} is not valid JSON: {err}") from err
+    if not isinstance(tuned, dict) or not all(isinstance(v, dict) for v in tuned.values()):
+        raise ValueError(f"tuned config file {path} must map shape classes to configs")
+    return tuned
+
+
 @cache
-def _table(key: str) -> dict:
-    """Tuned table for one device (cached); defaults plus one warning when none is stored."""
-    path = _DIR / f"{key}.json"
-    if not path.exists():
-        _LOG.warning("no tuned triton MoE configs for %s (%s): using defaults", key, path.name)
-        return DEFAULT
-    tuned = json.loads(path.read_text())
-    return {cls: {**cfg, **tuned.get(cls, {})} for cls, cfg in DEFAULT.items()}
+def tuned_table(key: str) -> dict:
+    """Every shape class for one device (cached): defaults < shipped file < the user's cache."""
+    files = [p for p in (_DIR / f"{key}.json", cache_dir() / f"{key}.json") if p.exists()]
+    if not files:
+        _LOG.warning(
+            "no tuned triton MoE configs for %s: using defaults; `moekit bench tune` tunes this "
+            "GPU and writes %s",
+            key,
+            cache_dir() / f"{key}.json",
+        )
+    table = {cls: dict(cfg) for cls, cfg in DEFAULT.items()}
+    for path in files:
+        for cls, cfg in _read(path).items():
+            if cls in table:
+                table[cls].update(cfg)
+    return table
 
 
 def for_dtype(cfg: dict, dtype: torch.dtype) -> dict:
@@ -124,4 +151,4 @@ def config_by_key(device: torch.device, key: str) -> dict:
     """The config for a key from `config_key` (the custom ops take the key, not the dict)."""
     if key == "interpreter":
         return INTERPRETER
-    return _table(device_key(device))[key]
+    return tuned_table(device_key(device))[key]
