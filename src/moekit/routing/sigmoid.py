@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moekit.backends.triton import fused_routing
 from moekit.config import MoEConfig, RouterOptions
 from moekit.reference_routing import sigmoid_reference
 from moekit.routing import register_router
@@ -44,6 +45,11 @@ class SigmoidRouter(Router):
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
 
     def select(self, logits_TE: Tensor) -> Routing:
+        if not self.training and self.rcfg.n_groups == 1:  # one kernel on CUDA inference
+            rcfg, bias_E = self.rcfg, self.expert_bias
+            fused = fused_routing(logits_TE, self.k, rcfg.renormalize, rcfg.scaling_factor, bias_E)
+            if fused is not None:
+                return fused
         scores_TE = logits_TE.sigmoid()
         biased_TE = scores_TE.detach() + self.expert_bias.to(scores_TE.dtype)
         biased_TE = group_limited(biased_TE, self.rcfg.n_groups, self.rcfg.topk_groups)

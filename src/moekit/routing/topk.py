@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from moekit.backends.triton import fused_routing
 from moekit.config import MoEConfig
 from moekit.reference_routing import topk_reference
 from moekit.routing import register_router
@@ -39,6 +40,11 @@ class TopKRouter(Router):
         self.register_buffer("members_GE", members_GE, persistent=False)
 
     def select(self, logits_TE: Tensor) -> Routing:
+        if self.members_GE is None and self.rcfg.n_groups == 1:  # one kernel on CUDA inference
+            rcfg = self.rcfg
+            fused = fused_routing(logits_TE, self.k, rcfg.renormalize, rcfg.scaling_factor)
+            if fused is not None:
+                return fused
         probs_TE = logits_TE.softmax(dim=-1)
         if self.members_GE is not None:
             candidates_TE = membership_limited(probs_TE, self.members_GE, self.rcfg.topk_groups)

@@ -6,7 +6,8 @@ Files: align (tile schedule), up (the grouped GEMM, its up / down / dX launchers
 up-projection op), down (down-projection op + deterministic combine), backward (dh, weight
 gradients, dX: the two backward ops), autograd (the fused and per-slot autograd Functions),
 decode (the small-batch column split), configs (tuned configs as data, per shape class),
-checks (operand checks of the launchers).
+checks (operand checks of the launchers), plan (the dropless Plan as a counting sort), router
+(the top-k / sigmoid routers' math after the logits GEMM as one kernel).
 Shape legend: T tokens, S sorted token-slots, E experts, D model dim, H1 = w1's last dim.
 """
 
@@ -14,11 +15,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from functools import cache
 
 import torch
 from torch import Tensor
 
 from moekit.dispatch import Plan
+from moekit.routing.base import Routing
+
+FUSED_ROUTER_MAX_K = 16  # k rounds of argmax are unrolled in the kernel
+FUSED_ROUTER_MAX_E = 1024  # one program holds a token's [E] scores
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -85,3 +91,27 @@ def experts_per_slot(
         return x_SD.new_zeros(0, w2.shape[-1]) + 0.0 * x_SD.sum()
     train = _training(x_SD, w1, w2, b1, b2)
     return PerSlotExperts.apply(x_SD, w1, w2, b1, b2, offsets_E1, activation, train)
+
+
+@cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def fused_routing(
+    logits_TE: Tensor, k: int, renormalize: bool, scaling: float, bias_E: Tensor | None = None
+) -> Routing | None:
+    """The router's selection from one kernel where it applies, else None (the torch code runs).
+
+    It applies in inference on CUDA: float32 logits that need no gradient, k and E within the
+    kernel's bounds. bias_E None: softmax top-k; else sigmoid scores chosen by score + bias_E.
+    """
+    if not logits_TE.is_cuda or logits_TE.dtype != torch.float32 or not _have_triton():
+        return None
+    if torch.is_grad_enabled() and logits_TE.requires_grad:
+        return None
+    if k > FUSED_ROUTER_MAX_K or logits_TE.shape[-1] > FUSED_ROUTER_MAX_E:
+        return None
+    from moekit.backends.triton.router import fused_select
+
+    return fused_select(logits_TE, k, renormalize, scaling, bias_E)
