@@ -38,7 +38,10 @@ def _sync_activation(act: Callable) -> str | None:
         return _ACTIVATIONS[act]
     except (KeyError, TypeError):  # TypeError: a builtin function cannot be weakly referenced
         pass
-    out = act(_PROBE)
+    try:
+        out = act(_PROBE)
+    except (RuntimeError, TypeError):  # e.g. an activation with parameters on a GPU
+        return None
     name = next((n for n, f in _PLAIN.items() if torch.equal(out, f(_PROBE))), None)
     with contextlib.suppress(TypeError):
         _ACTIVATIONS[act] = name
@@ -87,10 +90,11 @@ def experts_forward(
     """The experts of an HF MoE block on moekit's stage 3: [T, D] -> [T, D] in the input dtype."""
     T, K = top_k_index.shape
     E = module.num_experts
+    experts_TK = top_k_index.long()
     if top_k_weights.shape == (T, K):
         weights_TK = top_k_weights
     elif top_k_weights.shape == (T, E):  # dense router scores: each slot reads its expert's
-        weights_TK = top_k_weights.gather(1, top_k_index)
+        weights_TK = top_k_weights.gather(1, experts_TK)
     else:
         raise ValueError(
             f"top_k_weights must be [T, K] = [{T}, {K}] or [T, E] = [{T}, {E}], "
@@ -98,7 +102,7 @@ def experts_forward(
         )
     activation = _activation(module)
     w1, w2, b1, b2 = _weights(module)
-    plan = make_plan(top_k_index, weights_TK, weights_TK, E)  # dropless: priority unused
+    plan = make_plan(experts_TK, weights_TK, weights_TK, E)  # dropless: priority unused
     forward = get_backend(backend, hidden_states.device, hidden_states.dtype)
     return forward(hidden_states, plan, w1, w2, b1, b2, activation)
 
