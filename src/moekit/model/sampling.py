@@ -4,8 +4,9 @@
 `RowSampling` serve batched decoding where every row is its own request: settings live in
 device tensors and the randomness is hashed from (seed, draw, token), so the whole batch
 samples in one call on the device and a row's tokens never depend on its neighbours.
+`token_logprobs` reads the model's log-probabilities of the drawn tokens and the best others.
 
-Shapes: B rows, V vocabulary, N rows held by `RowSampling`.
+Shapes: B rows, V vocabulary, N rows held by `RowSampling`, K top alternatives.
 """
 
 from __future__ import annotations
@@ -94,11 +95,23 @@ def sample_rows(
     return torch.where(hot, drawn, logits.argmax(-1))
 
 
+def token_logprobs(logits: Tensor, tokens: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """logits [B, V], tokens [B] -> logprob of each token [B], top-`top` logprobs and ids [B, K].
+
+    Log-probabilities of the model's own distribution (log_softmax of the raw logits, before
+    temperature, top-k or top-p), as OpenAI's API reports them.
+    """
+    lp = logits.float().log_softmax(-1)  # [B, V]
+    chosen = lp.gather(-1, tokens[:, None])[:, 0]  # [B]
+    best, ids = lp.topk(min(top, lp.shape[-1]), dim=-1)  # [B, K]
+    return chosen, best, ids
+
+
 class RowSampling:
     """Per-row sampling settings on the device, for `n_rows` rows of a decoding batch.
 
-    A request takes a row with `set` and keeps it until `move` compacts rows; `sample` draws
-    for the first B rows and counts the draw of each.
+    A request takes a row with `set` and keeps it until it leaves; `sample` draws for the
+    first B rows, `sample_at` for any rows by index, and both count the draw of each.
     """
 
     def __init__(self, n_rows: int, vocab: int, device: torch.device) -> None:
@@ -131,6 +144,22 @@ class RowSampling:
         for buf in self._buffers():
             buf[dst] = buf[src]
         self._hot[dst] = self._hot[src]
+
+    def hot(self, rows: list[int]) -> bool:
+        """Whether any of `rows` samples (temperature > 0); read from the host copy."""
+        return any(self._hot[r] for r in rows)
+
+    def sample_at(self, logits: Tensor, rows: Tensor, hot: bool = True) -> Tensor:
+        """logits [B, V] of rows `rows` [B] (distinct) -> tokens [B]; counts each row's draw.
+
+        `hot` False (see `hot`) skips the sort: every row is greedy, so draws do not matter.
+        """
+        if not hot:
+            return logits.argmax(-1)
+        t, k, p, keys, draws = (buf[rows] for buf in self._buffers())
+        tokens = sample_rows(logits, t, k, p, keys, draws)
+        self.draws.index_add_(0, rows, torch.ones_like(rows))
+        return tokens
 
     def sample(self, logits: Tensor) -> Tensor:
         """logits [B, V] of rows 0..B-1 -> tokens [B] on the device."""
