@@ -128,14 +128,16 @@ def _add_finance(parent) -> None:
 
 
 def _serve_parser() -> ArgumentParser:
+    from moekit.serve.config import EngineConfig
+
     p = ArgumentParser(description="Serve a checkpoint over HTTP (OpenAPI docs at /docs).")
     p.add_argument("ckpt", type=str, help="checkpoint or run directory")
     p.add_argument("--host", type=str, default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="0 (or a taken port): a free one")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", type=str | None, default=None, help="weights: bf16, fp16, fp32")
     p.add_argument("--threads", type=int | None, default=None, help="torch CPU threads")
-    p.add_argument("--max-batch", type=int | None, default=None, help="sequences per step")
-    p.add_argument("--max-queue", type=int | None, default=None, help="queued requests before 429")
+    p.add_argument("--cors-origin", action="append", help="browser origin allowed (repeatable)")
     p.add_argument("--api-key", action="append", help="accepted Bearer key (repeatable)")
     p.add_argument("--api-key-file", type=str | None, default=None, help="keys, one a line")
     p.add_argument("--rate-limit", type=str | None, default=None, help="per key: 5/s, 300/min")
@@ -146,6 +148,10 @@ def _serve_parser() -> ArgumentParser:
     )
     p.add_argument("--ssl-certfile", type=str | None, default=None, help="PEM cert: serve HTTPS")
     p.add_argument("--ssl-keyfile", type=str | None, default=None, help="PEM key of the cert")
+    hints = typing.get_type_hints(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):  # --max-batch, --kv-memory, --prefill-chunk...
+        flag = "--" + f.name.replace("_", "-")
+        p.add_argument(flag, type=hints[f.name] | None, default=None, help=f"default {f.default}")
     return p
 
 
@@ -225,11 +231,14 @@ def _run_bench(args: Namespace) -> None:
 
 def _run_serve(args: Namespace) -> None:
     from moekit.serve import run_server
+    from moekit.serve.config import EngineConfig
     from moekit.serve.security import SecurityConfig, SecurityConfigError
 
+    engine = {f.name: args[f.name] for f in dataclasses.fields(EngineConfig)}
     given = (
-        ("max_batch", args.max_batch),
-        ("max_queue", args.max_queue),
+        *engine.items(),
+        ("dtype", args.dtype),
+        ("cors_origins", args.cors_origin),
         ("ssl_certfile", args.ssl_certfile),
         ("ssl_keyfile", args.ssl_keyfile),
         ("allow_unauthenticated", args.allow_unauthenticated or None),
@@ -243,6 +252,7 @@ def _run_serve(args: Namespace) -> None:
         args.log_prompts,
     )
     try:
+        EngineConfig.from_options({k: v for k, v in engine.items() if v is not None})
         if any(policy):  # otherwise run_server reads keys from $MOEKIT_API_KEY alone
             options["security"] = SecurityConfig.from_options(
                 args.api_key or (),
@@ -251,6 +261,10 @@ def _run_serve(args: Namespace) -> None:
                 metrics_public=args.metrics_public,
                 log_prompts=args.log_prompts,
             )
+    except ValueError as err:  # a bad option or key; one line, no traceback
+        print(f"moekit serve: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
         run_server(
             args.ckpt,
             host=args.host,
@@ -259,7 +273,7 @@ def _run_serve(args: Namespace) -> None:
             threads=args.threads,
             **options,
         )
-    except SecurityConfigError as err:  # one line, no traceback
+    except SecurityConfigError as err:  # refused to start (e.g. open off loopback)
         print(f"moekit serve: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

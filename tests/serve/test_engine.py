@@ -1,4 +1,4 @@
-"""Engine without HTTP: batching and prefix reuse give the outputs of one-at-a-time decoding."""
+"""Engine without HTTP: batching, chunked prefill and prefix reuse give one-at-a-time outputs."""
 
 from __future__ import annotations
 
@@ -36,17 +36,20 @@ def _run(model: Transformer, prompts, params, **cfg) -> tuple[list[Sequence], En
 
 
 def test_concurrent_greedy_equals_generate_alone():
-    """Different lengths, more requests than rows, prompts past the window (it slides)."""
+    """Different lengths, more requests than rows, chunked prompts, prompts past the window."""
     model = make_model()
     torch.manual_seed(1)
     prompts = [torch.randint(0, 256, (n,)) for n in (1, 5, 12, 30, 64, 80, 7)]
-    seqs, engine = _run(model, prompts, SamplingParams(max_new_tokens=40), max_batch=4)
+    params = SamplingParams(max_new_tokens=40)
+    seqs, engine = _run(model, prompts, params, max_batch=4, page_size=4, prefill_chunk=16)
     for p, seq in zip(prompts, seqs, strict=True):
         alone = model.generate(p[None], 40)[0, len(p) :].tolist()
         assert seq.outputs == alone
         assert seq.finish_reason == "length"
     assert engine.stats.batched_sequences / engine.stats.steps > 2  # it did batch
     assert engine.active == 0 and engine.runner.free_rows == 4
+    usage = engine.runner.kv.usage()
+    assert usage["held"] == 0 and usage["reserved"] == 0  # every page came back
 
 
 def test_expert_counts_add_up_on_the_device():
@@ -55,7 +58,7 @@ def test_expert_counts_add_up_on_the_device():
     prompts = [torch.randint(0, 256, (n,)) for n in (3, 9, 20)]
     _, engine = _run(model, prompts, SamplingParams(max_new_tokens=6), prefix_cache_tokens=0)
     counts = engine.stats.expert_tokens  # [L, E]
-    assert counts is engine.runner.expert_tokens and counts.device == engine.runner.slots.device
+    assert counts is engine.runner.expert_tokens and counts.device == engine.runner.kv.device
     positions = sum(len(p) + 6 - 1 for p in prompts)  # the last output is never fed
     assert counts.sum(1).tolist() == [2 * positions] * 2
     load = engine.stats.expert_load()
@@ -95,15 +98,16 @@ def test_seeded_sampling_does_not_depend_on_batch():
 
 def test_prefix_cache_hit_gives_the_same_output():
     model = make_model()
-    shared = torch.tensor(list(b"import torch\nimport numpy as np\n"))
+    shared = torch.tensor(list(b"import torch\nimport numpy as np\n"))  # 33 bytes
     prompts = [torch.cat([shared, torch.tensor(list(s))]) for s in (b"x", b"def f(a):", b"y =")]
+    prompts.append(prompts[1])  # a repeat: every full block but the one holding its last byte
 
-    async def main(cache_tokens: int):
-        engine = Engine(model, EngineConfig(prefix_cache_tokens=cache_tokens))
+    async def main(cache_tokens: int, use_cache: bool = True):
+        engine = Engine(model, EngineConfig(prefix_cache_tokens=cache_tokens, page_size=4))
         engine.start()
         out = []
         for p in prompts:  # one after another, so later ones can hit
-            seq = engine.submit(p, SamplingParams(max_new_tokens=15))
+            seq = engine.submit(p, SamplingParams(max_new_tokens=15), use_cache=use_cache)
             await _drain(seq)
             out.append(seq)
         await engine.stop()
@@ -111,10 +115,14 @@ def test_prefix_cache_hit_gives_the_same_output():
 
     hit, engine = asyncio.run(main(4096))
     miss, _ = asyncio.run(main(0))
-    assert [s.prefix_hit for s in hit] == [0, len(shared), len(shared)]
-    assert [s.prefix_hit for s in miss] == [0, 0, 0]
-    assert [s.outputs for s in hit] == [s.outputs for s in miss]
-    assert engine.prefix.stats.hits == 2
+    unused, unused_engine = asyncio.run(main(4096, use_cache=False))
+    assert [s.prefix_hit for s in hit] == [0, 32, 32, 40]  # whole pages of 4
+    assert [s.prefix_hit for s in miss] == [0, 0, 0, 0]
+    assert [s.prefix_hit for s in unused] == [0, 0, 0, 0]
+    assert [s.outputs for s in hit] == [s.outputs for s in miss] == [s.outputs for s in unused]
+    stats = engine.runner.kv.pool.stats
+    assert stats.hits == 3 and stats.tokens_reused == 104
+    assert unused_engine.runner.kv.pool.stats.lookups == 0
 
 
 def test_continuous_rollout_equals_generate():
@@ -123,11 +131,28 @@ def test_continuous_rollout_equals_generate():
     cfg = ModelConfig(d_in=3, d_out=3, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, moe=moe)
     model = Transformer(cfg).eval()
     prompts = [torch.randn(n, 3) for n in (2, 9, 20)]
-    seqs, engine = _run(model, prompts, SamplingParams(max_new_tokens=12))
-    assert engine.prefix is None  # prefix reuse is for token prompts
+    seqs, engine = _run(model, prompts, SamplingParams(max_new_tokens=12), page_size=4)
     for p, seq in zip(prompts, seqs, strict=True):
         ref = model.generate(p[None], 12)[0, len(p) :]
         torch.testing.assert_close(torch.stack(seq.outputs), ref, atol=1e-4, rtol=1e-4)
+    signal = torch.cat([prompts[1], torch.randn(3, 3)])  # the same 9 leading vectors
+    nudged = signal.clone()
+    nudged[0, 0] += 1e-3
+
+    async def one_by_one():
+        engine = Engine(model, EngineConfig(page_size=4))
+        engine.start()
+        out = []
+        for p in (prompts[1], signal, nudged):
+            out.append(engine.submit(p, SamplingParams(max_new_tokens=3)))
+            await _drain(out[-1])
+        await engine.stop()
+        return out
+
+    first, hit, miss = asyncio.run(one_by_one())
+    assert (first.prefix_hit, hit.prefix_hit, miss.prefix_hit) == (0, 8, 0)  # bitwise equal only
+    ref = model.generate(signal[None], 3)[0, len(signal) :]
+    torch.testing.assert_close(torch.stack(hit.outputs), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_capacity_limited_model_decodes_one_at_a_time():
@@ -135,7 +160,8 @@ def test_capacity_limited_model_decodes_one_at_a_time():
     model = make_model(moe=moe)
     engine = Engine(model, EngineConfig(max_batch=8))
     assert not engine.batch_invariant
-    assert engine.runner.slots.n_slots == 1 and engine.prefix is None
+    assert engine.runner.kv.n_rows == 1 and not engine.prefix_cache
+    assert engine.runner.chunk is None  # prompts are fed whole: routing sees all of them
 
 
 def test_queue_bound_cancel_and_timeout():

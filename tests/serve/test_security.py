@@ -39,6 +39,11 @@ BODIES = {
     "/v1/generate": {"prompt": "a", "max_new_tokens": 1},
     "/v1/route": {"prompt": "a"},
     "/v1/completions": {"model": "m", "prompt": "a", "max_tokens": 1},
+    "/v1/chat/completions": {
+        "model": "m",
+        "messages": [{"role": "user", "content": "a"}],
+        "max_tokens": 1,
+    },
 }
 
 

@@ -11,12 +11,11 @@ slots run one forward (`model(x, cache=..., positions=...)`):
   position sees; None means every row holds the same W - S past positions (plain causal).
 
 A row's length grows once every layer has stored its new positions. Implementations:
-`KVCache` here (rows share one length, storage grows) and `moekit.serve.slots.SlotCache`
-(static per-row buffers, per-row lengths kept on the device). The protocol is shaped for a
-paged or CUDA-graph-captured cache: keep the storage static (pages [P, Hkv, page, Dh] plus a
-block table [B, pages per row]), keep lengths in a device tensor, derive positions and the
-mask from it on the device, write with an index (scatter) instead of a slice, and pad W to a
-fixed bucket; masked keys cost nothing in the result, so callers never branch on lengths.
+`KVCache` here (rows share one length, storage grows) and the server's paged memory
+(`moekit.serve.paged.RowsView` over a `PagedKVCache`: pages [P * page, Hkv, Dh] per layer,
+a block table per row, lengths on the device, positions and the mask derived there, writes by
+index (scatter), and a static width that a CUDA graph can replay for any lengths; masked keys
+cost nothing in the result, so callers never branch on lengths).
 
 Shapes: B sequences, Hkv kv heads, S new positions, W keys attended, Dh head size; `KVCache`
 storage per layer [B, Hkv, cap, Dh].

@@ -2,7 +2,8 @@
 
 Client mistakes come back as 4xx with an `ErrorResponse` naming the field; an unexpected
 error in a handler is logged and answered 500 without stopping the server. Keys and rate
-limits (`SecurityConfig`) are enforced by a middleware before any route runs.
+limits (`SecurityConfig`) are enforced by a middleware before any route runs; CORS, when
+origins are given, wraps it, so a browser's preflight is answered without a key.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moekit.model.transformer import Transformer
-from moekit.serve import openai_compat, routes
+from moekit.serve import openai_chat, openai_compat, routes
 from moekit.serve.config import EngineConfig
 from moekit.serve.engine import Engine
 from moekit.serve.inputs import ApiError, error_response
@@ -27,6 +29,7 @@ from moekit.serve.metrics import build_registry
 from moekit.serve.schemas import ErrorResponse
 from moekit.serve.security import Guard, GuardCollector, SecurityConfig, SecurityMiddleware
 from moekit.serve.state import ServerState
+from moekit.serve.text import Codec, load_codec
 
 log = logging.getLogger(__name__)
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -77,22 +80,27 @@ def create_app(
     name: str = "moekit",
     engine: EngineConfig | None = None,
     security: SecurityConfig | None = None,
+    codec: Codec | None = None,
+    cors_origins: tuple[str, ...] | list[str] = (),
 ) -> FastAPI:
     """A FastAPI app serving `model`; its engine starts and drains with the app's lifespan.
 
-    `security` (default: no keys, no rate limit) is checked before any route runs.
+    `security` (default: no keys, no rate limit) is checked before any route runs. `codec`
+    turns text into ids and back (default: `load_codec(model)`: the model's tokenizer, or
+    UTF-8 bytes). `cors_origins` ('*' for any) may call it from a browser.
     """
     cfg = engine or EngineConfig()
     policy = security or SecurityConfig()
     guard = Guard(policy)
     device = next(model.parameters()).device
+    text = codec if codec is not None else load_codec(model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = Engine(model, cfg)
         registry = build_registry(eng)
         registry.register(GuardCollector(guard))
-        app.state.serve = ServerState(model, name, cfg, eng, device, registry)
+        app.state.serve = ServerState(model, name, cfg, eng, device, registry, text)
         eng.start()
         try:
             yield
@@ -110,7 +118,16 @@ def create_app(
     _install_handlers(app)
     app.include_router(routes.router)
     app.include_router(openai_compat.router)
+    app.include_router(openai_chat.router)
     app.add_middleware(SecurityMiddleware, guard=guard)
+    if cors_origins:  # added last: outermost, so preflights never meet the key check
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After"],
+        )
     if policy.api_keys:
         _document_bearer(app, guard.is_open)
     return app

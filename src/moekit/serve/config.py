@@ -1,12 +1,17 @@
-"""`EngineConfig`: the inference engine's limits and cache sizes, validated at construction."""
+"""`EngineConfig`: the inference engine's limits, memory and modes, validated at construction."""
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from moekit.config import strict_from_dict
+
+DECODE_MODES = ("auto", "graphs", "static", "eager")
+# 'auto', a fraction of free GPU memory ('0.9'), or a size ('8GiB', '512MiB', '1e9' bytes)
+_KV_MEMORY = re.compile(r"auto|[0-9]*\.?[0-9]+(e[0-9]+)?\s*([kmgt]i?b?)?", re.IGNORECASE)
 
 
 @dataclass
@@ -17,13 +22,19 @@ class EngineConfig:
     max_queue: int = 64  # waiting requests beyond this are refused with 429
     max_new_tokens: int = 1024  # per-request upper bound on generated positions
     max_prompt_tokens: int = 8192  # longer prompts are refused (only the last window is fed)
-    prefix_cache_tokens: int = 16384  # LRU bound on positions kept by the prefix cache; 0 = off
+    prefix_cache_tokens: int = 16384  # positions kept for prefix reuse once unused; 0 = off
     min_prefix: int = 4  # shortest shared prefix worth reusing
     request_timeout_s: float = 120.0  # a request still running after this stops early
     retry_after_s: int = 1  # Retry-After sent with 429
+    kv_memory: str = "auto"  # K/V pages: 'auto' (80% of free GPU memory; 1 GiB on CPU), a
+    # fraction of free GPU memory ('0.5') or a size ('8GiB'); capped at what rows can use
+    page_size: int = 16  # positions per KV page (and per prefix-cache block)
+    prefill_chunk: int = 2048  # prompt positions fed per step, so decodes never stall long
+    decode_mode: str = "auto"  # graphs (CUDA), static, eager; auto = graphs on CUDA
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_new_tokens", "max_prompt_tokens", "min_prefix"):
+        positive = ("max_batch", "max_queue", "max_new_tokens", "max_prompt_tokens", "min_prefix")
+        for name in (*positive, "page_size", "prefill_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"engine.{name}={value!r} must be an integer >= 1")
@@ -34,6 +45,15 @@ class EngineConfig:
         t = self.request_timeout_s
         if not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"engine.request_timeout_s={t!r} must be finite and > 0")
+        if not isinstance(self.kv_memory, str) or not _KV_MEMORY.fullmatch(self.kv_memory.strip()):
+            raise ValueError(
+                f"engine.kv_memory={self.kv_memory!r} must be 'auto', a fraction of free GPU"
+                " memory (0.5) or a size (8GiB, 512MiB)"
+            )
+        if self.decode_mode not in DECODE_MODES:
+            raise ValueError(
+                f"engine.decode_mode={self.decode_mode!r} is not one of {DECODE_MODES}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

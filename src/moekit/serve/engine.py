@@ -1,10 +1,12 @@
 """`Engine`: dynamic batching of generation requests over one model.
 
 Requests wait in a bounded queue. A background asyncio task runs steps: between two steps it
-drops cancelled and timed-out sequences and admits waiting ones up to `max_batch`; the step
-itself (`ModelRunner.step`: one batched decode forward for every active sequence, then the
-prefill of the newcomers) runs on a worker thread so the HTTP event loop stays responsive.
-Outputs go back to each request as `Event`s on its own queue.
+drops cancelled and timed-out sequences and admits waiting ones, in order, while a row and
+the KV pages they may need are free; the step itself (`ModelRunner.step`: one batched decode
+forward for every decoding sequence, then the next prompt chunks) runs on a worker thread so
+the HTTP event loop stays responsive. Outputs go back to each request as `Event`s on its own
+queue. The n choices of one request are n sequences; all but the first wait for its first
+output, so they find its prompt in the prefix cache instead of feeding it again.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from torch import Tensor
 
 from moekit.model.transformer import Transformer
 from moekit.serve.config import EngineConfig
-from moekit.serve.prefix_cache import PrefixCache
 from moekit.serve.runner import ModelRunner, StepResult, batch_invariant
 from moekit.serve.sequence import SamplingParams, Sequence
 from moekit.serve.stats import ServeStats
@@ -46,14 +47,10 @@ class Engine:
         self.cfg = cfg or EngineConfig()
         self.model = model.eval()
         self.batch_invariant = batch_invariant(model)
-        exact = self.batch_invariant
-        max_batch = self.cfg.max_batch if exact else 1
-        use_prefix = exact and self.cfg.prefix_cache_tokens > 0 and model.is_lm
-        self.prefix = (
-            PrefixCache(self.cfg.prefix_cache_tokens, self.cfg.min_prefix) if use_prefix else None
+        self.runner = ModelRunner(model, self.cfg, self.batch_invariant)
+        self.stats = ServeStats(
+            self.runner.moe_layers, self.runner.n_experts, max_batch=self.runner.kv.n_rows
         )
-        self.runner = ModelRunner(model, max_batch, self.prefix)
-        self.stats = ServeStats(self.runner.moe_layers, self.runner.n_experts)
         # the runner adds to this device tensor each step; only /v1/stats and /metrics read it
         self.stats.expert_tokens = self.runner.expert_tokens
         self.waiting: deque[Sequence] = deque()
@@ -91,27 +88,65 @@ class Engine:
     def active(self) -> int:
         return len(self.runner.active)
 
+    @property
+    def prefix_cache(self) -> bool:
+        return self.runner.prefix
+
+    def decode_info(self) -> dict[str, object]:
+        """How decode steps run: mode, captured bucket sizes, and why graphs are off if asked."""
+        d = self.runner.decode
+        return {
+            "mode": d.mode,
+            "graphs": sorted(d.graphs),
+            "buckets": list(d.buckets),
+            "fallback": d.fallback,
+        }
+
     # requests -----------------------------------------------------------------------------
-    def submit(self, prompt: Tensor, params: SamplingParams) -> Sequence:
+    def submit(
+        self,
+        prompt: Tensor,
+        params: SamplingParams,
+        request_id: str | None = None,
+        use_cache: bool = True,
+    ) -> Sequence:
         """Queue a prompt (tokens [P] or vectors [P, d_in]); raises QueueFull or EngineStopped."""
+        return self.submit_n(prompt, params, 1, request_id, use_cache)[0]
+
+    def submit_n(
+        self,
+        prompt: Tensor,
+        params: SamplingParams,
+        n: int,
+        request_id: str | None = None,
+        use_cache: bool = True,
+    ) -> list[Sequence]:
+        """Queue n continuations of one prompt (choice i samples with seed + i when seeded)."""
         if self._stopping:
             raise EngineStopped("the server is shutting down")
-        if len(self.waiting) >= self.cfg.max_queue:
+        if len(self.waiting) + n > self.cfg.max_queue:
             self.stats.rejected += 1
             raise QueueFull(f"{len(self.waiting)} requests are waiting")
-        seq = Sequence(
-            id=uuid.uuid4().hex,
-            prompt=prompt,
-            params=params,
-            deadline=time.monotonic() + self.cfg.request_timeout_s,
-        )
-        seed = params.seed if params.seed is not None else int(torch.seed() % 2**63)
-        seq.generator.manual_seed(seed)
-        self.waiting.append(seq)
+        base = request_id or uuid.uuid4().hex
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        seqs: list[Sequence] = []
+        for i in range(n):
+            seed = params.seed + i if params.seed is not None else int(torch.seed() % 2**63)
+            seq = Sequence(
+                id=base if n == 1 else f"{base}-{i}",
+                prompt=prompt,
+                params=params,
+                deadline=deadline,
+                seed=seed % 2**63,
+                use_cache=use_cache,
+                after=seqs[0] if seqs else None,
+            )
+            seqs.append(seq)
+        self.waiting.extend(seqs)
         self.stats.requests += 1
         self.stats.prompt_tokens += len(prompt)
         self._wake.set()
-        return seq
+        return seqs
 
     def cancel(self, seq: Sequence) -> None:
         """Stop a request (client gone); its row is freed before the next step."""
@@ -134,31 +169,48 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            admitted = []
-            while self.waiting and self.runner.free_rows > len(admitted):
-                admitted.append(self.waiting.popleft())
+            self._admit()
+            if not self.runner.active:  # everything waiting waits for a first output
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             try:
                 async with self._lock:
-                    result = await asyncio.to_thread(self.runner.step, admitted)
+                    result = await asyncio.to_thread(self.runner.step)
             except Exception:  # a bug must not take the server down: fail this batch only
                 log.exception("engine step failed")
-                for seq in [*self.runner.active, *admitted]:
-                    seq.finish("error")
-                    self.runner.release(seq)
+                for seq in self.runner.active:
+                    self._finish(seq, "error")
+                self.runner.reset()
                 continue
             self._deliver(result)
 
+    def _admit(self) -> None:
+        """Admit waiting sequences in order while rows and pages allow (followers when ready)."""
+        for seq in list(self.waiting):
+            if not seq.ready():
+                continue
+            if not self.runner.try_admit(seq):
+                return
+            self.waiting.remove(seq)
+
     def _deliver(self, result: StepResult) -> None:
         s = self.stats
-        if result.decoded:
-            s.steps += 1
-            s.batched_sequences += result.decoded
+        s.observe_step(result.decoded, result.prefilled)
         s.add_tokens(len(result.outputs))
-        for seq, value in result.outputs:
-            first = seq.t_first is None
-            seq.emit(value)
-            if first:
+        for seq, reason in result.ended:
+            self._finish(seq, reason)
+        for seq, value, logprobs in result.outputs:
+            if seq.done:  # cancelled while the step ran; its row is already free
+                continue
+            if value in seq.params.stop_token_ids:
+                self._finish(seq, "stop")
+                continue
+            gap = seq.emit(value, logprobs)
+            if gap is None:
                 s.ttft.observe(seq.t_first - seq.t_submit)  # type: ignore[operator]
+            else:
+                s.itl.observe(gap)
             if len(seq.outputs) >= seq.params.max_new_tokens:
                 self._finish(seq, "length")
 

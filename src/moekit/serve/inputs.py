@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import math
 from typing import Any
 
@@ -13,6 +12,7 @@ from torch import Tensor
 from moekit.model.transformer import Transformer
 from moekit.serve.config import EngineConfig
 from moekit.serve.schemas import ModelInput
+from moekit.serve.text import Codec
 
 
 class ApiError(Exception):
@@ -49,8 +49,13 @@ def _invalid(field: str, message: str) -> ApiError:
     return ApiError(422, f"{field}: {message}", field)
 
 
-def model_input(body: ModelInput, model: Transformer, cfg: EngineConfig) -> Tensor:
-    """The prompt as tokens [P] int64 or vectors [P, d_in] float32, checked against the model."""
+def model_input(
+    body: ModelInput, model: Transformer, cfg: EngineConfig, codec: Codec | None
+) -> Tensor:
+    """The prompt as tokens [P] int64 or vectors [P, d_in] float32, checked against the model.
+
+    Text goes through `codec` (the model's tokenizer, or UTF-8 bytes for byte-level models).
+    """
     given = [name for name in ("prompt", "token_ids", "inputs") if getattr(body, name) is not None]
     expected = "prompt or token_ids" if model.is_lm else "inputs"
     if len(given) != 1:
@@ -61,27 +66,41 @@ def model_input(body: ModelInput, model: Transformer, cfg: EngineConfig) -> Tens
         raise _invalid("inputs", "this is a token model: send prompt or token_ids")
     if not model.is_lm and field != "inputs":
         raise _invalid(field, "this is a continuous model: send inputs (a list of vectors)")
-    vocab = model.cfg.vocab_size
     if field == "prompt":
-        if vocab is None or vocab < 256:
-            raise _invalid("prompt", f"vocab_size={vocab} is not byte-level: send token_ids")
-        data = body.prompt.encode("utf-8")  # type: ignore[union-attr]
-        x = torch.tensor(list(data), dtype=torch.long)
+        x = torch.tensor(text_ids(body.prompt, "prompt", codec, model), dtype=torch.long)  # type: ignore[arg-type]
     elif field == "token_ids":
-        ids = body.token_ids or []
-        bad = [t for t in ids if not 0 <= t < vocab]  # type: ignore[operator]
-        if bad:
-            raise _invalid("token_ids", f"{bad[0]} is outside [0, vocab_size={vocab})")
-        x = torch.tensor(ids, dtype=torch.long)
+        x = torch.tensor(check_ids(body.token_ids or [], "token_ids", model), dtype=torch.long)
     else:
         x = _vectors(body.inputs or [], model.cfg.d_in)  # type: ignore[arg-type]
-    if len(x) == 0:
-        raise _invalid(field, "must hold at least one position")
-    if len(x) > cfg.max_prompt_tokens:
-        raise _invalid(
-            field, f"{len(x)} positions exceed max_prompt_tokens={cfg.max_prompt_tokens}"
-        )
+    check_prompt_length(len(x), field, cfg)
     return x
+
+
+def text_ids(
+    text: str, field: str, codec: Codec | None, model: Transformer, chat: bool = False
+) -> list[int]:
+    """Text as token ids through the model's codec; 422 naming `field` if it takes no text."""
+    if codec is None:
+        vocab = model.cfg.vocab_size
+        raise _invalid(
+            field, f"vocab_size={vocab} is not byte-level and there is no tokenizer: send token ids"
+        )
+    return check_ids(codec.encode(text, chat), field, model)
+
+
+def check_ids(ids: list[int], field: str, model: Transformer) -> list[int]:
+    vocab = model.cfg.vocab_size or 0
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise _invalid(field, f"{bad[0]} is outside [0, vocab_size={vocab})")
+    return ids
+
+
+def check_prompt_length(n: int, field: str, cfg: EngineConfig) -> None:
+    if n == 0:
+        raise _invalid(field, "must hold at least one position")
+    if n > cfg.max_prompt_tokens:
+        raise _invalid(field, f"{n} positions exceed max_prompt_tokens={cfg.max_prompt_tokens}")
 
 
 def _vectors(rows: list[list[float]], d_in: int) -> Tensor:
@@ -101,19 +120,6 @@ def check_max_new(value: int, field: str, model: Transformer, cfg: EngineConfig)
         raise _invalid(field, f"{value} exceeds the server limit {cfg.max_new_tokens}")
     if not model.is_lm and model.cfg.d_out != model.cfg.d_in and value > 1:
         raise _invalid(field, "must be 1: this model's d_out != d_in, so it cannot roll out")
-
-
-class TextDecoder:
-    """Token ids -> text pieces; bytes of a multi-byte character wait for the rest of it."""
-
-    def __init__(self) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, token: int) -> str:
-        return self._utf8.decode(bytes([token])) if token < 256 else ""
-
-    def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)
 
 
 class StopMatcher:

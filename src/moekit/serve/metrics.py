@@ -14,11 +14,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from moekit.serve.engine import Engine
-from moekit.serve.stats import BUCKETS, Histogram
+from moekit.serve.stats import Histogram
 
 
 def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
-    buckets = [(str(b), c) for b, c in zip(BUCKETS, h.counts, strict=True)]
+    buckets = [(str(b), c) for b, c in zip(h.bounds, h.counts, strict=True)]
     buckets.append(("+Inf", h.n))
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=h.total)
 
@@ -47,14 +47,39 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily(
             "moekit_tokens_per_second", "Generated tokens/s over 10 s", s.tokens_per_s()
         )
-        if e.prefix is not None:
-            pc = e.prefix.stats
+        yield CounterMetricFamily(
+            "moekit_prefill_tokens", "Prompt positions fed (not reused)", s.prefill_tokens
+        )
+        occupancy = s.occupancy()
+        yield GaugeMetricFamily(
+            "moekit_batch_occupancy", "Decode batch / max_batch, latest step", occupancy["last"]
+        )
+        yield GaugeMetricFamily(
+            "moekit_batch_occupancy_mean", "Decode batch / max_batch, mean", occupancy["mean"]
+        )
+        kv = e.runner.kv.usage()
+        yield GaugeMetricFamily("moekit_kv_pages", "KV pages in all", kv["pages"])
+        used = GaugeMetricFamily("moekit_kv_pages_used", "KV pages by state", labels=["state"])
+        for state in ("held", "cached", "free", "reserved"):
+            used.add_metric([state], kv[state])
+        yield used
+        yield GaugeMetricFamily(
+            "moekit_kv_usage",
+            "Fraction of KV pages held by running sequences",
+            kv["held"] / kv["pages"],
+        )
+        if e.prefix_cache:
+            pc = e.runner.kv.pool.stats
             yield CounterMetricFamily("moekit_prefix_cache_lookups", "Lookups", pc.lookups)
             yield CounterMetricFamily("moekit_prefix_cache_hits", "Hits", pc.hits)
             yield CounterMetricFamily(
                 "moekit_prefix_cache_reused_tokens", "Prompt positions reused", pc.tokens_reused
             )
-            yield GaugeMetricFamily("moekit_prefix_cache_tokens", "Positions held", e.prefix.tokens)
+            yield GaugeMetricFamily(
+                "moekit_prefix_cache_tokens",
+                "Positions kept by unused cached pages",
+                kv["cached"] * kv["page_size"],
+            )
         load = CounterMetricFamily(
             "moekit_expert_tokens", "Token-slots routed to each expert", labels=["layer", "expert"]
         )
@@ -64,6 +89,7 @@ class EngineCollector(Collector):
         yield load
         yield _histogram("moekit_request_latency_seconds", "Submit to last output", s.latency)
         yield _histogram("moekit_time_to_first_token_seconds", "Submit to first output", s.ttft)
+        yield _histogram("moekit_inter_token_latency_seconds", "Between two outputs", s.itl)
 
 
 def build_registry(engine: Engine) -> CollectorRegistry:

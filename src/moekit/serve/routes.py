@@ -10,19 +10,22 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from moekit.serve.inputs import ApiError, TextDecoder, check_max_new, model_input
+from moekit.serve.inputs import ApiError, check_max_new, model_input
 from moekit.serve.schemas import (
     GenerateRequest,
     GenerateResponse,
     LayerRouting,
     RouteRequest,
     RouteResponse,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from moekit.serve.security import log_exchange
 from moekit.serve.sequence import SamplingParams, Sequence
 from moekit.serve.state import ServerState
 from moekit.serve.stream import SSE_HEADERS, follow, sse, submit
+from moekit.serve.text import Decoder
 
 router = APIRouter()
 
@@ -55,11 +58,22 @@ async def metrics(request: Request) -> Response:
 def _response(s: ServerState, seq: Sequence, text: str | None) -> GenerateResponse:
     lm = s.model.is_lm
     n = len(seq.outputs)
+    logprobs = None
+    if seq.params.logprobs is not None:
+        logprobs = [
+            TokenLogprob(
+                token_id=t,
+                logprob=lp.logprob,
+                top=[TopLogprob(token_id=i, logprob=v) for i, v in lp.top],
+            )
+            for t, lp in zip(seq.outputs, seq.logprobs_out, strict=True)
+        ]
     return GenerateResponse(
         id=seq.id,
         text=text,
         token_ids=list(seq.outputs) if lm else None,
         outputs=None if lm else [v.tolist() for v in seq.outputs],
+        logprobs=logprobs,
         finish_reason=seq.finish_reason or "cancelled",
         usage=Usage(
             prompt_tokens=len(seq.prompt), completion_tokens=n, total_tokens=len(seq.prompt) + n
@@ -77,13 +91,20 @@ def _response(s: ServerState, seq: Sequence, text: str | None) -> GenerateRespon
 )
 async def generate(body: GenerateRequest, request: Request):
     s = state(request)
-    x = model_input(body, s.model, s.cfg)
+    x = model_input(body, s.model, s.cfg, s.codec)
     check_max_new(body.max_new_tokens, "max_new_tokens", s.model, s.cfg)
+    stop_ids = s.codec.eos_ids if s.codec is not None else ()
     params = SamplingParams(
-        body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed
+        body.max_new_tokens,
+        body.temperature,
+        body.top_k,
+        body.top_p,
+        body.seed,
+        body.logprobs if s.model.is_lm else None,
+        stop_ids,
     )
-    seq = submit(s.engine, x, params)
-    decoder = TextDecoder() if s.byte_level else None
+    seq = submit(s.engine, x, params, body.request_id, body.use_cache)
+    decoder = s.codec.decoder() if s.codec is not None else None
     if body.stream:
         return StreamingResponse(
             _stream(s, seq, request, decoder, body),
@@ -110,7 +131,7 @@ async def _stream(
     s: ServerState,
     seq: Sequence,
     request: Request,
-    decoder: TextDecoder | None,
+    decoder: Decoder | None,
     body: GenerateRequest,
 ) -> AsyncIterator[str]:
     text, index = "", 0
@@ -121,7 +142,10 @@ async def _stream(
             if s.model.is_lm:
                 piece = decoder.feed(event.value) if decoder else None
                 text += piece or ""
-                yield sse({"index": index, "token_id": event.value, "text": piece})
+                data = {"index": index, "token_id": event.value, "text": piece}
+                if event.logprobs is not None:
+                    data |= {"logprob": event.logprobs.logprob, "top": event.logprobs.top}
+                yield sse(data)
             else:
                 yield sse({"index": index, "output": event.value.tolist()})
             index += 1
@@ -137,7 +161,7 @@ async def _stream(
 )
 async def route(body: RouteRequest, request: Request) -> RouteResponse:
     s = state(request)
-    x = model_input(body, s.model, s.cfg)
+    x = model_input(body, s.model, s.cfg, s.codec)
     if len(x) > s.model.cfg.max_seq_len:
         field = "inputs" if not s.model.is_lm else ("prompt" if body.prompt else "token_ids")
         msg = f"{field}: {len(x)} positions exceed max_seq_len={s.model.cfg.max_seq_len}"
@@ -163,6 +187,6 @@ async def route(body: RouteRequest, request: Request) -> RouteResponse:
             )
         )
     tokens = None
-    if s.byte_level:
-        tokens = [bytes([t]).decode("latin-1") if t < 256 else "" for t in x.tolist()]
+    if s.codec is not None:
+        tokens = [s.codec.token_text(t) for t in x.tolist()]
     return RouteResponse(positions=len(x), tokens=tokens, layers=layers)

@@ -1,30 +1,38 @@
 """`ModelRunner`: the engine's compute, run on its worker thread one step at a time.
 
-A step (1) advances every decoding sequence by one position in a single batched forward pass
-(`model(x, cache=slots)`), (2) prefills the newly admitted ones, reusing a cached prompt prefix
-where one matches, and (3) picks every sequence's next output in one batched call on the
-device. The step's only host sync reads those outputs back (`_sync_outputs`); expert counts
-stay on the device and the next inputs are fed from a device buffer.
+A step (1) advances every decoding sequence by one position in one batched forward pass
+(`DecodeStep`: a CUDA graph replay on the GPU), (2) feeds the next chunks of admitted
+prompts, several sequences per forward pass padded to a common length and at most
+`prefill_chunk` prompt positions per step, so a long prompt never stalls the decodes, and
+(3) picks the next output of every sequence that got one, in one batched call on the device
+(per-row temperature, top-k, top-p and seed; log-probabilities when asked). The step's only
+host sync reads those outputs back (`_sync_outputs`); expert counts stay on the device.
 
-Shapes: B decoding sequences, A admitted ones, N rows, P prompt positions, V vocabulary,
-L MoE layers, E experts.
+K/V live in a `PagedKVCache`. Admission reserves every page a sequence may need, so none
+runs out mid-way, and starts the prompt from cached pages of its leading full blocks.
+
+Shapes: B decoding sequences, G sequences in a prefill group, C chunk positions, n outputs
+of a step, V vocabulary (or d_out), K top log-probabilities, L MoE layers, E experts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from moekit.layer import MoE, MoEInfo
-from moekit.model.sampling import RowSampling
+from moekit.layer import MoE
+from moekit.model.sampling import RowSampling, token_logprobs
 from moekit.model.transformer import Transformer
-from moekit.serve.prefix_cache import PrefixCache
-from moekit.serve.sequence import Sequence
-from moekit.serve.slots import SlotCache
+from moekit.serve.config import EngineConfig
+from moekit.serve.graphs import DecodeStep, count_routed
+from moekit.serve.paged import PagedKVCache, kv_budget, page_bytes
+from moekit.serve.pages import block_hashes
+from moekit.serve.sequence import Logprobs, Sequence
 
 BATCH_DEPENDENT_ROUTERS = ("expert_choice", "sinkhorn")  # for routers without the attribute
+PAD_WASTE = 0.25  # a prefill group pads at most this fraction of its real positions
 
 
 def _layer_batch_invariant(moe: MoE) -> bool:
@@ -39,7 +47,8 @@ def batch_invariant(model: Transformer) -> bool:
     """True when each position's output is independent of the others in its forward pass.
 
     Capacity limits and batch-balancing routers make routing depend on the other tokens, so
-    batching or prefix reuse would change results; the engine then decodes one at a time.
+    batching, padding, chunking or prefix reuse would change results; the engine then runs
+    one sequence at a time and feeds each prompt whole.
     """
     return all(_layer_batch_invariant(b.ffn) for b in model.blocks if b.is_moe)
 
@@ -52,123 +61,256 @@ def _sync_outputs(values: Tensor) -> list:
     return values.tolist()
 
 
+def _sync_packed(packed: Tensor) -> list[list[float]]:
+    """Token ids with their log-probabilities, packed [n, 2 + 2K] float64 -> rows of floats."""
+    # NOTE: host sync, the step's only one when a request asked for log-probabilities
+    return packed.tolist()
+
+
+def prefill_groups(work: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+    """Split (sequence, chunk length) pairs into padded forward passes wasting <= PAD_WASTE."""
+    groups: list[list[tuple[Sequence, int]]] = []
+    for item in sorted(work, key=lambda w: -w[1]):
+        group = groups[-1] if groups else None
+        if group is not None:
+            width, real = group[0][1], sum(n for _, n in group) + item[1]
+            if width * (len(group) + 1) <= (1 + PAD_WASTE) * real:
+                group.append(item)
+                continue
+        groups.append([item])
+    return groups
+
+
 @dataclass
 class StepResult:
-    """Outputs of one step: (sequence, output) pairs, in decode-then-admission order."""
+    """One step: (sequence, output, logprobs) in decode-then-prefill order, and early ends."""
 
-    outputs: list[tuple[Sequence, object]]
+    outputs: list[tuple[Sequence, object, Logprobs | None]]
     decoded: int  # sequences advanced by the batched decode
+    prefilled: int = 0  # prompt positions fed
+    ended: list[tuple[Sequence, str]] = field(default_factory=list)  # stopped by the runner
 
 
 class ModelRunner:
-    """Owns the model, the slot cache and the prefix cache; not thread-safe (one step at a time)."""
+    """Owns the model, the paged KV memory and the rows; not thread-safe (one step at a time)."""
 
-    def __init__(self, model: Transformer, max_batch: int, prefix: PrefixCache | None) -> None:
+    def __init__(self, model: Transformer, cfg: EngineConfig, exact: bool = True) -> None:
         self.model = model.eval()
-        self.slots = SlotCache(model, max_batch)
-        self.prefix = prefix
-        self.active: list[Sequence] = []  # active[i].row == i
+        self.cfg = cfg
+        self.exact = exact  # batch-invariant model: batching, padding and prefix reuse allowed
         self.window = model.cfg.max_seq_len
+        max_batch = cfg.max_batch if exact else 1
+        p = next(model.parameters())
+        dev = p.device
+        self.kv = PagedKVCache(
+            model,
+            max_batch,
+            self._n_pages(max_batch, dev),
+            cfg.page_size,
+            cfg.prefix_cache_tokens // cfg.page_size if exact else 0,
+        )
+        self.prefix = exact and cfg.prefix_cache_tokens > 0
+        self.chunk = cfg.prefill_chunk if exact else None  # None: a prompt in one pass
+        self.decoding: list[Sequence] = []
+        self.prefilling: list[Sequence] = []  # admitted; prompt not fully fed yet
         self.moe_layers = model.moe_layers()
         blocks = [model.blocks[i] for i in self.moe_layers]
         self.n_experts = blocks[0].ffn.cfg.n_experts if blocks else 0
-        dev = self.slots.device
         # [L, E] token-slots routed since start; read only by /v1/stats and /metrics
         self.expert_tokens = torch.zeros(
             len(self.moe_layers), self.n_experts, dtype=torch.long, device=dev
         )
-        cfg = model.cfg
+        mc, N = model.cfg, max_batch + 1  # + the pad row
         if model.is_lm:
-            self.inputs = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)  # [N, 1]
-            self.sampling = RowSampling(max_batch, cfg.vocab_size, dev)  # type: ignore[arg-type]
+            self.inputs = torch.zeros(N, 1, dtype=torch.long, device=dev)  # [N, 1]
+            self.sampling = RowSampling(N, mc.vocab_size, dev)  # type: ignore[arg-type]
         else:
-            self.inputs = torch.zeros(max_batch, 1, cfg.d_in, device=dev)  # type: ignore[arg-type]
+            self.inputs = torch.zeros(N, 1, mc.d_in, dtype=p.dtype, device=dev)  # type: ignore[arg-type]
+        mode = cfg.decode_mode
+        if mode == "auto":
+            mode = "graphs" if dev.type == "cuda" else "eager"
+        self.decode = DecodeStep(model, self.kv, self.inputs, self.expert_tokens, max_batch, mode)
+
+    def _n_pages(self, rows: int, device: torch.device) -> int:
+        """Pages that fit --kv-memory, capped at what full rows and the prefix cache can use."""
+        page = self.cfg.page_size
+        useful = rows * -(-self.window // page) + self.cfg.prefix_cache_tokens // page + 1
+        return min(useful, kv_budget(self.cfg.kv_memory, device) // page_bytes(self.model, page))
+
+    @property
+    def active(self) -> list[Sequence]:
+        return self.decoding + self.prefilling
 
     @property
     def free_rows(self) -> int:
-        return self.slots.n_slots - len(self.active)
+        return self.kv.free_rows
 
-    def release(self, seq: Sequence) -> None:
-        """Give back a sequence's row, moving the last active row into it."""
-        if seq.row is None:
-            return
-        r, last = seq.row, self.active.pop()
-        if last is not seq:
-            src = last.row
-            self.slots.move(src, r)  # type: ignore[arg-type]
-            self.inputs[r] = self.inputs[src]
-            if self.model.is_lm:
-                self.sampling.move(src, r)  # type: ignore[arg-type]
-            self.active[r], last.row = last, r
-        seq.row = None
-
-    @torch.no_grad()
-    def step(self, admitted: list[Sequence]) -> StepResult:
-        outs: list[Tensor] = []  # [B or 1, V or d_out] each
-        decoding = list(self.active)
-        for seq in decoding:  # the window is full: restart from its last half, as `generate` does
-            if self.slots.length(seq.row) + 1 > self.window:  # type: ignore[arg-type]
-                self._refill(seq)
-        if decoding:
-            result = self.model(self.inputs[: len(decoding)], cache=self.slots)
-            self._count(result.layers)
-            outs.append(result.out[:, -1])
-        outs += [self._prefill(seq) for seq in admitted]
-        seqs = decoding + admitted  # seqs[i].row == i
-        outputs = self._next(seqs, torch.cat(outs)) if seqs else []
-        return StepResult(outputs, len(decoding))
-
-    def _prefill(self, seq: Sequence) -> Tensor:
-        """Run the prompt's last window (after any cached prefix); returns outputs [1, V]."""
+    # admission ----------------------------------------------------------------------------
+    def try_admit(self, seq: Sequence) -> bool:
+        """Give `seq` a row, its pages' reservation and any cached prefix; False: no room now."""
         feed = seq.prompt[-self.window :]
-        seq.history = seq.prompt
-        hit = None
-        if self.prefix is not None and not feed.is_floating_point():
-            hit = self.prefix.lookup(feed, limit=len(feed) - 1)
-        cache = hit.cache if hit is not None else self.model.new_cache()
-        seq.prefix_hit = hit.length if hit is not None else 0
-        x = feed[seq.prefix_hit :][None].to(self.slots.device)  # [1, P'] or [1, P', d_in]
-        result = self.model(x, cache=cache)
-        self._count(result.layers)
-        if self.prefix is not None and not feed.is_floating_point():
-            self.prefix.insert(feed, cache)
-        seq.row = len(self.active)
-        self.active.append(seq)
-        self.slots.load(seq.row, cache)
+        need = self.kv.pages_for(len(feed) + seq.params.max_new_tokens)
+        if not self.kv.can_open(need):
+            return False
+        row = self.kv.open(need)
+        seq.row, seq.feed, seq.fed = row, feed, 0
+        if self.prefix and seq.use_cache:
+            self._reuse_prefix(seq)
         if self.model.is_lm:
             p = seq.params
-            seed = seq.generator.initial_seed()
-            self.sampling.set(seq.row, p.temperature, p.top_k, p.top_p, seed)
-        return result.out[:, -1]
+            self.sampling.set(row, p.temperature, p.top_k, p.top_p, seq.seed)
+        self.prefilling.append(seq)
+        return True
 
-    def _refill(self, seq: Sequence) -> None:
-        """Rebuild a full row from the last window // 2 positions before the pending one."""
-        assert seq.history is not None
-        keep = seq.history[-(self.window // 2 + 1) : -1][None].to(self.slots.device)
-        cache = self.model.new_cache()
-        self.model(keep, cache=cache)
-        self.slots.load(seq.row, cache)  # type: ignore[arg-type]
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start from cached pages of the prompt's leading blocks (the last position is fed)."""
+        assert seq.feed is not None and seq.row is not None
+        page, stats = self.kv.page, self.kv.pool.stats
+        seq.hashes = block_hashes(seq.feed, page)
+        pages = self.kv.pool.match(seq.hashes[: (len(seq.feed) - 1) // page])
+        if len(pages) * page < self.cfg.min_prefix:
+            pages = []
+        self.kv.reuse(seq.row, pages)
+        seq.fed = seq.prefix_hit = len(pages) * page
+        stats.lookups += 1
+        stats.tokens_looked_up += len(seq.feed)
+        stats.hits += bool(pages)
+        stats.tokens_reused += seq.fed
 
-    def _next(self, seqs: list[Sequence], out: Tensor) -> list[tuple[Sequence, object]]:
-        """Pick rows 0..n-1's next outputs from out [n, V] (or take the vectors [n, d_out])."""
-        n = len(seqs)
-        if self.model.is_lm:
-            values = self.sampling.sample(out)  # [n]
-            self.inputs[:n, 0] = values
-        else:
+    def release(self, seq: Sequence) -> None:
+        """Give back a sequence's row and pages (finished, cancelled or failed)."""
+        if seq.row is None:
+            return
+        for group in (self.decoding, self.prefilling):
+            if seq in group:
+                group.remove(seq)
+        self.kv.close(seq.row)
+        seq.row = None
+
+    def reset(self) -> None:
+        """Forget every row and page after a failed step (their contents are undefined)."""
+        for seq in self.active:
+            seq.row = None
+        self.decoding, self.prefilling = [], []
+        self.kv.reset()
+
+    # the step -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> StepResult:
+        ended = self._refill()
+        outs: list[Tensor] = []  # [B or F, V or d_out] each
+        seqs = list(self.decoding)
+        if seqs:
+            rows = [s.row for s in seqs]
+            self.kv.extend(rows, [1] * len(rows))  # type: ignore[list-item]
+            outs.append(self.decode(rows))  # type: ignore[arg-type]
+            self.kv.commit(rows, [1] * len(rows))  # type: ignore[list-item]
+        done, fed = self._prefill(outs)
+        outputs = self._next(seqs + done, torch.cat(outs)) if outs else []
+        self.decoding += done
+        return StepResult(outputs, len(seqs), fed, ended)
+
+    def _prefill(self, outs: list[Tensor]) -> tuple[list[Sequence], int]:
+        """Feed this step's prompt chunks; appends the outputs of finished prompts to outs."""
+        budget = self.chunk
+        work: list[tuple[Sequence, int]] = []
+        for seq in self.prefilling:
+            left = len(seq.feed) - seq.fed  # type: ignore[arg-type]
+            n = left if budget is None else min(left, budget)
+            if n <= 0:
+                break
+            work.append((seq, n))
+            if budget is not None:
+                budget -= n
+        done: list[Sequence] = []
+        groups = prefill_groups(work) if self.exact else [[w] for w in work]
+        for group in groups:
+            out = self._feed(group)  # [G, C, V]
+            for i, (seq, n) in enumerate(group):
+                if seq.fed == len(seq.feed):  # type: ignore[arg-type]
+                    done.append(seq)
+                    outs.append(out[i, n - 1][None])
+        for seq in done:
+            self.prefilling.remove(seq)
+        return done, sum(n for _, n in work)
+
+    def _feed(self, group: list[tuple[Sequence, int]]) -> Tensor:
+        """One forward pass over the next chunk of each sequence, padded to the longest."""
+        rows = [seq.row for seq, _ in group]
+        counts = [n for _, n in group]
+        chunks = [seq.feed[seq.fed : seq.fed + n] for seq, n in group]  # type: ignore[index]
+        x = self._padded(chunks)
+        self.kv.extend(rows, counts)  # type: ignore[arg-type]
+        out = self._forward(rows, counts, x)  # type: ignore[arg-type]
+        for seq, n in group:
+            start = seq.fed // self.kv.page
+            seq.fed += n
+            if seq.hashes:
+                self.kv.register(seq.row, seq.hashes, start)  # type: ignore[arg-type]
+        return out
+
+    def _padded(self, chunks: list[Tensor]) -> Tensor:
+        """Host chunks [C_i] or [C_i, d_in] -> one device batch [G, C] or [G, C, d_in]."""
+        C = max(len(c) for c in chunks)
+        x = chunks[0].new_zeros(len(chunks), C, *chunks[0].shape[1:])
+        for i, c in enumerate(chunks):
+            x[i, : len(c)] = c
+        dtype = None if x.dtype == torch.long else self.inputs.dtype
+        return x.to(self.kv.device, dtype)
+
+    def _forward(self, rows: list[int], counts: list[int], x: Tensor) -> Tensor:
+        """Store `counts` positions of x [G, C(, d)] in `rows`; outputs [G, C, V]."""
+        view = self.kv.view(rows, counts)
+        out = self.model(x, cache=view)
+        valid = self.kv.steps[: x.shape[1]] < view.new[:, None]  # [G, C]
+        count_routed(self.expert_tokens, out.layers, valid.flatten())
+        self.kv.commit(rows, counts)
+        return out.out
+
+    def _refill(self) -> list[tuple[Sequence, str]]:
+        """Rows whose window is full restart from their last window // 2 positions, as
+        `generate` does; a row that cannot get the pages for it ends early ('length')."""
+        ended = []
+        for seq in list(self.decoding):
+            row = seq.row
+            if self.kv.length(row) + 1 <= self.window:  # type: ignore[arg-type]
+                continue
+            keep = seq.history()[-(self.window // 2 + 1) : -1]
+            self.kv.truncate(row)  # type: ignore[arg-type]
+            left = seq.params.max_new_tokens - len(seq.outputs)
+            if not self.kv.reserve(row, self.kv.pages_for(len(keep) + left)):  # type: ignore[arg-type]
+                self.release(seq)
+                ended.append((seq, "length"))
+                continue
+            self.kv.extend([row], [len(keep)])  # type: ignore[list-item]
+            self._forward([row], [len(keep)], self._padded([keep]))  # type: ignore[list-item]
+        return ended
+
+    def _next(
+        self, seqs: list[Sequence], out: Tensor
+    ) -> list[tuple[Sequence, object, Logprobs | None]]:
+        """Pick each sequence's next output from out [n, V] (or take the vectors [n, d_out])."""
+        rows = torch.tensor([s.row for s in seqs], device=self.kv.device)  # [n]
+        asked = [s.logprobs for s in seqs if s.logprobs is not None]
+        if not self.model.is_lm:
             values = out.float()  # [n, d_out]
-            self.inputs[:n, 0] = values.to(self.inputs.dtype)
-        results: list[tuple[Sequence, object]] = []
-        for seq, value in zip(seqs, _sync_outputs(values), strict=True):
-            seq.pending = torch.as_tensor(value, dtype=seq.prompt.dtype)
-            assert seq.history is not None
-            seq.history = torch.cat([seq.history, seq.pending[None]])[-self.window :]
-            results.append((seq, value))
+            if values.shape[-1] == self.inputs.shape[-1]:  # d_out == d_in: it rolls out
+                self.inputs[rows, 0] = values.to(self.inputs.dtype)
+            return [(s, v, None) for s, v in zip(seqs, _sync_outputs(values), strict=True)]
+        hot = self.sampling.hot([s.row for s in seqs])  # type: ignore[misc]
+        tokens = self.sampling.sample_at(out, rows, hot)  # [n]
+        self.inputs[rows, 0] = tokens
+        if not asked:
+            return [(s, t, None) for s, t in zip(seqs, _sync_outputs(tokens), strict=True)]
+        chosen, best, ids = token_logprobs(out, tokens, max(max(asked), 1))
+        parts = (tokens[:, None], chosen[:, None], ids, best)  # ids < 2^53: exact in float64
+        packed = torch.cat([t.double() for t in parts], 1)  # [n, 2 + 2K]
+        results: list[tuple[Sequence, object, Logprobs | None]] = []
+        for seq, row in zip(seqs, _sync_packed(packed), strict=True):
+            lp = None
+            if seq.logprobs is not None:
+                K = (len(row) - 2) // 2
+                top = [(int(i), v) for i, v in zip(row[2 : 2 + K], row[2 + K :], strict=True)]
+                lp = Logprobs(row[1], top[: seq.logprobs])
+            results.append((seq, int(row[0]), lp))
         return results
-
-    def _count(self, infos: list[MoEInfo | None]) -> None:
-        """Add each MoE layer's routed token-slots (dropped = -1 left out) on the device."""
-        moe = [info for info in infos if info is not None]
-        for counts_E, info in zip(self.expert_tokens, moe, strict=True):
-            experts = info.routing.experts.flatten()  # [T * K], -1 = dropped
-            counts_E.scatter_add_(0, experts.clamp(min=0), (experts >= 0).long())

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 INT_MAX = 2**31 - 1
+MAX_LOGPROBS = 20  # best alternatives a request may ask for with each token
+
+
+def request_id_field() -> Any:
+    """A caller's own id for a request: echoed back as the response id."""
+    return Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:\-]+$",
+        description="your id for this request (echoed as `id`); letters, digits, . _ : -",
+    )
+
+
+def use_cache_field() -> Any:
+    return Field(True, description="reuse and offer cached prompt prefixes (false: neither)")
 
 
 class Strict(BaseModel):
@@ -30,6 +46,24 @@ class GenerateRequest(ModelInput):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = Field(False, description="Server-Sent Events, one per new position")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="report each token's logprob and this many best"
+    )
+    request_id: str | None = request_id_field()
+    use_cache: bool = use_cache_field()
+
+
+class TopLogprob(BaseModel):
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """The model's log-probability of a generated token, and of its best alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[TopLogprob]
 
 
 class Usage(BaseModel):
@@ -40,9 +74,10 @@ class Usage(BaseModel):
 
 class GenerateResponse(BaseModel):
     id: str
-    text: str | None = None  # token models with a byte vocabulary
+    text: str | None = None  # token models that read text (tokenizer or bytes)
     token_ids: list[int] | None = None  # token models
     outputs: list[list[float]] | None = None  # continuous models: [N][d_out]
+    logprobs: list[TokenLogprob] | None = None  # when asked
     finish_reason: str
     usage: Usage
     prefix_cache_tokens: int = Field(description="prompt positions reused from the prefix cache")
@@ -64,7 +99,7 @@ class LayerRouting(BaseModel):
 
 class RouteResponse(BaseModel):
     positions: int
-    tokens: list[str] | None = None  # each position's byte as text (token models)
+    tokens: list[str] | None = None  # each position's token as text (token models)
     layers: list[LayerRouting]
 
 
@@ -77,42 +112,3 @@ class ErrorBody(BaseModel):
 class ErrorResponse(BaseModel):
     error: ErrorBody
     detail: list[dict[str, Any]] | None = None
-
-
-# OpenAI-compatible completions ------------------------------------------------------------
-class StreamOptions(Strict):
-    include_usage: bool = False
-
-
-class CompletionRequest(Strict):
-    """The subset of OpenAI's /v1/completions this server implements (n = 1, no logprobs)."""
-
-    model: str
-    prompt: str | list[str] = Field(description="text, or a list holding one text")
-    max_tokens: int = Field(16, ge=1, le=INT_MAX)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="up to 4 strings ending the text")
-    n: Literal[1] = 1
-    echo: Literal[False] = False
-    logprobs: None = None
-    user: str | None = None
-
-
-class CompletionChoice(BaseModel):
-    text: str
-    index: int = 0
-    logprobs: None = None
-    finish_reason: str | None
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None

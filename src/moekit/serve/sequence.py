@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-FINISH_REASONS = ("length", "cancelled", "timeout", "error", "shutdown")
+FINISH_REASONS = ("length", "stop", "cancelled", "timeout", "error", "shutdown")
 
 
 @dataclass
@@ -22,6 +22,16 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None  # None = a fresh random seed
+    logprobs: int | None = None  # best alternatives reported with each token; None = none
+    stop_token_ids: tuple[int, ...] = ()  # ends the sequence ('stop'), not emitted: e.g. EOS
+
+
+@dataclass
+class Logprobs:
+    """The model's log-probability of an emitted token and of the best `top` tokens."""
+
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
 
 
 @dataclass
@@ -30,6 +40,7 @@ class Event:
 
     kind: str
     value: Any
+    logprobs: Logprobs | None = None
 
 
 @dataclass(eq=False)
@@ -40,28 +51,56 @@ class Sequence:
     prompt: Tensor
     params: SamplingParams
     deadline: float  # time.monotonic() after which the request stops
+    seed: int = 0  # the sampling seed actually used
+    use_cache: bool = True  # reuse and offer cached prompt prefixes
+    after: Sequence | None = None  # admitted once this one has its first output (n > 1)
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-    generator: torch.Generator = field(default_factory=torch.Generator)
     outputs: list[Any] = field(default_factory=list)  # token ids, or vectors [d_out]
-    history: Tensor | None = None  # prompt + fed outputs, for re-prefill when the window slides
-    pending: Tensor | None = None  # the last output, fed at the next decode step
-    row: int | None = None  # SlotCache row while decoding
+    logprobs_out: list[Logprobs] = field(default_factory=list)  # one per output, when asked
+    feed: Tensor | None = None  # the prompt's last window: what prefill feeds
+    fed: int = 0  # positions of `feed` already in the KV cache
+    hashes: list[bytes] = field(default_factory=list)  # block hashes of `feed` (prefix reuse)
+    row: int | None = None  # KV row while admitted
     prefix_hit: int = 0  # prompt positions reused from the prefix cache
     cancelled: bool = False
     finish_reason: str | None = None
     t_submit: float = field(default_factory=time.monotonic)
     t_first: float | None = None
+    t_last: float | None = None
     t_done: float | None = None
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def emit(self, value: Any) -> None:
+    @property
+    def logprobs(self) -> int | None:
+        return self.params.logprobs
+
+    def ready(self) -> bool:
+        """May be admitted: it waits for no other sequence's first output."""
+        return self.after is None or self.after.t_first is not None or self.after.done
+
+    def history(self) -> Tensor:
+        """Prompt then outputs: tokens [P + n] or vectors [P + n, d] (outputs fed back)."""
+        if not self.outputs:
+            return self.prompt
+        if self.prompt.is_floating_point():
+            return torch.cat([self.prompt, torch.stack(self.outputs).to(self.prompt.dtype)])
+        return torch.cat([self.prompt, torch.tensor(self.outputs, dtype=self.prompt.dtype)])
+
+    def emit(self, value: Any, logprobs: Logprobs | None = None) -> float | None:
+        """Send one output; returns the time since the previous one (None for the first)."""
+        now = time.monotonic()
+        gap = None if self.t_last is None else now - self.t_last
         if self.t_first is None:
-            self.t_first = time.monotonic()
+            self.t_first = now
+        self.t_last = now
         self.outputs.append(value)
-        self.events.put_nowait(Event("token", value))
+        if logprobs is not None:
+            self.logprobs_out.append(logprobs)
+        self.events.put_nowait(Event("token", value, logprobs))
+        return gap
 
     def finish(self, reason: str) -> None:
         if self.done:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -11,12 +13,43 @@ from typing import Any
 import torch
 import uvicorn
 
-from moekit.model.io import load
+from moekit.model.io import CONFIG_FILE, DTYPES, load
 from moekit.serve.app import create_app, default_device
 from moekit.serve.config import EngineConfig
 from moekit.serve.security import SecurityConfig, SecurityConfigError, check_bind, tls_options
+from moekit.serve.text import load_codec
 
 DRAIN_TIMEOUT_S = 300  # SIGTERM: in-flight requests get this long to finish
+log = logging.getLogger(__name__)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port; port 0, or a port another process holds, gets a free one."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart over TIME_WAIT
+    try:
+        sock.bind(addr)
+    except OSError as err:
+        if err.errno != errno.EADDRINUSE or port == 0:
+            sock.close()
+            raise
+        log.warning("port %d is taken; picking a free one", port)
+        sock.bind((addr[0], 0, *addr[2:]))
+    sock.set_inheritable(True)
+    return sock
+
+
+def _checkpoint_dir(ckpt: str) -> Path:
+    """The checkpoint a path names: itself, or a run directory's pick (as `load` does)."""
+    path = Path(ckpt)
+    if (path / CONFIG_FILE).exists():
+        return path
+    from moekit.train.checkpoint import pick_checkpoint
+
+    return pick_checkpoint(path)
 
 
 def run_server(
@@ -30,34 +63,48 @@ def run_server(
     allow_unauthenticated: bool = False,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
+    dtype: str | None = None,
+    cors_origins: tuple[str, ...] | list[str] = (),
     **engine_options: Any,
 ) -> None:
     """Serve a checkpoint (directory or run dir) over HTTP(S); OpenAPI docs at /docs.
 
-    engine_options are `EngineConfig` fields (max_batch, max_queue, prefix_cache_tokens...).
-    threads sets torch's CPU threads (1 is often fastest on a busy machine). security defaults
-    to the keys in $MOEKIT_API_KEY (none: no authentication, refused off loopback unless
+    engine_options are `EngineConfig` fields (max_batch, kv_memory, prefill_chunk...).
+    threads sets torch's CPU threads (1 is often fastest on a busy machine). dtype ('bf16',
+    'fp16', 'fp32') casts the weights as they load. port 0, or a port already taken, serves
+    on a free one; the chosen address is printed. security defaults to the keys in
+    $MOEKIT_API_KEY (none: no authentication, refused off loopback unless
     allow_unauthenticated). Raises SecurityConfigError before loading anything when refused.
     """
     security = security or SecurityConfig.from_options()
     check_bind(host, security, allow_unauthenticated)
     tls = tls_options(ssl_certfile, ssl_keyfile)
     cfg = EngineConfig.from_options(engine_options)
+    logging.basicConfig(level=log_level.upper())
     if threads is not None:
         torch.set_num_threads(threads)
-    model = load(ckpt, default_device(device))
-    app = create_app(model, name=Path(ckpt).resolve().name, engine=cfg, security=security)
-    logging.basicConfig(level=log_level.upper())
+    sock = bind_socket(host, port)
+    scheme = "https" if tls else "http"
+    shown = f"[{host}]" if ":" in host else host
+    print(f"moekit serve: {scheme}://{shown}:{sock.getsockname()[1]}", flush=True)
+    path = _checkpoint_dir(ckpt)
+    model = load(path, default_device(device), dtype)
+    app = create_app(
+        model,
+        name=Path(ckpt).resolve().name,
+        engine=cfg,
+        security=security,
+        codec=load_codec(model, path),
+        cors_origins=cors_origins,
+    )
     config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
         log_level=log_level,
         timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
         access_log=False,  # its lines carry query strings; the app logs its own without them
         **tls,
     )
-    uvicorn.Server(config).run()  # SIGTERM: stop accepting, finish in-flight, then exit
+    uvicorn.Server(config).run(sockets=[sock])  # SIGTERM: stop accepting, finish, then exit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,6 +114,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights dtype")
+    p.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        default=[],
+        help="origin browsers may call from (repeatable; * for any)",
+    )
     p.add_argument("--log-level", default="info")
     _add_security_arguments(p)
     defaults = EngineConfig()

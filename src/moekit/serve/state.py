@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from moekit.model.transformer import Transformer
 from moekit.serve.config import EngineConfig
 from moekit.serve.engine import Engine
+from moekit.serve.text import ByteCodec, Codec
 
 
 @dataclass
@@ -22,10 +23,12 @@ class ServerState:
     engine: Engine
     device: torch.device
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    codec: Codec | None = None  # text in and out; None: token ids or vectors only
+    started: float = field(default_factory=time.time)  # wall clock, for /v1/models
 
     @property
     def byte_level(self) -> bool:
-        return self.model.is_lm and (self.model.cfg.vocab_size or 0) >= 256
+        return isinstance(self.codec, ByteCodec)
 
     def model_info(self) -> dict[str, Any]:
         m = self.model
@@ -45,6 +48,8 @@ class ServerState:
             "name": self.name,
             "kind": "tokens" if m.is_lm else "continuous",
             "byte_level": self.byte_level,
+            "tokenizer": self.codec is not None and not self.byte_level,
+            "dtype": str(next(m.parameters()).dtype).removeprefix("torch."),
             "config": m.cfg.to_dict(),
             "params": m.num_params(),
             "moe_layers": layers,
@@ -52,15 +57,18 @@ class ServerState:
             "engine": {
                 **self.cfg.to_dict(),
                 "batch_invariant": self.engine.batch_invariant,
-                "effective_max_batch": self.engine.runner.slots.n_slots,
-                "prefix_cache": self.engine.prefix is not None,
+                "effective_max_batch": self.engine.runner.kv.n_rows,
+                "prefix_cache": self.engine.prefix_cache,
+                "decode": self.engine.decode_info(),
+                "kv": self.engine.runner.kv.usage(),
             },
         }
 
     def stats(self) -> dict[str, Any]:
         e, s = self.engine, self.engine.stats
         uptime = time.monotonic() - s.started
-        pc = e.prefix.stats if e.prefix is not None else None
+        pool = e.runner.kv.pool
+        pc = pool.stats if e.prefix_cache else None
         return {
             "uptime_s": uptime,
             "requests": {
@@ -77,9 +85,13 @@ class ServerState:
             "batch": {
                 "steps": s.steps,
                 "mean_size": s.batched_sequences / s.steps if s.steps else 0.0,
+                "occupancy": s.occupancy(),
+                "prefill_tokens": s.prefill_tokens,
             },
+            "kv": e.runner.kv.usage(),
             "latency_s": s.latency.summary(),
             "ttft_s": s.ttft.summary(),
+            "inter_token_s": s.itl.summary(),
             "prefix_cache": None
             if pc is None
             else {
@@ -90,9 +102,9 @@ class ServerState:
                 "token_hit_rate": pc.tokens_reused / pc.tokens_looked_up
                 if pc.tokens_looked_up
                 else 0.0,
-                "entries": len(e.prefix),  # type: ignore[arg-type]
-                "tokens": e.prefix.tokens,  # type: ignore[union-attr]
-                "capacity_tokens": e.prefix.capacity_tokens,  # type: ignore[union-attr]
+                "blocks": len(pool.index),
+                "cached_tokens": len(pool.cached) * e.runner.kv.page,
+                "capacity_tokens": pool.cache_pages * e.runner.kv.page,
                 "evictions": pc.evictions,
             },
             "expert_load": s.expert_load(),

@@ -18,11 +18,29 @@ POLL_S = 0.25  # how often a waiting handler checks whether its client is still 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def submit(engine: Engine, x: Tensor, params: SamplingParams) -> Sequence:
+def submit(
+    engine: Engine,
+    x: Tensor,
+    params: SamplingParams,
+    request_id: str | None = None,
+    use_cache: bool = True,
+) -> Sequence:
     """Queue a request, or answer 429 (queue full) / 503 (shutting down) with Retry-After."""
+    return submit_n(engine, x, params, 1, request_id, use_cache)[0]
+
+
+def submit_n(
+    engine: Engine,
+    x: Tensor,
+    params: SamplingParams,
+    n: int,
+    request_id: str | None = None,
+    use_cache: bool = True,
+) -> list[Sequence]:
+    """n continuations of x (`Engine.submit_n`), with the errors of `submit`."""
     retry = {"Retry-After": str(engine.cfg.retry_after_s)}
     try:
-        return engine.submit(x, params)
+        return engine.submit_n(x, params, n, request_id, use_cache)
     except QueueFull as err:
         raise ApiError(429, f"server busy: {err}", None, "rate_limit_error", retry) from err
     except EngineStopped as err:
