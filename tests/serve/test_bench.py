@@ -1,19 +1,87 @@
-"""The serving load test runs end to end and writes its report files."""
+"""The serving benchmark at tiny size: the load test end to end, the transformers peer, targets."""
 
 import json
 from pathlib import Path
 
-from moekit.bench.serve import run
+import pytest
+
+from moekit.bench.serve import ServeBench, run
+from moekit.bench.serve_models import shape_config
+from moekit.bench.serve_report import check_targets
+from moekit.model import ModelConfig
 
 
 def test_bench_serve_writes_reports(byte_ckpt, tmp_path):
     report = run(
-        str(byte_ckpt), (1, 4), requests=4, out_dir=tmp_path, max_new_tokens=8, prefix_len=40
+        str(byte_ckpt),
+        (1, 4),
+        requests=4,
+        out_dir=tmp_path,
+        max_new_tokens=8,
+        prompt_len=12,
+        prefix_len=40,
+        server_args=["--page-size", "4"],
     )
     md, js = report["files"]
     data = json.loads(Path(js).read_text())
     assert [row["concurrency"] for row in data["rows"]] == [1, 4]
-    assert all(row["requests"] == 4 and row["errors_5xx"] == 0 for row in data["rows"])
-    assert data["rows"][0]["speedup_vs_first"] == 1.0
+    assert all(row["requests"] == 4 and row["errors"] == 0 for row in data["rows"])
+    assert all(row["itl_s"]["p50"] >= 0 for row in data["rows"])
     assert data["prefix_cache"]["cache"]["hits"] >= 8  # every warm request hit
-    assert "| 4 | 4 |" in Path(md).read_text()
+    errors = next(t for t in data["targets"] if t["target"].startswith("errors"))
+    assert errors["met"] is True
+    assert "| 4 | 4 |" in Path(md).read_text() and "## Targets" in Path(md).read_text()
+
+
+def test_peer_runs_write_a_line_per_level(byte_ckpt, tmp_path):
+    pytest.importorskip("transformers")
+    from moekit.bench.serve_peer import run_peer
+
+    out = tmp_path / "peer.jsonl"
+    run_peer(str(byte_ckpt), "dynamic", [2, 1], 8, 4, out, device="cpu", dtype="fp32")
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    check = lines[0]["check"]  # the transformers twin computes moekit's logits
+    assert check["top1_agreement"] == 1.0 and check["relative_error"] < 1e-5
+    assert [line["concurrency"] for line in lines[1:]] == [2, 1]
+    assert [line["tokens"] for line in lines[1:]] == [8, 4] and lines[1]["tokens_per_s"] > 0
+
+
+def test_real_shape_and_targets():
+    cfg = shape_config("qwen3-moe", layers=6, max_seq_len=1024)
+    assert isinstance(cfg, ModelConfig) and cfg.moe.n_experts == 128 and cfg.moe.k == 8
+    assert (cfg.d_model, cfg.moe.d_hidden, cfg.n_heads, cfg.kv_heads) == (2048, 768, 32, 4)
+    rows = [
+        {
+            "concurrency": 1,
+            "tokens_per_s": 500.0,
+            "itl_s": {"p50": 0.0012},
+            "errors": 0,
+            "errors_5xx": 0,
+        },
+        {
+            "concurrency": 32,
+            "tokens_per_s": 9000.0,
+            "itl_s": {"p50": 0.004},
+            "errors": 0,
+            "errors_5xx": 0,
+        },
+    ]
+    prefix = {"prefix_tokens": 512, "speedup": 6.0, "errors": 0, "errors_5xx": 0}
+    peers = [
+        {
+            "peer": "static-compile",
+            "lines": [{"peer": "static-compile", "concurrency": 32, "tokens_per_s": 2500.0}],
+        }
+    ]
+    met = {
+        t["target"].split(" (")[0]: t["met"]
+        for t in check_targets(rows, prefix, {"floor_ms": 1.0}, peers)
+    }
+    assert met == {
+        "tokens/s at c=32 vs best transformers": True,  # 3.6x
+        "c=1 inter-token p50 vs floor": True,  # 1.2 ms vs 1.0 ms
+        "prefix hit TTFT vs miss": True,
+        "errors / 5xx over the run": True,
+    }
+    with pytest.raises(ValueError, match="peers"):
+        ServeBench(ckpt="x", peers=["vllm"])
