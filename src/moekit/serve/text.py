@@ -2,10 +2,12 @@
 
 A checkpoint that carries a tokenizer (a converted Hugging Face checkpoint, or any directory
 with `tokenizer.json` / `tokenizer_config.json`) is served with it: its ids, its chat template
-and its end-of-sequence ids. Byte-level models (vocab_size >= 256, ids 0..255 are bytes) read
-text as UTF-8 and, having no template of their own, format chats with `BYTE_CHAT_TEMPLATE`.
-Decoders are incremental: a piece goes out once it is whole text, never half of a multi-byte
-character or of a word the tokenizer spells with several ids.
+and its end-of-sequence ids. transformers reads it when installed (chat templates need it);
+otherwise `moekit.integrations.hf.load_tokenizer` does, through `tokenizers` (no template).
+Byte-level models (vocab_size >= 256, ids 0..255 are bytes) read text as UTF-8 and, having no
+template of their own, format chats with `BYTE_CHAT_TEMPLATE`. Decoders are incremental: a
+piece goes out once it is whole text, never half of a multi-byte character or of a word the
+tokenizer spells with several ids.
 """
 
 from __future__ import annotations
@@ -106,10 +108,28 @@ class TokenizerDecoder:
         return now[len(before) :]
 
 
+class PlainTokenizer:
+    """A bare `tokenizers.Tokenizer` (as `load_tokenizer` returns it) with transformers' calls."""
+
+    chat_template = None
+
+    def __init__(self, tokenizer: Any, eos_token_id: int | None) -> None:
+        self.tokenizer, self.eos_token_id = tokenizer, eos_token_id
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
 class TokenizerCodec:
-    """A Hugging Face tokenizer (transformers' `PreTrainedTokenizer[Fast]`)."""
+    """A Hugging Face tokenizer: transformers' `PreTrainedTokenizer[Fast]`, or moekit's
+    `TextTokenizer` (a `tokenizers.Tokenizer`, used through `PlainTokenizer`)."""
 
     def __init__(self, tokenizer: Any) -> None:
+        if not hasattr(tokenizer, "apply_chat_template"):  # moekit's TextTokenizer
+            tokenizer = PlainTokenizer(tokenizer.tokenizer, tokenizer.eos_token_id)
         self.tok = tokenizer
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = tuple(eos if isinstance(eos, list | tuple) else [] if eos is None else [eos])
@@ -136,16 +156,14 @@ class TokenizerCodec:
 
 def _hf_tokenizer(path: Path) -> Any:
     """The tokenizer saved beside a checkpoint, or None."""
-    try:
-        from moekit.integrations.hf import load_tokenizer  # converted checkpoints
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return load_tokenizer(path)
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
-    from transformers import AutoTokenizer  # only checkpoints with a tokenizer need it
+    try:
+        from transformers import AutoTokenizer  # reads chat templates too
+    except ImportError:
+        from moekit.integrations.hf import load_tokenizer  # tokenizer.json alone
 
+        return load_tokenizer(path)
     return AutoTokenizer.from_pretrained(str(path))
 
 
