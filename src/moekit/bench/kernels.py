@@ -5,7 +5,10 @@ logits) and one `Plan` are shared by every method; the timed region is stage 3 g
 (the naive loop does its own per-expert bookkeeping, as it would in a model). Methods: the
 triton, grouped_mm and torch backends, the Hugging Face Mixtral-style per-expert loop, and
 dense-eq (two plain GEMMs with the same FLOPs). The floor is the weight bytes of the experts
-actually hit over 3.0 TB/s.
+actually hit over the device-to-device copy rate measured at the start of the run. With
+--layer, each (shape, T) also times what a user pays (`bench.layer_cuda`): the whole layer,
+the span after the router's top-k, each stage alone, and the same spans of the sort +
+grouped_mm pipeline and the naive loop. Graph replay is timed for T <= --graph-max-tokens.
 
 Shape legend: T tokens, K slots per token, S = T * K, E experts, D model dim, H expert hidden.
 """
@@ -32,7 +35,6 @@ SHAPES: dict[str, dict[str, int]] = {
     "deepseek-v2-lite": {"E": 64, "K": 6, "D": 2048, "H": 1408},
 }
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
-HBM_BYTES_PER_S = 3.0e12  # measured device-to-device copy rate of an H100 SXM (read + write)
 BACKENDS = ("triton", "grouped_mm", "torch")
 GRAPHABLE = ("triton", "grouped_mm", "dense-eq")
 
@@ -50,6 +52,8 @@ class KernelsBench:
     shapes: list[str] = option(list(SHAPES), f"model shapes, from {list(SHAPES)}")
     tokens: list[int] = option(TOKENS, "token counts T timed for every shape")
     graph: bool = option(False, "also time CUDA-graph replay of the capturable methods")
+    graph_max_tokens: int = option(128, "largest T whose graph replay is timed")
+    layer: bool = option(False, "also time the whole layer, the span from top-k and each stage")
     backward_tokens: int = option(4096, "T of the fwd+bwd and peak-memory table; 0 skips it")
     out_dir: str = option(DEFAULT_DIR, "directory of the .md and .json ('' writes none)")
 
@@ -59,6 +63,8 @@ class KernelsBench:
             raise ValueError(f"tokens={self.tokens} must be a non-empty list of counts >= 1")
         if self.backward_tokens < 0:
             raise ValueError(f"backward_tokens={self.backward_tokens} must be >= 0")
+        if self.graph_max_tokens < 0:
+            raise ValueError(f"graph_max_tokens={self.graph_max_tokens} must be >= 0")
 
 
 def _median_ms(fn: Callable[[], object], graph: bool) -> float:
@@ -107,14 +113,16 @@ def _row(name: str, ms: float, flops: float, dense_ms: float, gmm_ms: float | No
     }
 
 
-def bench_forward(shape: dict[str, int], T: int, dtype: torch.dtype, graph: bool) -> dict:
+def bench_forward(
+    shape: dict[str, int], T: int, dtype: torch.dtype, graph: bool, bytes_per_s: float
+) -> dict:
     """Forward timings of every method at one (shape, T); graph timings where capturable."""
     K, D = shape["K"], shape["D"]
     x, w1, w2, experts, weights, plan = setup(shape, T, dtype)
     S = T * K
     flops = 2.0 * S * D * 3 * shape["H"]
     hit = int((plan.counts_E > 0).sum())  # NOTE: host sync, outside the timed region
-    floor_ms = hit * 3 * D * shape["H"] * x.element_size() / HBM_BYTES_PER_S * 1e3
+    floor_ms = hit * 3 * D * shape["H"] * x.element_size() / bytes_per_s * 1e3
     x_SD = torch.randn(S, D, device="cuda", dtype=dtype)
     fns = {name: get_backend(name, x.device, dtype) for name in BACKENDS}
     methods: dict[str, Callable[[], object]] = {
@@ -134,9 +142,11 @@ def bench_forward(shape: dict[str, int], T: int, dtype: torch.dtype, graph: bool
 
 
 def bench_backward(shape: dict[str, int], T: int, dtype: torch.dtype) -> list[dict]:
-    """fwd+bwd time and peak memory above the inputs, per backend, gradients for all inputs."""
+    """fwd+bwd time, peak memory above the inputs and activation memory (that peak less the
+    gradients) per backend, gradients for all inputs."""
     x, w1, w2, experts, weights, plan = setup(shape, T, dtype)
     leaves = [t.detach().requires_grad_() for t in (x, w1, w2, weights)]
+    grad_bytes = sum(t.numel() * t.element_size() for t in leaves)
     dy = torch.randn_like(x)
     rows = []
     for name in (*BACKENDS, "naive-loop"):
@@ -158,7 +168,13 @@ def bench_backward(shape: dict[str, int], T: int, dtype: torch.dtype) -> list[di
         step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        rows.append({"method": name, "ms": _median_ms(step, False), "peak_gib": peak / 2**30})
+        ms = _median_ms(step, False)
+        rows.append({"method": name, "ms": ms, "peak_gib": peak / 2**30})
+        rows[-1]["activation_gib"] = (peak - grad_bytes) / 2**30
+    gmm = next(r for r in rows if r["method"] == "grouped_mm")
+    for r in rows:
+        r["x_time_vs_grouped_mm"] = r["ms"] / gmm["ms"]
+        r["x_activation_vs_grouped_mm"] = r["activation_gib"] / max(gmm["activation_gib"], 1e-9)
     return rows
 
 
@@ -176,11 +192,33 @@ def _tables(shapes: dict[str, dict]) -> list[Table]:
                         + (f"{r['tflops']:.1f}", f"{r['pct_dense_eq']:.0f}", vs)
                     )
         tables.append(table)
+        if res.get("layer"):
+            tables.append(_layer_table(name, res["layer"]))
         if res.get("fwd_bwd"):
-            rows = [(r["method"], f"{r['ms']:.3f}", f"{r['peak_gib']:.2f}") for r in res["fwd_bwd"]]
+            rows = [
+                (r["method"], f"{r['ms']:.3f}", f"{r['x_time_vs_grouped_mm']:.2f}")
+                + (f"{r['peak_gib']:.2f}", f"{r['activation_gib']:.2f}")
+                + (f"{r['x_activation_vs_grouped_mm']:.2f}",)
+                for r in res["fwd_bwd"]
+            ]
             title = f"{name} fwd+bwd at T={res['fwd_bwd_T']}"
-            tables.append(Table(("method", "ms", "peak GiB"), rows, title=title))
+            columns = ("method", "ms", "x grouped_mm time", "peak GiB", "activation GiB")
+            tables.append(Table((*columns, "x grouped_mm activation"), rows, title=title))
     return tables
+
+
+def _layer_table(name: str, per_T: list[dict]) -> Table:
+    """Spans as rows, T (eager, and graph where timed) as columns."""
+    modes = [(r["T"], m) for r in per_T for m in ("graph", "eager") if r["modes"].get(m)]
+    spans = list(dict.fromkeys(span for r in per_T for m in r["modes"].values() for span in m))
+    table = Table(("span", *(f"T={T} {m}" for T, m in modes)), title=f"{name}: what a user pays")
+    for span in spans:
+        cells = []
+        for T, mode in modes:
+            hit = [r for r in per_T if r["T"] == T][0]["modes"][mode].get(span)
+            cells.append(f"{hit:.3f}" if hit is not None else "-")
+        table.rows.append((span, *cells))
+    return table
 
 
 @register_bench("kernels", KernelsBench)
@@ -188,40 +226,59 @@ def run(
     shapes: Sequence[str] = tuple(SHAPES),
     tokens: Sequence[int] = tuple(TOKENS),
     graph: bool = False,
+    graph_max_tokens: int = 128,
+    layer: bool = False,
     backward_tokens: int = 4096,
     out_dir: str | None = DEFAULT_DIR,
 ) -> dict[str, Any]:
     """Benchmark every shape and T, printing each result; write and return the report."""
+    from moekit.bench.layer_cuda import bench_layer, copy_bandwidth
+
     dtype = torch.bfloat16
+    bytes_per_s = copy_bandwidth()
+    print(f"device-to-device copy: {bytes_per_s / 1e12:.2f} TB/s", flush=True)
     results: dict[str, dict] = {}
     for name in shapes:
         shape = SHAPES[name]
         res: dict[str, Any] = {"dims": shape, "forward": []}
         for T in tokens:
-            fwd = bench_forward(shape, T, dtype, graph)
+            graph_T = graph and graph_max_tokens >= T
+            fwd = bench_forward(shape, T, dtype, graph_T, bytes_per_s)
             res["forward"].append(fwd)
             for mode in ("eager", "graph"):
                 cells = " ".join(f"{r['method']}={r['ms']:.3f}" for r in fwd.get(mode, []))
                 if cells:
                     print(f"{name} T={T} floor={fwd['floor_ms']:.3f} {mode}: {cells}", flush=True)
+            if layer:
+                rows = bench_layer(shape, T, graph_T, _median_ms)
+                modes: dict[str, dict] = {"eager": {}, "graph": {}}
+                for r in rows:
+                    modes[r["mode"]][r["span"]] = r["ms"]
+                    print(f"{name} T={T} {r['mode']} {r['span']}: {r['ms']:.3f}", flush=True)
+                res.setdefault("layer", []).append({"T": T, "modes": modes})
         if backward_tokens:
             res["fwd_bwd_T"] = backward_tokens
             res["fwd_bwd"] = bench_backward(shape, backward_tokens, dtype)
         results[name] = res
         torch.cuda.empty_cache()
     options = {"shapes": list(shapes), "tokens": list(tokens), "graph": graph}
+    options |= {"graph_max_tokens": graph_max_tokens, "layer": layer}
     options["backward_tokens"] = backward_tokens
     return write_report(
         "kernels",
         "Stage 3 kernels (bf16, SwiGLU)",
         bench_command("kernels", **options),
         _tables(results),
-        {"shapes": results},
+        {"shapes": results, "copy_bytes_per_s": bytes_per_s},
         config=options,
         device="cuda",
         text=[
-            "Median ms of triton.testing.do_bench; routing and Plan built outside the timed "
-            f"region. floor = weight bytes of the experts hit / {HBM_BYTES_PER_S / 1e12:.1f} TB/s."
+            "Median ms of triton.testing.do_bench. Stage 3 tables: routing and Plan built outside "
+            "the timed region; floor = weight bytes of the experts hit / the measured "
+            f"device-to-device copy rate, {bytes_per_s / 1e12:.2f} TB/s. 'what a user pays' "
+            "tables: see moekit.bench.layer_cuda (layer = MoE.__call__; from top-k = plan + "
+            "experts + combine). fwd+bwd: activation GiB = peak above weights and inputs, less "
+            "the gradients."
         ],
         out_dir=out_dir,
     )
