@@ -33,12 +33,15 @@ def test_bench_serve_writes_reports(byte_ckpt, tmp_path):
     assert "| 4 | 4 |" in Path(md).read_text() and "## Targets" in Path(md).read_text()
 
 
+@pytest.mark.slow  # importing transformers alone takes ~10 s of CPU
 def test_peer_runs_write_a_line_per_level(byte_ckpt, tmp_path):
     pytest.importorskip("transformers")
+    from moekit.bench.serve_models import export_transformers
     from moekit.bench.serve_peer import run_peer
 
+    hf_dir = export_transformers(byte_ckpt, tmp_path / "hf")
     out = tmp_path / "peer.jsonl"
-    run_peer(str(byte_ckpt), "dynamic", [2, 1], 8, 4, out, device="cpu", dtype="fp32")
+    run_peer(str(byte_ckpt), str(hf_dir), "dynamic", [2, 1], 8, 4, out, "cpu", "fp32")
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     check = lines[0]["check"]  # the transformers twin computes moekit's logits
     assert check["top1_agreement"] == 1.0 and check["relative_error"] < 1e-5
@@ -50,6 +53,7 @@ def test_real_shape_and_targets():
     cfg = shape_config("qwen3-moe", layers=6, max_seq_len=1024)
     assert isinstance(cfg, ModelConfig) and cfg.moe.n_experts == 128 and cfg.moe.k == 8
     assert (cfg.d_model, cfg.moe.d_hidden, cfg.n_heads, cfg.kv_heads) == (2048, 768, 32, 4)
+    assert (cfg.head_dim, cfg.qk_norm, cfg.vocab_size) == (128, "head", 151936)
     rows = [
         {
             "concurrency": 1,

@@ -33,7 +33,7 @@ import torch
 
 from moekit.bench.registry import argument, bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, write_report
-from moekit.bench.serve_models import SHAPES, random_checkpoint
+from moekit.bench.serve_models import SHAPES, export_transformers, random_checkpoint
 from moekit.bench.serve_peer import PEERS
 
 if TYPE_CHECKING:  # httpx comes with the `serve` extra: the functions that use it import it
@@ -251,9 +251,12 @@ def _peers(
 ) -> list[dict[str, Any]]:
     """Each peer in its own process (a crash or a timeout costs that peer only)."""
     rows: list[dict[str, Any]] = []
+    if not peers:
+        return rows
+    hf_dir = export_transformers(ckpt, Path(ckpt).with_name(Path(ckpt).name + "-hf"))
     for i, peer in enumerate(peers):
         out = Path(tempfile.mkdtemp()) / f"{peer}.jsonl"
-        cmd = [sys.executable, "-m", "moekit.bench.serve_peer", ckpt, "--peer", peer]
+        cmd = [sys.executable, "-m", "moekit.bench.serve_peer", ckpt, str(hf_dir), "--peer", peer]
         cmd += ["--concurrency", ",".join(map(str, levels)), "--out", str(out)]
         cmd += ["--prompt-len", str(settings["prompt_len"]), "--max-new", str(settings["max_new"])]
         cmd += ["--device", settings["device"], "--dtype", settings["dtype"] or "fp32"]

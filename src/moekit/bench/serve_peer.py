@@ -6,13 +6,15 @@ Configurations (`PEERS`):
 - static-compile: a static cache, whose decode step `generate` compiles with `torch.compile`;
 - continuous: transformers' continuous batching (`generate_batch`), where the version has it.
 
-Each concurrency level: c prompts of `prompt_len` random tokens, `max_new` greedy tokens each
-(no end-of-sequence token), an untimed warm-up run of the same shape (it compiles), then a
-timed run; tokens/s = generated tokens / seconds. Each level is a JSON line in `out` as soon
-as it ends, so a run stopped at its deadline keeps what it measured. The first line checks
-the weights: the peer's logits against moekit's on one prompt.
+The model is the moekit checkpoint exported to a Hugging Face one (`export_transformers`) and
+read by transformers. Each concurrency level: c prompts of `prompt_len` random tokens,
+`max_new` greedy tokens each (no end-of-sequence token), an untimed warm-up run of the same
+shape (it compiles), then a timed run; tokens/s = generated tokens / seconds. Each level is a
+JSON line in `out` as soon as it ends, so a run stopped at its deadline keeps what it
+measured. The first line checks the weights: the peer's logits against moekit's on one prompt.
 
-    python -m moekit.bench.serve_peer CKPT --peer static-compile --concurrency 32,1 --out p.jsonl
+    python -m moekit.bench.serve_peer CKPT HF_DIR --peer static-compile --concurrency 32,1 \
+        --out p.jsonl
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def check_weights(model: Any, hf: Any, prompt_len: int) -> dict[str, float]:
 
 def run_peer(
     ckpt: str,
+    hf_dir: str,
     peer: str,
     concurrency: list[int],
     prompt_len: int,
@@ -75,8 +78,8 @@ def run_peer(
     dtype: str = "bf16",
 ) -> None:
     """Measure `peer` at each concurrency level, appending one JSON line per level to `out`."""
-    from moekit.bench.serve_models import to_transformers
-    from moekit.model.io import load
+    from moekit.bench.serve_models import load_transformers
+    from moekit.model.io import load, parse_dtype
 
     if peer not in PEERS:
         raise ValueError(f"peer={peer!r} is not one of {PEERS}")
@@ -89,13 +92,9 @@ def run_peer(
     dev = torch.device(device)
     model = load(ckpt, dev, dtype)
     t0 = time.perf_counter()
-    hf = to_transformers(model)
-    write(
-        {
-            "check": check_weights(model, hf, min(prompt_len, 128)),
-            "load_s": time.perf_counter() - t0,
-        }
-    )
+    hf = load_transformers(hf_dir, dev, parse_dtype(dtype) or torch.float32)
+    check = check_weights(model, hf, min(prompt_len, 128))
+    write({"check": check, "load_s": time.perf_counter() - t0})
     vocab = model.cfg.vocab_size
     del model
     if dev.type == "cuda":
@@ -129,7 +128,8 @@ def run_peer(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m moekit.bench.serve_peer", description=__doc__)
-    p.add_argument("ckpt")
+    p.add_argument("ckpt", help="the moekit checkpoint")
+    p.add_argument("hf_dir", help="the same weights as a Hugging Face checkpoint")
     p.add_argument("--peer", required=True, choices=PEERS)
     p.add_argument("--concurrency", default="32,1,8,64", help="levels, in the order to run them")
     p.add_argument("--prompt-len", type=int, default=512)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="JSON-lines file to append to")
     a = p.parse_args(argv)
     levels = [int(c) for c in a.concurrency.split(",") if c]
-    run_peer(a.ckpt, a.peer, levels, a.prompt_len, a.max_new, a.out, a.device, a.dtype)
+    run_peer(a.ckpt, a.hf_dir, a.peer, levels, a.prompt_len, a.max_new, a.out, a.device, a.dtype)
 
 
 if __name__ == "__main__":
