@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from moekit.model import load
+from moekit.model.manifest import write_manifest
 from moekit.train import Trainer, list_checkpoints, read_log
 from moekit.train.checkpoint import RUN_FILE, STATE_FILE, load_trainer_state
 
@@ -60,6 +61,7 @@ def test_resume_refuses_a_state_file_that_would_run_code(tmp_path, make_run):
     ckpt = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]["path"]
     marker = tmp_path / "code-ran"
     torch.save({"step": 4, "rng": _RunsCode(marker)}, ckpt / STATE_FILE)
+    write_manifest(ckpt)  # planted with a matching manifest: only the loader stands in the way
 
     resumed = Trainer(make_run(tmp_path / "run", steps=8))
     with pytest.raises(ValueError, match=rf"{STATE_FILE}: refused.*open"):

@@ -1,27 +1,33 @@
 """Checkpoint directories, written atomically, with best-K / latest-N retention.
 
-    checkpoints/step-0000100/  config.json  model.safetensors  trainer_state.pt  meta.json  run.json
+    checkpoints/step-0000100/  config.json  model.safetensors  trainer_state.pt  meta.json
+                               run.json  manifest.json
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so an
 interrupted write never leaves a directory that looks complete; readers skip hidden ones.
-The trainer state holds tensors and plain Python values only and loads with
-`weights_only=True`: a state file holding anything else is refused, never unpickled.
+Its manifest (size and sha256 of every file) is written last: a checkpoint damaged later is
+named and skipped, and the newest intact one is used instead. The trainer state holds
+tensors and plain Python values only and loads with `weights_only=True`: a state file
+holding anything else is refused, never unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_model
 from torch import nn
 
+from moekit.errors import CheckpointError
 from moekit.model.io import CONFIG_FILE, WEIGHTS_FILE, save_model_files
+from moekit.model.manifest import MANIFEST_FILE, verify_manifest, write_manifest
 from moekit.model.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -31,6 +37,8 @@ STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 RUN_FILE = "run.json"  # the run config, beside each checkpoint and in the run directory
 _STATE_KEYS = {"step", "optimizer", "scaler", "rng"}
+_STEP_NAME = re.compile(r"step-(\d+)")
+log = logging.getLogger(__name__)
 
 
 def checkpoint_name(step: int) -> str:
@@ -64,6 +72,7 @@ def save_checkpoint(
         meta = {"step": step, "metric": metric}
         (tmp / META_FILE).write_text(json.dumps(meta) + "\n")
         _fsync_dir(tmp)
+        write_manifest(tmp)  # last: it vouches for every file above
         if final.exists():  # same step written again (e.g. emergency after a periodic save)
             old = root / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
@@ -84,7 +93,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def list_checkpoints(ckpt_root: str | Path) -> list[dict[str, Any]]:
-    """Complete checkpoints, oldest first: [{'path', 'step', 'metric'}]."""
+    """Complete checkpoints, oldest first: [{'path', 'step', 'metric'}].
+
+    One whose meta.json is unreadable is listed by its directory name, with no metric.
+    """
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
@@ -92,8 +104,16 @@ def list_checkpoints(ckpt_root: str | Path) -> list[dict[str, Any]]:
     for d in root.iterdir():
         if d.name.startswith(".") or not (d / META_FILE).exists():
             continue
-        meta = json.loads((d / META_FILE).read_text())
-        found.append({"path": d, "step": meta["step"], "metric": meta.get("metric")})
+        try:
+            meta = json.loads((d / META_FILE).read_bytes())
+            step, metric = int(meta["step"]), meta.get("metric")
+        except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+            named = _STEP_NAME.fullmatch(d.name)
+            if named is None:
+                continue
+            step, metric = int(named.group(1)), None
+        metric = metric if isinstance(metric, int | float) else None
+        found.append({"path": d, "step": step, "metric": metric})
     return sorted(found, key=lambda c: c["step"])
 
 
@@ -111,22 +131,63 @@ def prune_checkpoints(ckpt_root: str | Path, keep_last: int, keep_best: int) -> 
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def pick_checkpoint(path: str | Path, which: str = "best") -> Path:
-    """A checkpoint dir from a checkpoint, a run dir or a checkpoints/ dir.
-
-    which='best': lowest validation metric (latest if none has one); 'latest': highest step.
-    """
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """Whether `path` is one checkpoint (not a run or checkpoints/ directory)."""
     path = Path(path)
-    if (path / CONFIG_FILE).exists():
-        return path
+    return any((path / name).exists() for name in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE))
+
+
+def _by_preference(path: Path, which: str) -> list[Path]:
+    """A run's (or checkpoints/ dir's) checkpoints, the one to use first.
+
+    which='best': by validation metric, then those without one, latest first; 'latest': by step.
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"which={which!r} is not one of 'best', 'latest'")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     ckpts = list_checkpoints(root)
     if not ckpts:
         raise FileNotFoundError(f"no checkpoint found in {path}")
-    scored = [c for c in ckpts if c["metric"] is not None]
-    if which == "best" and scored:
-        return min(scored, key=lambda c: c["metric"])["path"]
-    return ckpts[-1]["path"]
+    latest_first = [c["path"] for c in reversed(ckpts)]
+    if which == "latest":
+        return latest_first
+    scored = sorted((c for c in ckpts if c["metric"] is not None), key=lambda c: c["metric"])
+    best = [c["path"] for c in scored]
+    return best + [p for p in latest_first if p not in best]
+
+
+def intact_checkpoints(path: str | Path, which: str = "best") -> Iterator[Path]:
+    """Checkpoints of a checkpoint, run or checkpoints/ dir, preferred first, each verified
+    against its manifest; a damaged one is named in a one-line warning and skipped.
+
+    A checkpoint dir given directly is verified and yielded, or its damage raised.
+    """
+    path = Path(path)
+    if is_checkpoint_dir(path):
+        verify_manifest(path)
+        yield path
+        return
+    for ckpt in _by_preference(path, which):
+        try:
+            verify_manifest(ckpt)
+        except CheckpointError as err:
+            log.warning("skipping a damaged checkpoint: %s", err)
+            continue
+        yield ckpt
+
+
+def pick_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """A checkpoint dir from a checkpoint, a run dir or a checkpoints/ dir.
+
+    which='best': lowest validation metric (latest if none has one); 'latest': highest step.
+    A damaged checkpoint is skipped (one warning line) for the next by the same order.
+    """
+    ckpt = next(intact_checkpoints(path, which), None)
+    if ckpt is None:
+        raise CheckpointError(f"no intact checkpoint in {path}: every one is damaged")
+    return ckpt
 
 
 def load_trainer_state(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -134,18 +195,25 @@ def load_trainer_state(path: str | Path, device: torch.device | str = "cpu") -> 
 
     Loaded with `weights_only=True`, so a file holding other objects (a pickle from elsewhere
     that would run code) raises ValueError and nothing in it is executed.
+    A file that cannot be read at all (truncated, zeroed) raises CheckpointError, a ValueError.
     """
     path = Path(path)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
     except OSError:
         raise
     except Exception as err:  # any unreadable state is refused the same way
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        reason = f"it names {found.group(1)}" if found else type(err).__name__
+        if found is None:  # not a foreign object: the file is damaged
+            raise CheckpointError(
+                f"{path}: refused, not a readable trainer state ({type(err).__name__})"
+            ) from None
         raise ValueError(
-            f"{path}: refused, not a trainer state of tensors and plain values ({reason})"
-        ) from err
+            f"{path}: refused, not a trainer state of tensors and plain values "
+            f"(it names {found.group(1)})"
+        ) from None
     if not isinstance(state, dict) or not state.keys() >= _STATE_KEYS:
         raise ValueError(f"{path}: refused, not a trainer state (needs keys {sorted(_STATE_KEYS)})")
     return state
@@ -181,12 +249,25 @@ class Checkpointer:
     def restore(
         self, path: str | Path, model: nn.Module, device: torch.device
     ) -> tuple[Path, dict[str, Any]]:
-        """Load the latest checkpoint's weights into `model`; return it and its trainer state."""
-        if not self.parallel.resumable:
-            raise ValueError("resuming is not supported with parallel.ep > 1")
-        ckpt = pick_checkpoint(path, which="latest")
-        state = load_trainer_state(ckpt / STATE_FILE, device)
-        if state["optimizer"] is None:
-            raise ValueError(f"{ckpt} was written with parallel.ep > 1 and cannot be resumed")
-        load_model(model, str(ckpt / WEIGHTS_FILE), device=str(device))
-        return ckpt, state
+        """Load the latest intact checkpoint's weights into `model`; return it and its state.
+
+        A damaged checkpoint (by its manifest, or unreadable when it has none) is named in a
+        one-line warning and the one before it is tried. Weights that do not fit the run's
+        model config raise a ValueError naming the parameter and both shapes.
+        """
+        for ckpt in intact_checkpoints(path, "latest"):
+            try:
+                state = load_trainer_state(ckpt / STATE_FILE, device)
+                if state["optimizer"] is None:
+                    raise ValueError(
+                        f"{ckpt} holds no optimizer state (written with parallel.ep > 1 by an "
+                        "older moekit) and cannot be resumed"
+                    )
+                self.parallel.load_weights(model, ckpt / WEIGHTS_FILE, device)
+            except CheckpointError as err:
+                if is_checkpoint_dir(path):  # the one named: nothing to fall back to
+                    raise
+                log.warning("skipping a damaged checkpoint: %s", err)
+                continue
+            return ckpt, state
+        raise CheckpointError(f"no intact checkpoint to resume in {path}: every one is damaged")
