@@ -23,6 +23,12 @@ HOT = [
     "librarian.py",
     "model",
     "serve",
+    # what runs every training step: the step, the load-health counters, recompute, schedules
+    "train/step.py",
+    "train/health.py",
+    "train/recompute.py",
+    "train/schedules.py",
+    "train/clock.py",
 ]
 # serve modules that answer HTTP requests after a step: turning results into JSON is their job
 COLD = {"serve/routes.py", "serve/stats.py"}

@@ -41,6 +41,20 @@ def check_input(x: Tensor, d_model: int) -> None:
         )
 
 
+def autocast_input(x: Tensor) -> Tensor:
+    """float32 x in the autocast dtype when autocast is on for its device, else x as it is.
+
+    The expert GEMMs then run in bf16 / fp16 under autocast as an nn.Linear's would; backends
+    are custom ops that autocast does not reach.
+    """
+    device_type = x.device.type
+    if device_type not in ("cuda", "cpu") or x.dtype != torch.float32:
+        return x
+    if torch.is_autocast_enabled(device_type):
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
+
+
 def _sync_check_finite(x: Tensor) -> None:
     """Debug-only NaN/inf check. NOTE: host sync (MoEConfig.debug=True)."""
     if not bool(torch.isfinite(x).all()):
@@ -81,6 +95,7 @@ class MoE(nn.Module):
 
     # stage 3 ---------------------------------------------------------------------------------
     def compute(self, x_TD: Tensor, plan: Plan) -> Tensor:
+        x_TD = autocast_input(x_TD)
         experts_forward = get_backend(self.cfg.backend, x_TD.device, x_TD.dtype)
         e = self.experts
         return experts_forward(x_TD, plan, e.w1, e.w2, e.b1, e.b2, e.activation)

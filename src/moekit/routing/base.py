@@ -180,6 +180,13 @@ class Router(nn.Module):
         return F.linear(x_TD.to(dtype), self.weight.to(dtype)) / self.live("temperature")
 
     def forward(self, x_TD: Tensor) -> Routing:
+        device_type = x_TD.device.type
+        if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):  # router math stays float32
+                return self._route(x_TD)
+        return self._route(x_TD)
+
+    def _route(self, x_TD: Tensor) -> Routing:
         if self.norm is not None:
             x_TD = self.norm(x_TD)
         if self.training and self.rcfg.dropout > 0:

@@ -15,6 +15,26 @@ from moekit.train.step import Precision
 
 PRECISIONS = ("auto", *(p.value for p in Precision))  # torch names (bfloat16, ...) read as these
 LIVE_MODES = ("auto", "rich", "plain", "off")
+CHECKPOINTING = ("none", "experts", "blocks")  # train.activation_checkpointing
+
+
+@dataclass
+class HealthConfig:
+    """When an expert counts as dead and an MoE layer as collapsed (`moekit.train.health`)."""
+
+    dead_load: float = 0.1  # starved: under this fraction of the uniform share 1/E of the slots
+    collapse_entropy: float = 0.5  # collapsing: expert-load entropy / log(E) under this
+    patience: int = 100  # consecutive steps starved (collapsing) before dead (collapsed)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.dead_load <= 1:
+            raise ValueError(f"train.health.dead_load={self.dead_load} must be in (0, 1]")
+        if not 0 <= self.collapse_entropy <= 1:
+            raise ValueError(
+                f"train.health.collapse_entropy={self.collapse_entropy} must be in [0, 1]"
+            )
+        if self.patience < 1:
+            raise ValueError(f"train.health.patience={self.patience} must be >= 1")
 
 
 @dataclass
@@ -44,6 +64,12 @@ class TrainConfig:
     keep_last: int = 2  # most recent checkpoints kept
     live: str = "auto"  # auto = rich view on a TTY, plain lines otherwise
     threads: int | None = None  # CPU threads for torch; 1 is fastest for tiny models / busy CPUs
+    # none | experts (recompute each MoE layer's expert MLPs) | blocks (recompute whole blocks)
+    activation_checkpointing: str = "none"
+    compile: bool = False  # torch.compile the training forward (the whole model)
+    prefetch: int = 2  # CUDA: steps of batches built ahead on a thread, in pinned memory
+    time_budget_s: float | None = None  # stop once this many seconds were spent training
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "log_interval"):
@@ -81,6 +107,20 @@ class TrainConfig:
             raise ValueError(f"train.live={self.live!r} is not one of {LIVE_MODES}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
             raise ValueError(f"train.device={self.device!r} must be auto, cpu or cuda[:N]")
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(
+                f"train.activation_checkpointing={self.activation_checkpointing!r} "
+                f"is not one of {CHECKPOINTING}"
+            )
+        if self.prefetch < 0:
+            raise ValueError(f"train.prefetch={self.prefetch} must be >= 0")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"train.time_budget_s={self.time_budget_s} must be > 0 (or null)")
+        if isinstance(self.health, dict):
+            try:
+                self.health = HealthConfig(**self.health)
+            except TypeError as err:
+                raise ValueError(f"train.health: {err}") from err
 
     @property
     def checkpoint_every(self) -> int:
@@ -125,6 +165,11 @@ class RunConfig:
                 except (TypeError, ValueError) as err:  # say which section the key is in
                     text = str(err)
                     raise ValueError(text if text.startswith(name) else f"{name}: {text}") from err
+        if self.parallel.ep > 1 and self.train.activation_checkpointing != "none":
+            raise ValueError(
+                "train.activation_checkpointing needs parallel.ep=1 (a recompute would repeat "
+                "the experts' all-to-all)"
+            )
         if self.model.max_seq_len < self.task.seq_len:
             raise ValueError(
                 f"model.max_seq_len={self.model.max_seq_len} must be >= "

@@ -1,7 +1,8 @@
 """Progress display: a rich live view on a terminal, plain lines otherwise.
 
 The view shows progress with ETA, the latest metrics and, per MoE layer, one bar per
-expert whose height is that expert's share of the tokens (relative to a uniform share).
+expert whose height is that expert's share of the tokens (relative to a uniform share), the
+load entropy, and a red line naming dead experts and collapsed layers (`train.health`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
+
+from moekit.train.health import health_line
 
 _BARS = " ▁▂▃▄▅▆▇█"
 
@@ -32,6 +36,7 @@ class LiveView:
         self.mode, self.title, self.total = mode, title, total
         self.last: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
+        self.health: dict[str, Any] = {}  # dead experts / collapsed layers at the last flush
         self.live: Live | None = None
         if mode == "rich":
             self.progress = Progress(
@@ -59,13 +64,28 @@ class LiveView:
         loads.add_column("layer")
         loads.add_column("expert load (full bar = 2x uniform)")
         loads.add_column("dropped")
+        loads.add_column("load entropy")
+        loads.add_column("dead experts")
+        dead = self.health.get("dead_experts", {})
         for layer, load in self.last.get("expert_load", {}).items():
             dropped = self.last.get("dropped_fraction", {}).get(layer, 0.0)
-            loads.add_row(layer, load_bars(load), f"{dropped:.1%}")
-        return Group(self.progress, table, loads)
+            entropy = self.last.get("load_entropy", {}).get(layer)
+            loads.add_row(
+                layer,
+                load_bars(load),
+                f"{dropped:.1%}",
+                "" if entropy is None else f"{entropy:.2f}",
+                ", ".join(map(str, dead.get(layer, []))),
+            )
+        alarm = health_line(self.health)
+        parts = [self.progress, table, loads]
+        if alarm:
+            parts.append(Text(f"load health: {alarm}", style="bold red"))
+        return Group(*parts)
 
     def update(self, step: int, record: dict[str, Any]) -> None:
         self.last = record
+        self.health = record.get("health", self.health)
         if self.live is not None:
             info = f"loss {record['loss']:.4g}"
             self.progress.update(self.task_id, completed=step, info=info)
@@ -77,6 +97,9 @@ class LiveView:
                 f"gnorm {record['grad_norm']:.3g} tok/s {record['tokens_per_s']:.0f}",
                 flush=True,
             )
+            alarm = health_line(record.get("health", {}))
+            if alarm:
+                print(f"[{self.title}] load health at step {step}: {alarm}", flush=True)
 
     def eval(self, step: int, record: dict[str, Any]) -> None:
         self.last_eval = {k: v for k, v in record.items() if k not in ("step", "routing")}

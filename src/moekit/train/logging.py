@@ -8,6 +8,7 @@ logger in between.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,13 @@ def _reshape(vals: list[float], shape: list[int]) -> list[Any]:
 class RunLog:
     """Appends records to run_dir/metrics.jsonl; step records are buffered until `flush`."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(
+        self, run_dir: str | Path, finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    ) -> None:
         self.path = Path(run_dir) / LOG_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.buffer: list[dict[str, Any]] = []
+        self.finish = finish  # applied to each synced step record before it is written
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (written after the checkpoint a run resumes from)."""
@@ -76,6 +80,8 @@ class RunLog:
         """Sync and write buffered step records; return them as plain numbers."""
         records = _sync_records(self.buffer)
         self.buffer = []
+        if self.finish is not None:
+            records = [self.finish(r) for r in records]
         self._write(records)
         return records
 

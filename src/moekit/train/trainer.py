@@ -15,6 +15,12 @@ whole model's norm; rank 0 alone logs, plots and writes checkpoints, which hold 
 model (`moekit.load` reads them). Logged step metrics are rank 0's; evaluation runs the full
 validation set on every rank; ranks agree on a stop signal every `log_interval` steps. Such
 runs cannot be resumed (the optimizer state is sharded).
+
+For runs at size: `train.activation_checkpointing` (`moekit.train.recompute`), `train.compile`,
+AdamW fused on CUDA, batches built ahead in pinned memory (`moekit.train.data`), and
+`train.time_budget_s`, which stops on the training clock (`moekit.train.clock`, evaluation
+excluded; evaluation records carry it as `train_time_s`). Router schedules are set before every
+step and dead experts / collapsed layers (`moekit.train.health`) reported at every log flush.
 """
 
 from __future__ import annotations
@@ -36,13 +42,18 @@ import torch
 from moekit.model import ModelConfig, ModelOutput, Transformer
 from moekit.tasks import Batch, Task, build_task
 from moekit.train.checkpoint import RUN_FILE, Checkpointer
+from moekit.train.clock import TrainClock
 from moekit.train.config import RunConfig
+from moekit.train.data import Prefetcher
+from moekit.train.health import LoadHealth
 from moekit.train.live import LiveView
 from moekit.train.logging import RunLog
 from moekit.train.metrics import evaluate_model, model_loss
 from moekit.train.optim import build_optimizer, set_lr
 from moekit.train.parallelism import build_parallelism, resolve_device
+from moekit.train.recompute import checkpoint_activations
 from moekit.train.rng import rng_state, seed_everything, set_rng_state
+from moekit.train.schedules import RouterSchedules
 from moekit.train.step import StepConfig, TrainStep, resolve_precision
 
 
@@ -66,15 +77,24 @@ class Trainer:
         self.parallel = build_parallelism(cfg.parallel, resolve_device(tc.device))
         self.device = self.parallel.device
         self.is_main = self.parallel.is_main
+        if tc.time_budget_s is not None and self.parallel.world > 1:
+            raise ValueError("train.time_budget_s needs one process (the ranks' clocks differ)")
         seed_everything(cfg.seed)  # the same seed on every rank: identical initial weights
         self.task = task or build_task(cfg.task, cfg.seed)
         if tc.threads is not None:
             torch.set_num_threads(tc.threads)
         model = Transformer(model_config_for(cfg.model, self.task)).to(self.device)
         self.params = model.num_params()  # of the whole model, before any sharding
+        checkpoint_activations(model, tc.activation_checkpointing)
         self.model = self.parallel.shard(model)
         self.optimizer = build_optimizer(self.model, tc)
         self.forward_model = self.parallel.wrap(self.model)
+        if tc.compile:  # the training forward only: evaluation runs the model as it is
+            self.forward_model = torch.compile(self.forward_model)
+        self.schedules = RouterSchedules(self.model)
+        self.health = LoadHealth(tc.health)
+        self.batches = Prefetcher(self._step_batches, self.device, tc.prefetch)
+        self.clock = TrainClock(self.device)
         step_cfg = StepConfig(
             precision=resolve_precision(tc.precision, self.device),
             max_grad_norm=tc.grad_clip if tc.grad_clip > 0 else math.inf,  # 0: measure only
@@ -85,7 +105,7 @@ class Trainer:
             self.run_dir / "checkpoints", cfg.to_dict(), tc.keep_last, tc.keep_best, self.parallel
         )
         self.step = 0
-        self.log = RunLog(self.run_dir)
+        self.log = RunLog(self.run_dir, finish=self.health.finish)
         self.val = [b.to(self.device) for b in self.task.val_batches(tc.eval_batch_size)]
         self.stop_signal: int | None = None
         self._signal_seen = 0  # a signal this rank got; the ranks agree on it in the loop
@@ -103,29 +123,37 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """Forward/backward over grad_accum micro-batches, clip, step. Returns device tensors."""
         lrs = set_lr(self.optimizer, self.step, self.cfg.train)
-        batches = [self._train_batch(m) for m in range(self.cfg.train.grad_accum)]
+        scheduled = self.schedules(self.step)
+        batches = self.batches.get(self.step)
         record = self.step_fn(self.optimizer, batches, self._forward, model_loss)
         self.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through evaluation
         grad_norm = record.pop("grad_norm")
+        if "expert_load" in record:
+            record["load_entropy"] = self.health.update(record["expert_load"])
+        if scheduled:
+            record["schedules"] = scheduled
         return {"step": self.step + 1, **record, "lr": lrs, "grad_norm": grad_norm}
 
     def _forward(self, batch: Batch) -> ModelOutput:
         return self.forward_model(batch.x, batch.y)
 
-    def _train_batch(self, micro: int) -> Batch:
-        """This rank's micro-batch: its slice of the step's global batch."""
+    def _step_batches(self, step: int) -> list[Batch]:
+        """This rank's micro-batches of `step` on the host: its slices of the global batches."""
+        return [self._train_batch(step, m) for m in range(self.cfg.train.grad_accum)]
+
+    def _train_batch(self, step: int, micro: int) -> Batch:
         B, world = self.cfg.train.batch_size, self.parallel.world
-        batch = self.task.train_batch(self.step, micro, B * world)
+        batch = self.task.train_batch(step, micro, B * world)
         if world > 1:
             rows = self.parallel.local_rows(B)
             batch = Batch(batch.x[rows], batch.y[rows], batch.category[rows])
-        return batch.to(self.device)
+        return batch
 
     # evaluation -----------------------------------------------------------------------------
     def evaluate(self, batches: list[Batch] | None = None) -> dict[str, Any]:
         """Validation loss, task metrics and category x expert counts per MoE layer."""
         record = evaluate_model(self.model, self.task, batches or self.val, self.autocast)
-        return {"step": self.step, **record}
+        return {"step": self.step, "train_time_s": self.clock._sync_read(), **record}
 
     # checkpoints ----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -137,6 +165,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "scheduler": {"kind": "warmup_cosine", "step": self.step},
             "rng": rng_state(),
+            "train_time_s": self.clock._sync_read(),
             "data": {"seed": self.cfg.seed, "next_step": self.step},
             "run": self.cfg.to_dict(),
         }
@@ -151,6 +180,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
+        self.clock.total = state.get("train_time_s", 0.0)
         set_rng_state(state["rng"])
         self.log.truncate_after(self.step)
         return ckpt
@@ -192,6 +222,7 @@ class Trainer:
         records = self.log.buffer
         if not records:
             return t0
+        records[-1]["health"] = self.health.snapshot()  # read in the flush's one transfer
         tokens = len(records) * self.tokens_per_step
         rate = tokens / max(time.perf_counter() - t0, 1e-9)
         for rec in records:
@@ -213,8 +244,27 @@ class Trainer:
         if self.parallel.world == 1 or done or self.step % self.cfg.train.log_interval == 0:
             self.stop_signal = self.parallel._sync_agree_on_stop(self._signal_seen)
 
+    def _out_of_time(self) -> bool:
+        """Whether train.time_budget_s is spent; read at log flushes, which sync anyway."""
+        tc = self.cfg.train
+        if tc.time_budget_s is None or self.step % tc.log_interval:
+            return False
+        return self.clock._sync_read() >= tc.time_budget_s
+
+    def _slow_work_due(self, done: bool) -> bool:
+        """Whether evaluation, a checkpoint or a plot comes after this step."""
+        tc = self.cfg.train
+        plot = self.is_main and tc.plot_interval and self.step % tc.plot_interval == 0
+        return (
+            done
+            or not self.step % tc.eval_interval
+            or not self.step % tc.checkpoint_every
+            or bool(plot)
+        )
+
     def close(self) -> None:
-        """Leave the process group if this trainer created it."""
+        """Leave the process group if this trainer created it; stop building batches."""
+        self.batches.close()
         self.parallel.close()
 
     def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
@@ -230,17 +280,20 @@ class Trainer:
         view = LiveView(tc.steps, tc.live if main else "off", self.title)
         t0 = time.perf_counter()
         ckpt = None
+        self.clock.resume()
         with self._stop_on_signals():
             while self.step < tc.steps and self.stop_signal is None:
                 record = self.train_step()
                 if main:
                     self.log.add_step(record)
                 self.step += 1
-                done = self.step == tc.steps
+                done = self.step == tc.steps or self._out_of_time()
                 self._check_stop(done)
                 if main and (self.step % tc.log_interval == 0 or done):
                     t0 = self._flush(view, t0)
                 metric, slow = None, False
+                if self._slow_work_due(done):
+                    self.clock._sync_pause()  # the clock counts training only
                 if self.step % tc.eval_interval == 0 or done:
                     self.last_eval = self.evaluate()  # every rank: the forward is collective
                     if main:
@@ -254,10 +307,15 @@ class Trainer:
                     slow = True
                 if slow:  # throughput counts training time only
                     t0 = time.perf_counter()
+                self.clock.resume()
+                if done:  # the step count, or train.time_budget_s
+                    break
             if self.stop_signal is not None:
                 if main:
                     self._flush(view, t0)
                 ckpt = self.save(None)
+        self.clock._sync_pause()
+        self.batches.close()
         view.close()
         plots = self.plot(final=True) if self.stop_signal is None else []
         return self.summary(ckpt, plots)
@@ -282,6 +340,7 @@ class Trainer:
             "val": {k: v for k, v in ev.items() if k not in ("step", "routing")},
             "routing": ev.get("routing", {}),
             "tokens_per_s": float(np.median(self.throughput)) if self.throughput else 0.0,
+            "train_time_s": self.clock.total,
             "params": self.params,
             "checkpoint": ckpt,
             "plots": plots,
