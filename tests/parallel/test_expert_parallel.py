@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moekit import MoE, MoEConfig
+from moekit import MoE, MoEConfig, RouterConfig
 from moekit.backends import unsupported_reason
+from moekit.dispatch import combine
 from moekit.parallel import ExpertParallelMoE, gather_experts, split_expert_params
 
 REL_TOL = 1e-6
@@ -264,3 +265,63 @@ def _inference_options(rank: int, world: int) -> None:
 
 def test_coactivation_and_dedup_work_through_the_exchange(launch):
     launch(_inference_options, 2)
+
+
+def _sigmoid_bias(rank: int, world: int) -> None:
+    """Each rank routes its own tokens; the balance bias moves by the load of all of them."""
+    cfg = MoEConfig(
+        d_model=8, d_hidden=6, n_experts=4, k=2, backend="torch",
+        router=RouterConfig(kind="sigmoid", options={"bias_update_rate": 0.1}),
+    )  # fmt: skip
+    torch.manual_seed(3)
+    dense = MoE(cfg).train()
+    ep = ExpertParallelMoE.from_dense(dense)
+    g = torch.Generator().manual_seed(4)
+    moved = False
+    for step in range(3):
+        xs = [torch.randn(5 + 4 * r, 8, generator=g) for r in range(world)]
+        with torch.no_grad():
+            ep(xs[rank])
+            dense(torch.cat(xs))  # one process seeing every rank's tokens
+        bias = ep.router.expert_bias
+        moved |= bool(bias.abs().sum() > 0)
+        assert torch.equal(bias, dense.router.expert_bias), f"step {step}: bias != dense"
+        every = [torch.empty_like(bias) for _ in range(world)]
+        dist.all_gather(every, bias)
+        assert all(torch.equal(b, bias) for b in every), f"step {step}: ranks disagree"
+    assert moved, "the bias never moved"
+
+
+def test_sigmoid_bias_is_the_same_on_every_rank(launch):
+    launch(_sigmoid_bias, 2)
+
+
+def _overlap(rank: int, world: int) -> None:
+    """The shared experts run during the dispatch; output and gradients are those of the
+    schedule without overlap (slots, combine, then `MoE.finish`), bit for bit."""
+    cfg = MoEConfig(
+        d_model=8, d_hidden=6, n_experts=4, k=2, n_shared_experts=1, capacity_factor=0.5,
+        fallback="dense", backend="torch",
+    )  # fmt: skip
+    torch.manual_seed(6)
+    ep = ExpertParallelMoE.from_dense(MoE(cfg))
+    x = torch.randn(7 + 3 * rank, 8, generator=torch.Generator().manual_seed(rank))
+    runs = []
+    for overlap in (True, False):
+        ep.zero_grad(set_to_none=True)
+        x_TD = x.clone().requires_grad_()
+        if overlap:
+            y_TD, _ = ep(x_TD)
+        else:
+            _, plan = ep.route(x_TD)
+            out_ND = ep.compute_slots(x_TD, plan)
+            y_TD = combine(out_ND, plan.token_S, plan.weight_S, x_TD.shape[0])
+            y_TD = MoE.finish(ep, x_TD, y_TD, plan)
+        y_TD.square().sum().backward()
+        runs.append([y_TD, x_TD.grad] + [p.grad for p in ep.parameters()])
+    for i, (a, b) in enumerate(zip(*runs, strict=True)):
+        assert (a is None and b is None) or torch.equal(a, b), f"tensor {i} differs"
+
+
+def test_shared_experts_overlap_the_dispatch_without_changing_results(launch):
+    launch(_overlap, 2)

@@ -6,6 +6,7 @@ from moekit.parallel.expert_parallel import (
     ExpertParallelMoE,
     gather_experts,
     parallelize_experts,
+    share_router_load,
     split_expert_params,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "all_to_all",
     "gather_experts",
     "parallelize_experts",
+    "share_router_load",
     "split_expert_params",
 ]

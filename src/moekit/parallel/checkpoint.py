@@ -2,7 +2,9 @@
 
 Expert tensors are gathered into the dense layout on save and sliced per rank on load, so a
 checkpoint written with one expert-parallel size loads with any other, or with no parallelism
-at all (`moekit.MoE` / `moekit.load`). Every function here is collective: call it on all ranks.
+at all (`moekit.MoE` / `moekit.load`). Optimizer states go the same way: expert moments are
+gathered into the single-process state dict and cut per rank on load, so a training run resumes
+at any expert-parallel size. Every function here is collective: call it on all ranks.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import copy
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -128,3 +131,52 @@ def load_layer(directory: str | Path, group=None, device: str | torch.device = "
         layer = ExpertParallelMoE(cfg, group)  # a throwaway initialisation, then the file
     load_safetensors(layer, directory / WEIGHTS_FILE)
     return layer
+
+
+def _expert_ranges(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, tuple]:
+    """Optimizer state index -> (layer, L) for every sharded expert parameter it updates."""
+    owner = {
+        id(p): layer for layer in _expert_layers(model).values() for p in layer.experts.parameters()
+    }
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return {i: owner[id(p)] for i, p in enumerate(params) if id(p) in owner}
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state dict a single process would hold: expert moments gathered.
+
+    Per-expert tensors ([L, ...], e.g. AdamW's exp_avg) become [E, ...] in global expert
+    order; scalars (step) and replicated parameters' state are kept as they are. Collective.
+    """
+    state = optimizer.state_dict()
+    state["state"] = dict(state["state"])  # its per-parameter dicts are the optimizer's own
+    for i, layer in _expert_ranges(model, optimizer).items():
+        if i not in state["state"]:
+            continue
+        slots = dict(state["state"][i])
+        for key, value in slots.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == layer.n_local:
+                slots[key] = gather_experts(value, layer.group)
+        state["state"][i] = slots
+    return state
+
+
+def load_full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load a single-process optimizer state dict, each rank keeping its experts' rows."""
+    state = {**state, "state": dict(state["state"])}
+    for i, layer in _expert_ranges(model, optimizer).items():
+        lo, hi = layer.first_expert, layer.first_expert + layer.n_local
+        slots = dict(state["state"].get(i, {}))
+        for key, value in slots.items():
+            if isinstance(value, Tensor) and value.dim() > 0:
+                if value.shape[0] != layer.cfg.n_experts:
+                    raise ValueError(
+                        f"optimizer state {i}.{key}: {value.shape[0]} rows, expected one per "
+                        f"expert ({layer.cfg.n_experts})"
+                    )
+                slots[key] = value[lo:hi]
+        if slots:
+            state["state"][i] = slots
+    optimizer.load_state_dict(state)

@@ -51,6 +51,44 @@ class _AllToAll(torch.autograd.Function):
         return grad_ND, None, None, None  # x_ND, send_R, recv_R, group
 
 
+class _AllToAllStart(torch.autograd.Function):
+    """all_to_all_single started without waiting; its backward is the (blocking) reverse."""
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, send_R: list[int], recv_R: list[int], group, works: list):
+        ctx.send_R, ctx.recv_R, ctx.group = send_R, recv_R, group
+        out = x_ND.new_empty((sum(recv_R), *x_ND.shape[1:]))
+        works.append(
+            dist.all_to_all_single(
+                out,
+                x_ND.contiguous(),
+                output_split_sizes=recv_R,
+                input_split_sizes=send_R,
+                group=group,
+                async_op=True,
+            )
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_MD: Tensor):
+        grad_ND = _exchange(grad_MD, ctx.recv_R, ctx.send_R, ctx.group)
+        return grad_ND, None, None, None, None  # x_ND, send_R, recv_R, group, works
+
+
+def all_to_all_start(
+    x_ND: Tensor, send_R: list[int], recv_R: list[int], group: ProcessGroup | None = None
+) -> tuple[Tensor, dist.Work]:
+    """`all_to_all` that returns at once: (received [sum(recv_R), ...], work).
+
+    Call `work.wait()` before reading the received rows; compute that needs no rows of it
+    runs meanwhile (on CUDA, NCCL's stream overlaps the current one).
+    """
+    works: list = []
+    out = _AllToAllStart.apply(x_ND, send_R, recv_R, group, works)
+    return out, works[0]
+
+
 def all_to_all(
     x_ND: Tensor, send_R: list[int], recv_R: list[int], group: ProcessGroup | None = None
 ) -> Tensor:

@@ -12,6 +12,8 @@ M slots it receives, R ranks in the group, L = E / R experts per rank, D model d
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -21,7 +23,7 @@ from moekit.backends import get_backend
 from moekit.config import MoEConfig
 from moekit.dispatch import Plan, combine, gather
 from moekit.layer import MoE
-from moekit.parallel.comm import _sync_split_sizes, all_to_all
+from moekit.parallel.comm import _sync_split_sizes, all_to_all, all_to_all_start
 
 EXPERT_PARALLEL_ATTR = "_moekit_expert_parallel"  # set True on every sharded expert parameter
 
@@ -56,16 +58,28 @@ class ExpertParallelMoE(MoE):
         for name, p in list(self.experts.named_parameters()):  # copies: the full ones are freed
             setattr(self.experts, name, nn.Parameter(p.detach()[lo:hi].clone()))
         self._mark_expert_params()
+        share_router_load(self, group)  # the same tokens decide the balance bias on every rank
 
     # stage 3 ---------------------------------------------------------------------------------
     def compute(self, x_TD: Tensor, plan: Plan) -> Tensor:
-        """Send kept slots to their expert's rank, run local experts, combine the answers."""
-        out_ND = self.compute_slots(x_TD, plan)
-        return combine(out_ND, plan.token_S, plan.weight_S, x_TD.shape[0])
+        """Send kept slots to their expert's rank, run local experts, combine the answers.
+
+        The shared experts run while the tokens are in flight and are added here (as `finish`
+        would add them), so the sum is the single-process layer's, bit for bit.
+        """
+        out_ND, shared_TD = self._exchange_slots(x_TD, plan, overlap=self.shared)
+        y_TD = combine(out_ND, plan.token_S, plan.weight_S, x_TD.shape[0])
+        return y_TD if shared_TD is None else y_TD + shared_TD
 
     def compute_slots(self, x_TD: Tensor, plan: Plan) -> Tensor:
         """Unweighted outputs [N, D] of this rank's N kept sorted slots, each computed on the
         rank that owns its expert."""
+        return self._exchange_slots(x_TD, plan, overlap=None)[0]
+
+    def _exchange_slots(
+        self, x_TD: Tensor, plan: Plan, overlap: nn.Module | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(slot outputs [N, D], overlap(x_TD) or None): `overlap` runs during the dispatch."""
         counts_RL = plan.counts_E.view(self.ep_size, self.n_local)
         send_R, recv_R, recv_counts_RL = _sync_split_sizes(counts_RL, self.group)
         # kept slots come first, sorted by expert, so by rank
@@ -73,11 +87,24 @@ class ExpertParallelMoE(MoE):
         if torch.is_grad_enabled() and not x_ND.requires_grad:
             # every rank must run the backward exchange, even where x needs no gradient
             x_ND = x_ND.detach().requires_grad_()
-        x_MD = all_to_all(x_ND, send_R, recv_R, self.group)
+        x_MD, work = all_to_all_start(x_ND, send_R, recv_R, self.group)
+        side_TD = overlap(x_TD) if overlap is not None else None
+        work.wait()
         out_MD = self._local_experts(x_MD, recv_counts_RL)
         if x_MD.shape[0] == 0:  # backends return a constant here; keep the graph through x_MD
             out_MD = out_MD + x_MD
-        return all_to_all(out_MD, recv_R, send_R, self.group)
+        return all_to_all(out_MD, recv_R, send_R, self.group), side_TD
+
+    # stage 4 ---------------------------------------------------------------------------------
+    def finish(self, x_TD: Tensor, y_TD: Tensor, plan: Plan) -> Tensor:
+        """`MoE.finish`, less the shared experts where `compute` already added them."""
+        librarian = self.cfg.dedup_threshold is not None and not self.training  # as in forward
+        if self.shared is not None and librarian:  # compute_slots ran: no shared output yet
+            y_TD = y_TD + self.shared(x_TD)
+        if self.fallback is not None:  # tokens that lost every expert get the dense FFN
+            lost_T1 = ~plan.kept_TK.any(-1, keepdim=True)
+            y_TD = torch.where(lost_T1, y_TD + self.fallback(x_TD), y_TD)
+        return y_TD
 
     def _local_experts(self, x_MD: Tensor, recv_counts_RL: Tensor) -> Tensor:
         """Unweighted expert outputs for received rows, in received order.
@@ -149,6 +176,24 @@ def gather_experts(local_LX: Tensor, group: ProcessGroup | None = None) -> Tenso
     parts = [torch.empty_like(local_LX) for _ in range(R)]
     dist.all_gather(parts, local_LX.contiguous(), group=group)
     return torch.cat(parts)
+
+
+def _sum_over(load_E: Tensor, group: ProcessGroup | None) -> Tensor:
+    dist.all_reduce(load_E, group=group)
+    return load_E
+
+
+def share_router_load(model: nn.Module, group: ProcessGroup | None = None) -> nn.Module:
+    """Sum the expert-load counts behind each router's balance bias over `group` (in place).
+
+    DeepSeek-V3's aux-loss-free bias moves with the load each router sees; summed over every
+    rank holding a replica of the router, the bias stays identical on all of them. Routers
+    offer this through a `load_reduce` hook (the sigmoid router does).
+    """
+    for m in model.modules():
+        if hasattr(m, "load_reduce"):
+            m.load_reduce = partial(_sum_over, group=group)
+    return model
 
 
 def split_expert_params(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -7,6 +7,7 @@ balance: up for under-loaded experts, down for over-loaded ones (DeepSeek-V3, se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,8 @@ class SigmoidRouter(Router):
         super().__init__(cfg)
         # saved with the model: the balance it learned is part of the routing function
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
+        # load_E [E] -> load_E: set by moekit.parallel to sum the load over the router's replicas
+        self.load_reduce: Callable[[Tensor], Tensor] | None = None
 
     def select(self, logits_TE: Tensor) -> Routing:
         if not self.training and self.rcfg.n_groups == 1:  # one kernel on CUDA inference
@@ -75,5 +78,7 @@ class SigmoidRouter(Router):
         load_E.scatter_add_(
             0, experts_TK.reshape(-1), torch.ones_like(experts_TK.reshape(-1), dtype=torch.float32)
         )
+        if self.load_reduce is not None:
+            load_E = self.load_reduce(load_E)
         rate = self.options.bias_update_rate
         self.expert_bias.add_(rate * torch.sign(load_E.mean() - load_E))

@@ -131,11 +131,14 @@ class TrainConfig:
 class ParallelConfig:
     """Multi-process training, launched with torchrun."""
 
-    ep: int = 1  # expert parallelism: experts split over this many ranks (= world size)
+    ep: int = 1  # expert parallelism: experts split over this many ranks
+    dp: int = 1  # data parallelism around it: world size = ep * dp
 
     def __post_init__(self) -> None:
         if self.ep < 1:
             raise ValueError(f"parallel.ep={self.ep} must be >= 1")
+        if self.dp < 1:
+            raise ValueError(f"parallel.dp={self.dp} must be >= 1")
 
 
 @dataclass

@@ -13,8 +13,9 @@ the parallelism (`train.parallelism`, chosen once from `cfg.parallel`) and the
 [r * batch_size, (r + 1) * batch_size). Gradients are averaged over ranks and clipped by the
 whole model's norm; rank 0 alone logs, plots and writes checkpoints, which hold the dense
 model (`moekit.load` reads them). Logged step metrics are rank 0's; evaluation runs the full
-validation set on every rank; ranks agree on a stop signal every `log_interval` steps. Such
-runs cannot be resumed (the optimizer state is sharded).
+validation set on every rank; ranks agree on a stop signal every `log_interval` steps.
+Checkpoints hold the single-process optimizer state (expert moments gathered), so a run
+resumes bitwise at the same size and also at any other `parallel.ep`.
 
 For runs at size: `train.activation_checkpointing` (`moekit.train.recompute`), `train.compile`,
 AdamW fused on CUDA, batches built ahead in pinned memory (`moekit.train.data`), and
@@ -160,8 +161,8 @@ class Trainer:
         """Everything but the weights a resume needs: tensors and plain values only."""
         return {
             "step": self.step,
-            # expert parallel: each rank holds its experts' moments, so none is saved
-            "optimizer": self.optimizer.state_dict() if self.parallel.resumable else None,
+            # the single-process state (expert moments gathered): resumes at any parallel.ep
+            "optimizer": self.parallel.optimizer_state(self.model, self.optimizer),
             "scaler": self.scaler.state_dict(),
             "scheduler": {"kind": "warmup_cosine", "step": self.step},
             "rng": rng_state(),
@@ -177,12 +178,13 @@ class Trainer:
     def restore(self, path: str | Path) -> Path:
         """Load weights and trainer state from a checkpoint (or a run dir's latest one)."""
         ckpt, state = self.checkpointer.restore(path, self.model, self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.clock.total = state.get("train_time_s", 0.0)
         set_rng_state(state["rng"])
-        self.log.truncate_after(self.step)
+        if self.is_main:  # rank 0 alone writes the log
+            self.log.truncate_after(self.step)
         return ckpt
 
     # the loop -------------------------------------------------------------------------------
