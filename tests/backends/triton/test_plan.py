@@ -90,3 +90,8 @@ def test_counting_sort_plan_carries_router_gradients() -> None:
     leaf = weights.clone().requires_grad_()
     make_plan_dropless(experts, leaf, 4).weight_S.sum().backward()
     assert torch.equal(leaf.grad, (experts >= 0).to(leaf.dtype))
+
+
+def test_counting_sort_op_passes_opcheck() -> None:
+    experts, _ = _routing(7, 3, 5, seed=1, empty=0.2)
+    torch.library.opcheck(plan_module.counting_sort, (experts, 5))

@@ -18,7 +18,7 @@ pytest.importorskip("triton", reason="the fused router needs the triton package"
 
 from moekit import MoEConfig  # noqa: E402
 from moekit.backends.triton import fused_routing  # noqa: E402
-from moekit.backends.triton.router import fused_select  # noqa: E402
+from moekit.backends.triton.router import fused_select, route_select  # noqa: E402
 from moekit.config import RouterConfig  # noqa: E402
 from moekit.routing import build_router  # noqa: E402
 
@@ -67,3 +67,9 @@ def test_fused_routing_leaves_the_cpu_and_autograd_to_torch() -> None:
     if torch.cuda.is_available():
         leaf = logits.cuda().requires_grad_()
         assert fused_routing(leaf, 2, True, 1.0) is None  # a gradient is needed
+
+
+def test_route_select_op_passes_opcheck() -> None:
+    logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    torch.library.opcheck(route_select, (logits, None, 2, True, 1.0))
+    torch.library.opcheck(route_select, (logits, torch.zeros(8), 3, False, 2.0))
