@@ -47,7 +47,8 @@ def check_shapes(shapes: Sequence[str]) -> None:
 
 @dataclass
 class KernelsBench:
-    """Stage 3 (routed experts, bf16) on CUDA: each backend vs the naive loop and dense-eq."""
+    """Stage 3 (routed experts, bf16) on CUDA: each backend vs the naive loop and dense-eq;
+    with --layer also the whole layer, the span from top-k and each stage."""
 
     shapes: list[str] = option(list(SHAPES), f"model shapes, from {list(SHAPES)}")
     tokens: list[int] = option(TOKENS, "token counts T timed for every shape")
