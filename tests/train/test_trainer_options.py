@@ -134,3 +134,32 @@ def test_bf16_autocast_runs_experts_in_bf16_and_the_router_in_fp32(tmp_path, mak
     assert seen["info"].routing.weights.dtype == torch.float32  # router math stays float32
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights
     assert torch.isfinite(rec["loss"])
+
+
+def test_dashboard_draws_load_health_with_the_dead_expert_ids():
+    from moekit.viz import dashboard_figure
+    from moekit.viz.style import text_overlaps
+
+    records = []
+    for step in range(1, 31):
+        rec = {"kind": "train", "step": step, "loss": 1.0, "task_loss": 1.0}
+        rec["expert_load"] = {"0": [0.5, 0.5, 0.0, 0.0], "1": [0.25] * 4}
+        rec["load_entropy"] = {"0": 0.5, "1": 1.0}
+        if step % 10 == 0:
+            dead = {"0": [2, 3]} if step >= 20 else {}
+            rec["health"] = {"dead_experts": dead, "collapsed_layers": ["0"] * (step >= 20)}
+        records.append(rec)
+    fig = dashboard_figure(records)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "load entropy (collapsed: layer 0)" in titles and "dead experts" in titles
+    dead_ax = fig.axes[titles.index("dead experts")]
+    labels = [t.get_text() for t in dead_ax.get_legend().get_texts()]
+    assert labels == ["layer 0 (now 2, 3)", "layer 1"]
+    assert text_overlaps(fig) == []
+    healthy = dashboard_figure(
+        [
+            {**r, "health": {"dead_experts": {}, "collapsed_layers": []}} if "health" in r else r
+            for r in records[:10]
+        ]
+    )
+    assert "dead experts" not in [ax.get_title() for ax in healthy.axes]

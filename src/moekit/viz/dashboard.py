@@ -1,4 +1,4 @@
-"""The training dashboard: losses, throughput, drops and expert load over time.
+"""The training dashboard: losses, throughput, drops, load health and expert load over time.
 
 A panel is drawn only when the run logged something for it: a dense model has no load
 heatmaps, a dropless one no dropped-slots panel. Per-step expert load is mostly sampling
@@ -82,6 +82,36 @@ def _load_panel(fig: Figure, ax: Axes, train: list[dict], layer: str) -> None:
     colorbar(fig, im, ax, "load / uniform share")
 
 
+def _entropy_panel(ax: Axes, train: list[dict], layers: list[str]) -> None:
+    """Load entropy per layer over log(E): 1 is a uniform load, 0 one expert takes everything."""
+    for layer in layers:
+        pts = [(r["step"], r["load_entropy"][layer]) for r in train if "load_entropy" in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"layer {layer}")
+    collapsed = _flushed(train)[-1]["health"]["collapsed_layers"] if _flushed(train) else []
+    title = "load entropy" + (f" (collapsed: layer {', '.join(collapsed)})" if collapsed else "")
+    ax.set(title=title, xlabel="step", ylabel="entropy / log(E)", ylim=(0, 1.05))
+    ax.legend()
+
+
+def _dead_panel(ax: Axes, train: list[dict], layers: list[str]) -> None:
+    """Dead experts per layer at each log flush; the legend names the ones dead now."""
+    flushed = _flushed(train)
+    steps = [r["step"] for r in flushed]
+    for layer in layers:
+        counts = [len(r["health"]["dead_experts"].get(layer, [])) for r in flushed]
+        now = flushed[-1]["health"]["dead_experts"].get(layer, [])
+        label = f"layer {layer}" + (f" (now {', '.join(map(str, now))})" if now else "")
+        ax.step(steps, counts, where="post", label=label)
+    ax.set(title="dead experts", xlabel="step", ylabel="experts")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend()
+
+
+def _flushed(train: list[dict]) -> list[dict]:
+    """The step records of log flushes, which carry the health counters."""
+    return [r for r in train if "health" in r]
+
+
 def _has_drops(train: list[dict], layers: list[str]) -> bool:
     return any(r.get("dropped_fraction", {}).get(layer, 0) > 0 for r in train for layer in layers)
 
@@ -99,6 +129,10 @@ def dashboard_figure(records: list[dict[str, Any]], title: str = "") -> Figure:
         panels.append("dropped")
     if _series(train, "tokens_per_s")[0]:
         panels.append("throughput")
+    if any("load_entropy" in r for r in train):
+        panels.append("entropy")
+    if any(r["health"]["dead_experts"] for r in _flushed(train)):
+        panels.append("dead")
     panels += [("load", layer) for layer in layers]
     rows = -(-len(panels) // COLS)
     fig, axes = new_figure(rows, COLS, title=title or "training dashboard")
@@ -113,6 +147,10 @@ def dashboard_figure(records: list[dict[str, Any]], title: str = "") -> Figure:
         elif panel == "throughput":
             ax.plot(*_series(train, "tokens_per_s"))
             ax.set(title="throughput", xlabel="step", ylabel="tokens/s")
+        elif panel == "entropy":
+            _entropy_panel(ax, train, layers)
+        elif panel == "dead":
+            _dead_panel(ax, train, layers)
         else:
             _load_panel(fig, ax, train, panel[1])
     hide_unused(axes, len(panels))
