@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None  # read once: compile-friendly
 
 
 @dataclass
@@ -98,12 +99,7 @@ def make_plan(
 
 def _counting_sort_available(device: torch.device) -> bool:
     """On CUDA with triton, the dropless plan is one counting sort (equal output, two launches)."""
-    return device.type == "cuda" and _have_triton()
-
-
-@cache
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return device.type == "cuda" and _HAVE_TRITON
 
 
 def gather(x_TD: Tensor, token_S: Tensor) -> Tensor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from functools import cache
 
 import torch
 from torch import Tensor
@@ -25,6 +24,7 @@ from moekit.routing.base import Routing
 
 FUSED_ROUTER_MAX_K = 16  # k rounds of argmax are unrolled in the kernel
 FUSED_ROUTER_MAX_E = 1024  # one program holds a token's [E] scores
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None  # read once: compile-friendly
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -93,11 +93,6 @@ def experts_per_slot(
     return PerSlotExperts.apply(x_SD, w1, w2, b1, b2, offsets_E1, activation, train)
 
 
-@cache
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def fused_routing(
     logits_TE: Tensor, k: int, renormalize: bool, scaling: float, bias_E: Tensor | None = None
 ) -> Routing | None:
@@ -106,7 +101,7 @@ def fused_routing(
     It applies in inference on CUDA: float32 logits that need no gradient, k and E within the
     kernel's bounds. bias_E None: softmax top-k; else sigmoid scores chosen by score + bias_E.
     """
-    if not logits_TE.is_cuda or logits_TE.dtype != torch.float32 or not _have_triton():
+    if not logits_TE.is_cuda or logits_TE.dtype != torch.float32 or not _HAVE_TRITON:
         return None
     if torch.is_grad_enabled() and logits_TE.requires_grad:
         return None
