@@ -20,7 +20,7 @@ from torch import Tensor
 
 from moekit.dispatch import Plan
 
-MAX_PROGRAMS = 64  # launch 2 reads a [P, B] table per program: keep P small
+MAX_PROGRAMS = 64  # each program of launch 2 reads the whole [P, B] table: keep P small
 
 
 @triton.jit
@@ -68,20 +68,20 @@ def _scatter_kernel(
     n_programs,
     BLOCK_S: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.arange(0, BLOCK_B)
-    p = tl.arange(0, BLOCK_P)
-    table = tl.load(
-        table_ptr + p[:, None] * BLOCK_B + b[None, :], mask=(p < n_programs)[:, None], other=0
-    )  # [BLOCK_P, BLOCK_B]
-    total = tl.sum(table, 0)
+    total = tl.zeros([BLOCK_B], dtype=tl.int32)
+    before = tl.zeros([BLOCK_B], dtype=tl.int32)  # slots of each bucket in earlier programs
+    for q in range(0, n_programs):  # one [B] row at a time: the table never sits in registers
+        row = tl.load(table_ptr + q * BLOCK_B + b)
+        total += row
+        before += tl.where(q < pid, row, 0)
     start = tl.cumsum(total, 0) - total  # first sorted position of each bucket
     if pid == 0:
         tl.store(counts_ptr + b, total.to(tl.int64), mask=b < E)
         tl.store(offsets_ptr + b, start.to(tl.int64), mask=b <= E)
-    running = start + tl.sum(tl.where((p < pid)[:, None], table, 0), 0)
+    running = start + before
     for c in range(0, chunks):
         s = (pid * chunks + c) * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = s < S
@@ -136,7 +136,6 @@ def counting_sort(
         n_programs,
         BLOCK_S=block_s,
         BLOCK_B=block_b,
-        BLOCK_P=triton.next_power_of_2(n_programs),
     )
     return order_S, token_S, expert_S, counts_E, offsets_E1
 
