@@ -3,13 +3,15 @@
 Launched by torchrun, one process per GPU (NCCL), or on CPU with gloo for a smoke run:
 
     torchrun --nproc-per-node 2 -m moekit.cli bench expert-parallel      # E128 k8 D2048 H768
-    torchrun --nproc-per-node 2 -m moekit.cli bench expert-parallel --small true --out-dir ""
+    torchrun --nproc-per-node 2 -m moekit.cli bench expert-parallel --small --out-dir ""
 
 Each rank gets T tokens (random, fixed seed per rank) and one shared random router. First
 the EP layer is checked against `moekit.MoE` on the same tokens (max relative error of y and
 x.grad). Then: forward and forward + backward of the single-device layer (each rank alone,
 no communication) and of the EP layer; a step's time is the slowest rank's. tokens/s per
-device = T / step time. Rank 0 writes docs/benchmarks/ep-<machine>-<date>.md and .json.
+device = T / step time. Then the layer's token all-to-all alone (its real split sizes) against
+an evenly split all-to-all of the same bytes: time, bus bandwidth and their ratio. Rank 0
+writes docs/benchmarks/expert-parallel-x<R>-<machine>-<date>.md and .json.
 Shape legend: T tokens per rank, E experts, K experts per token, D model dim, H expert hidden.
 """
 
@@ -31,6 +33,7 @@ from moekit import MoE, MoEConfig
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
 from moekit.parallel import ExpertParallelMoE
+from moekit.parallel.comm import _sync_split_sizes
 
 FULL = {"E": 128, "K": 8, "D": 2048, "H": 768, "T": 8192}  # Qwen3-30B-A3B-sized layer
 SMALL = {"E": 8, "K": 2, "D": 64, "H": 32, "T": 256}
@@ -90,6 +93,55 @@ def _sync_rel_err(got: Tensor, want: Tensor) -> float:
     return float(err.item())
 
 
+def _exchange(x_ND: Tensor, send_R: list[int], recv_R: list[int]) -> Callable[[], None]:
+    out = x_ND.new_empty((sum(recv_R), x_ND.shape[1]))
+    return lambda: dist.all_to_all_single(
+        out, x_ND, output_split_sizes=recv_R, input_split_sizes=send_R
+    )
+
+
+def _sync_max(value: int, device: torch.device) -> int:
+    """The largest value over ranks. NOTE: host sync (set-up, not timed)."""
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_to_all_stats(ep: ExpertParallelMoE, x: Tensor, repeats: int) -> dict[str, Any]:
+    """The layer's token exchange alone vs an evenly split all-to-all of the same size.
+
+    Bytes are the largest rank's sent rows; bus bandwidth is bytes * (R - 1) / R / time, as
+    nccl-tests reports all-to-all. A forward + backward step runs four such exchanges.
+    """
+    R, device = dist.get_world_size(), x.device
+    with torch.no_grad():
+        _, plan = ep.route(x.detach())
+    counts_RL = plan.counts_E.view(R, ep.n_local)
+    send_R, recv_R, _ = _sync_split_sizes(counts_RL, None)
+    rows = _sync_max(sum(send_R), device)
+    even = -(-rows // R)  # every rank sends the largest rank's rows, split evenly
+    bytes_per_rank = rows * x.shape[1] * x.element_size()
+    x_ND = x.detach()[plan.token_S[: sum(send_R)]].contiguous()
+    layer_ms = _sync_step_ms(_exchange(x_ND, send_R, recv_R), device, 3, repeats)
+    x_even = x.detach().new_zeros((even * R, x.shape[1]))
+    even_ms = _sync_step_ms(_exchange(x_even, [even] * R, [even] * R), device, 3, repeats)
+
+    def busbw(ms: float, nbytes: int) -> float:
+        return nbytes * (R - 1) / R / (ms * 1e-3) / 1e9
+
+    even_bytes = even * R * x.shape[1] * x.element_size()
+    layer_bw, even_bw = busbw(layer_ms, bytes_per_rank), busbw(even_ms, even_bytes)
+    return {
+        "bytes_per_rank": bytes_per_rank,
+        "even_bytes_per_rank": even_bytes,
+        "layer_exchange_ms": layer_ms,
+        "even_exchange_ms": even_ms,
+        "layer_busbw_GBps": layer_bw,
+        "even_busbw_GBps": even_bw,
+        "fraction_of_even": layer_bw / even_bw if even_bw else 0.0,
+    }
+
+
 def _fwd_bwd(layer: torch.nn.Module, x: Tensor, dy: Tensor) -> Callable[[], None]:
     def step() -> None:
         x.grad = None
@@ -146,7 +198,9 @@ def measure(shape: dict[str, int], dtype: torch.dtype, backend: str, repeats: in
                 },
             }
         )
+    exchange = all_to_all_stats(ep, x, repeats) if world > 1 else None
     return {
+        "exchange": exchange,
         "device": device.type,
         "world_size": world,
         "dist_backend": dist.get_backend(),
@@ -157,6 +211,33 @@ def measure(shape: dict[str, int], dtype: torch.dtype, backend: str, repeats: in
         "accuracy": accuracy,
         "rows": rows,
     }
+
+
+def _exchange_table(ex: dict) -> Table:
+    table = Table(("exchange", "MB per rank", "ms", "bus GB/s"))
+    for name, key in (("layer's token all-to-all", "layer"), ("even all-to-all", "even")):
+        nbytes = ex["bytes_per_rank"] if key == "layer" else ex["even_bytes_per_rank"]
+        table.rows.append(
+            (name, f"{nbytes / 1e6:.2f}", f"{ex[f'{key}_exchange_ms']:.3f}")
+            + (f"{ex[f'{key}_busbw_GBps']:.1f}",)
+        )
+    return table
+
+
+def _summary(result: dict) -> list[str]:
+    """The targets, read off the measurement (not asserted): step time per token over all
+    devices relative to one device's, and the exchange's share of an even all-to-all's rate."""
+    single, ep = result["rows"]
+    per_token = ep["fwd_bwd_ms"] / (result["world_size"] * single["fwd_bwd_ms"])
+    lines = [
+        f"EP fwd+bwd time per token (all devices) / one device's: {per_token:.2f} (target <= 0.6)."
+    ]
+    if result["exchange"] is not None:
+        frac = result["exchange"]["fraction_of_even"]
+        lines.append(
+            f"Layer exchange bus bandwidth / even all-to-all's: {frac:.2f} (target >= 0.7)."
+        )
+    return lines
 
 
 def _table(report: dict) -> Table:
@@ -204,7 +285,8 @@ def run(
             f"Expert-parallel layer, {world} ranks ({result['dist_backend']})",
             f"torchrun --nproc-per-node {world} -m moekit.cli "
             + bench_command("expert-parallel", **options).removeprefix("moekit "),
-            [_table(result)],
+            [_table(result)]
+            + ([_exchange_table(result["exchange"])] if result["exchange"] else []),
             result,
             config=options,
             device=result["device"],
@@ -212,7 +294,8 @@ def run(
                 f"Layer: E={s['E']} k={s['K']} D={s['D']} H={s['H']}, T={s['T']} tokens per "
                 f"device, {result['dtype']}, backend={backend}; median of {repeats} steps (a "
                 "step's time is its slowest rank's). EP vs `moekit.MoE` on the same tokens: "
-                f"y rel. err {acc['y_rel_err']:.2e}, x.grad rel. err {acc['x_grad_rel_err']:.2e}."
+                f"y rel. err {acc['y_rel_err']:.2e}, x.grad rel. err {acc['x_grad_rel_err']:.2e}.",
+                *_summary(result),
             ],
             out_dir=out_dir,
         )

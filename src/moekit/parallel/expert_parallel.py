@@ -12,6 +12,7 @@ M slots it receives, R ranks in the group, L = E / R experts per rank, D model d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -22,7 +23,7 @@ from torch.distributed import ProcessGroup
 from moekit.backends import get_backend
 from moekit.config import MoEConfig
 from moekit.dispatch import Plan, combine, gather
-from moekit.layer import MoE
+from moekit.layer import MoE, autocast_input
 from moekit.parallel.comm import _sync_split_sizes, all_to_all, all_to_all_start
 
 EXPERT_PARALLEL_ATTR = "_moekit_expert_parallel"  # set True on every sharded expert parameter
@@ -67,19 +68,21 @@ class ExpertParallelMoE(MoE):
         The shared experts run while the tokens are in flight and are added here (as `finish`
         would add them), so the sum is the single-process layer's, bit for bit.
         """
-        out_ND, shared_TD = self._exchange_slots(x_TD, plan, overlap=self.shared)
+        shared = self.shared
+        side = None if shared is None else (lambda: shared(x_TD))
+        out_ND, shared_TD = self._exchange_slots(autocast_input(x_TD), plan, side)
         y_TD = combine(out_ND, plan.token_S, plan.weight_S, x_TD.shape[0])
         return y_TD if shared_TD is None else y_TD + shared_TD
 
     def compute_slots(self, x_TD: Tensor, plan: Plan) -> Tensor:
         """Unweighted outputs [N, D] of this rank's N kept sorted slots, each computed on the
         rank that owns its expert."""
-        return self._exchange_slots(x_TD, plan, overlap=None)[0]
+        return self._exchange_slots(x_TD, plan, None)[0]
 
     def _exchange_slots(
-        self, x_TD: Tensor, plan: Plan, overlap: nn.Module | None
+        self, x_TD: Tensor, plan: Plan, side: Callable[[], Tensor] | None
     ) -> tuple[Tensor, Tensor | None]:
-        """(slot outputs [N, D], overlap(x_TD) or None): `overlap` runs during the dispatch."""
+        """(slot outputs [N, D], side() or None): `side` runs while the dispatch is in flight."""
         counts_RL = plan.counts_E.view(self.ep_size, self.n_local)
         send_R, recv_R, recv_counts_RL = _sync_split_sizes(counts_RL, self.group)
         # kept slots come first, sorted by expert, so by rank
@@ -88,7 +91,7 @@ class ExpertParallelMoE(MoE):
             # every rank must run the backward exchange, even where x needs no gradient
             x_ND = x_ND.detach().requires_grad_()
         x_MD, work = all_to_all_start(x_ND, send_R, recv_R, self.group)
-        side_TD = overlap(x_TD) if overlap is not None else None
+        side_TD = side() if side is not None else None
         work.wait()
         out_MD = self._local_experts(x_MD, recv_counts_RL)
         if x_MD.shape[0] == 0:  # backends return a constant here; keep the graph through x_MD
