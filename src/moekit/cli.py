@@ -1,14 +1,32 @@
-"""The `moekit` command. Each subcommand is a thin wrapper over a library function."""
+"""The `moekit` command. Each subcommand is a thin wrapper over a library function.
+
+A user's mistake (a bad option, config, file or checkpoint, a missing extra) ends the
+command with one line `moekit: error: ...` and exit code 2; usage text only with --help.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import re
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
+
+from moekit.errors import missing_extra
+
+# what a user can cause and fix: printed as one line, never as a traceback
+USER_ERRORS = (
+    argparse.ArgumentError,
+    ValueError,  # bad values, configs and damaged checkpoints (CheckpointError) name the field
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 
 def _demo_parser() -> ArgumentParser:
@@ -49,6 +67,11 @@ def _train_parser() -> ArgumentParser:
         default=None,
         help="continue from a checkpoint or run dir (a bare --resume uses --out)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out holds another run: move it aside to OUT.old-<time> (never deleted)",
+    )
     return p
 
 
@@ -64,9 +87,9 @@ def _generate_parser() -> ArgumentParser:
     p.add_argument("path", type=str, help="checkpoint or run directory")
     p.add_argument(
         "--prompt",
-        type=str,
-        default="def ",
-        help="text; for continuous models, values 'a,b,c' (vectors separated by ';')",
+        type=str | None,
+        default=None,
+        help="text (default 'def '); continuous models need values 'a,b,c' (vectors split by ';')",
     )
     p.add_argument("--max-new", type=int, default=200, help="positions to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -217,11 +240,7 @@ def _run_bench(args: Namespace) -> None:
     from moekit.bench.registry import bench_spec, run_config
 
     name = args.bench
-    try:
-        cfg = bench_spec(name).config(**args[name].as_dict())
-    except ValueError as err:  # the config names the bad option
-        print(f"moekit bench {name}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    cfg = bench_spec(name).config(**args[name].as_dict())  # a ValueError names the option
     report = run_config(name, cfg)
     if report.get("markdown"):
         print(report["markdown"])
@@ -229,7 +248,26 @@ def _run_bench(args: Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _check_serve_args(args: Namespace) -> None:
+    """What uvicorn or torch would otherwise refuse with a traceback, named by its option."""
+    import torch
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port={args.port} must be in [0, 65535] (0: a free port)")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads={args.threads} must be >= 1")
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device={args.device!r} is not auto, cpu or cuda[:i]") from None
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        if device.type == "cuda" and (gpus == 0 or (device.index or 0) >= gpus):
+            raise ValueError(f"--device={args.device}: no such CUDA device ({gpus} visible)")
+
+
 def _run_serve(args: Namespace) -> None:
+    _check_serve_args(args)
     from moekit.serve import run_server
     from moekit.serve.config import EngineConfig
     from moekit.serve.security import SecurityConfig, SecurityConfigError
@@ -262,8 +300,7 @@ def _run_serve(args: Namespace) -> None:
                 log_prompts=args.log_prompts,
             )
     except ValueError as err:  # a bad option or key; one line, no traceback
-        print(f"moekit serve: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(str(err))
     try:
         run_server(
             args.ckpt,
@@ -274,8 +311,7 @@ def _run_serve(args: Namespace) -> None:
             **options,
         )
     except SecurityConfigError as err:  # refused to start (e.g. open off loopback)
-        print(f"moekit serve: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(str(err))
 
 
 def _run_layer_demo(args: Namespace) -> None:
@@ -400,15 +436,47 @@ def _normalise_train_argv(argv: list[str]) -> list[str]:
     return ["train", *out]
 
 
+def _parsers(parser: ArgumentParser) -> Iterator[ArgumentParser]:
+    """`parser` and every subcommand parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def _one_line(err: BaseException) -> str:
+    """An error message on one line; a parser's long type report cut to what was expected."""
+    text = str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    given = [line for line in lines if line.startswith("Given value:")]
+    expected = re.findall(r"Expected a <class '([\w.]+)'>", text)
+    if given and expected:
+        return f"{lines[0]} expected {' or '.join(expected)}; {given[0].lower()}"
+    return " ".join(lines) or type(err).__name__
+
+
+def _fail(message: str) -> typing.NoReturn:
+    print(f"moekit: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = _normalise_train_argv(list(argv) if argv is not None else sys.argv[1:])
-    parser = build_parser()
+    command = argv[0] if argv else None
     try:
+        parser = build_parser()
+        for p in _parsers(parser):  # errors come back here, not as usage text and exit
+            p.exit_on_error = False
         args = parser.parse_args(argv)
-    except ValueError as err:  # a dataclass config rejected a value; its message names the key
-        print(f"moekit: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-    _HANDLERS[args.command](args[args.command])
+        _HANDLERS[args.command](args[args.command])
+    except ModuleNotFoundError as err:
+        advice = missing_extra(err, command)
+        if advice is None:
+            raise
+        _fail(advice)
+    except USER_ERRORS as err:
+        _fail(_one_line(err))
     return 0
 
 

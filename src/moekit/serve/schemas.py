@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from moekit.model.sampling_rules import SAMPLING_BOUNDS
+
 INT_MAX = 2**31 - 1
 MAX_LOGPROBS = 20  # best alternatives a request may ask for with each token
 
@@ -40,11 +42,16 @@ class ModelInput(Strict):
 
 
 class GenerateRequest(ModelInput):
-    max_new_tokens: int = Field(16, ge=1, le=INT_MAX, description="positions to generate")
-    temperature: float = Field(0.0, ge=0.0, le=1e4, description="0 = greedy")
-    top_k: int | None = Field(None, ge=1, le=INT_MAX)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    # the limits `moekit generate` checks too (SAMPLING_BOUNDS)
+    max_new_tokens: int = Field(
+        16, **SAMPLING_BOUNDS["max_new_tokens"].field_kwargs(), description="positions to generate"
+    )
+    temperature: float = Field(
+        0.0, **SAMPLING_BOUNDS["temperature"].field_kwargs(), description="0 = greedy"
+    )
+    top_k: int | None = Field(None, **SAMPLING_BOUNDS["top_k"].field_kwargs())
+    top_p: float | None = Field(None, **SAMPLING_BOUNDS["top_p"].field_kwargs())
+    seed: int | None = Field(None, **SAMPLING_BOUNDS["seed"].field_kwargs())
     stream: bool = Field(False, description="Server-Sent Events, one per new position")
     logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="report each token's logprob and this many best"

@@ -1,25 +1,40 @@
-"""What `moekit train`, `moekit eval` and `moekit generate` do, given parsed arguments."""
+"""What `moekit train`, `moekit eval` and `moekit generate` do, given parsed arguments.
+
+A user's mistake raises ValueError (or FileNotFoundError) naming the option or file; the
+`moekit` command prints it as one line.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import sys
 from typing import Any
 
 import torch
 
-from moekit.model import load
+from moekit.errors import CheckpointError
+from moekit.model.io import load_files
+from moekit.model.sampling_rules import check_sampling
+from moekit.model.transformer import Transformer
 from moekit.tasks import build_task
 from moekit.train.checkpoint import RUN_FILE, pick_checkpoint
 from moekit.train.config import RunConfig
 from moekit.train.metrics import evaluate_model
+from moekit.train.rundir import claim_run_dir
 from moekit.train.trainer import Trainer
 
-
-def _fail(message: str) -> None:
-    print(f"moekit: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+DEFAULT_TEXT_PROMPT = "def "
+# what the generate options are called on the command line
+OPTION_NAMES = {
+    "max_new_tokens": "--max-new",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "seed": "--seed",
+}
 
 
 def _plain(value: Any) -> Any:
@@ -32,19 +47,18 @@ def _plain(value: Any) -> Any:
 
 
 def train(args: Any) -> dict[str, Any]:
-    """Validate the whole run config, then train (or resume) and print where things went."""
-    try:
-        cfg = RunConfig(
-            **{k: _plain(args[k]) for k in ("task", "model", "train", "parallel", "seed", "out")}
-        )
-        trainer = Trainer(cfg)
-    except ValueError as err:
-        _fail(str(err))
+    """Validate the whole run config, claim the run directory, then train (or resume)."""
+    cfg = RunConfig(
+        **{k: _plain(args[k]) for k in ("task", "model", "train", "parallel", "seed", "out")}
+    )
     resume = cfg.out if args.resume == "auto" else args.resume
+    trainer = Trainer(cfg)  # every value checked before anything is moved
     try:
+        is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 moves
+        moved = claim_run_dir(cfg.out, resume, bool(args.get("overwrite")), is_main)
+        if moved is not None:
+            print(f"moved the previous run in {cfg.out} to {moved}", file=sys.stderr)
         summary = trainer.fit(resume=resume)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
     finally:
         trainer.close()
     if not trainer.is_main:  # expert parallel: rank 0 reports
@@ -62,19 +76,25 @@ def train(args: Any) -> dict[str, Any]:
 
 
 def run_config_of(path: Any) -> RunConfig:
-    """The run config saved beside a checkpoint."""
-    ckpt = pick_checkpoint(path)
-    return RunConfig(**json.loads((ckpt / RUN_FILE).read_text()))
+    """The run config saved beside a checkpoint; a missing or broken one is named."""
+    file = pick_checkpoint(path) / RUN_FILE
+    try:
+        return RunConfig(**json.loads(file.read_bytes()))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{file}: missing (eval needs a checkpoint written by training)"
+        ) from None
+    except (ValueError, TypeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: not a run config ({err})") from None
 
 
 def evaluate(path: str, batch_size: int = 64) -> dict[str, Any]:
     """Metrics of a checkpoint on its task's validation set, printed as one JSON line."""
-    try:
-        ckpt = pick_checkpoint(path)
-    except FileNotFoundError as err:
-        _fail(str(err))
+    if batch_size < 1:
+        raise ValueError(f"--batch-size={batch_size} must be >= 1")
+    ckpt = pick_checkpoint(path)
     cfg = run_config_of(ckpt)
-    model = load(ckpt)
+    model = load_files(ckpt)
     task = build_task(cfg.task, cfg.seed)
     record = evaluate_model(model, task, task.val_batches(batch_size))
     result = {
@@ -83,30 +103,78 @@ def evaluate(path: str, batch_size: int = 64) -> dict[str, Any]:
         **{k: v for k, v in record.items() if k != "routing"},
     }
     print(json.dumps(result))
+    bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        print(f"moekit: warning: {', '.join(bad)} not finite", file=sys.stderr)
     return result
 
 
-def _parse_vectors(prompt: str, dim: int) -> torch.Tensor:
-    rows = [[float(v) for v in row.split(",")] for row in prompt.split(";") if row.strip()]
+def _parse_vectors(prompt: str | None, dim: int) -> torch.Tensor:
+    """'a,b,c;d,e,f' -> [1, S, dim] float32; a text or malformed prompt is refused."""
+    form = f"this is a continuous model (d_in={dim}): give --prompt values such as " + (
+        "'0.1,0.2,0.3'" if dim == 1 else "'" + ";".join([",".join(["0.1"] * dim)] * 2) + "'"
+    )
+    if prompt is None or not prompt.strip():
+        raise ValueError(f"--prompt: {form}")
+    try:
+        rows = [[float(v) for v in row.split(",")] for row in prompt.split(";") if row.strip()]
+    except ValueError:
+        raise ValueError(f"--prompt={prompt!r} is not numbers: {form}") from None
     if dim == 1 and len(rows) == 1:
         rows = [[v] for v in rows[0]]
     if any(len(r) != dim for r in rows):
-        _fail(f"--prompt needs vectors of {dim} values separated by ';'")
+        raise ValueError(f"--prompt needs vectors of {dim} values separated by ';'")
+    if not all(math.isfinite(v) for r in rows for v in r):
+        raise ValueError("--prompt holds NaN or infinity")
     return torch.tensor(rows)[None]  # [1, S, dim]
+
+
+def _text_prompt(prompt: str | None, model: Transformer) -> torch.Tensor:
+    """The prompt's UTF-8 bytes [S] as token ids; empty, undecodable or off-vocab refused."""
+    from moekit.tasks.text import TextTask
+
+    text = DEFAULT_TEXT_PROMPT if prompt is None else prompt
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise ValueError("--prompt is not valid UTF-8 text") from None
+    if not text:
+        raise ValueError("--prompt is empty: give at least one character")
+    ids = TextTask.encode(text)
+    vocab = model.cfg.vocab_size or 0
+    if int(ids.max()) >= vocab:
+        raise ValueError(
+            f"--prompt: byte {int(ids.max())} is outside vocab_size={vocab}; this model does "
+            "not read UTF-8 bytes"
+        )
+    return ids
+
+
+def check_generate_options(args: Any) -> None:
+    """Sampling options by the server's rules (`SAMPLING_BOUNDS`), plus --samples >= 1."""
+    values = {
+        "max_new_tokens": args.max_new,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+    check_sampling(values, OPTION_NAMES)
+    if args.samples < 1:
+        raise ValueError(f"--samples={args.samples} must be >= 1")
 
 
 def generate(args: Any) -> list[str]:
     """Print samples: decoded bytes for text models, rolled-out values for continuous ones."""
-    try:
-        model = load(args.path)
-    except FileNotFoundError as err:
-        _fail(str(err))
+    check_generate_options(args)
+    ckpt = pick_checkpoint(args.path)
+    model = load_files(ckpt)
     gen = torch.Generator().manual_seed(args.seed)
     outputs = []
     if model.is_lm:
         from moekit.tasks.text import TextTask
 
-        prompt = TextTask.encode(args.prompt)[None].repeat(args.samples, 1)  # [N, S]
+        prompt = _text_prompt(args.prompt, model)[None].repeat(args.samples, 1)  # [N, S]
         seq = model.generate(
             prompt,
             args.max_new,
@@ -118,6 +186,11 @@ def generate(args: Any) -> list[str]:
         outputs = [TextTask.decode(s) for s in seq]
     else:
         prompt = _parse_vectors(args.prompt, model.cfg.d_in)
+        if model.cfg.d_out != model.cfg.d_in:
+            raise ValueError(
+                f"{ckpt} predicts d_out={model.cfg.d_out} values from d_in={model.cfg.d_in}: "
+                "it cannot roll out"
+            )
         seq = model.generate(prompt, args.max_new)[0, prompt.shape[1] :]
         outputs = [";".join(",".join(f"{v:.4f}" for v in row) for row in seq.tolist())]
     for i, text in enumerate(outputs):

@@ -274,7 +274,12 @@ class Trainer:
         tc = self.cfg.train
         main = self.is_main
         if resume is not None:
-            self.restore(resume)
+            ckpt = self.restore(resume)
+            if self.step >= tc.steps:  # nothing to train: say so instead of a run with no output
+                raise ValueError(
+                    f"train.steps={tc.steps}, but {ckpt} is already at step {self.step}: "
+                    "raise train.steps to continue the run"
+                )
         elif main and self.log.path.exists():
             self.log.path.unlink()  # a fresh run in an old directory starts a fresh log
         if main:
