@@ -25,6 +25,7 @@ from moekit.serve import openai_chat, openai_compat, routes
 from moekit.serve.config import EngineConfig
 from moekit.serve.engine import Engine
 from moekit.serve.inputs import ApiError, error_response
+from moekit.serve.limits import BodyGuard, Drain, DrainGate
 from moekit.serve.metrics import build_registry
 from moekit.serve.schemas import ErrorResponse
 from moekit.serve.security import Guard, GuardCollector, SecurityConfig, SecurityMiddleware
@@ -119,7 +120,10 @@ def create_app(
     app.include_router(routes.router)
     app.include_router(openai_compat.router)
     app.include_router(openai_chat.router)
-    app.add_middleware(SecurityMiddleware, guard=guard)
+    app.state.drain = Drain(cfg.retry_after_s)  # DrainingServer sets it on SIGTERM
+    app.add_middleware(BodyGuard, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(DrainGate, drain=app.state.drain)
+    app.add_middleware(SecurityMiddleware, guard=guard)  # outside both: keys first
     if cors_origins:  # added last: outermost, so preflights never meet the key check
         app.add_middleware(
             CORSMiddleware,

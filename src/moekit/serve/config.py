@@ -26,6 +26,7 @@ class EngineConfig:
     min_prefix: int = 4  # shortest shared prefix worth reusing
     request_timeout_s: float = 120.0  # a request still running after this stops early
     retry_after_s: int = 1  # Retry-After sent with 429
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413 before they are read whole
     kv_memory: str = "auto"  # K/V pages: 'auto' (80% of free GPU memory; 1 GiB on CPU), a
     # fraction of free GPU memory ('0.5') or a size ('8GiB'); capped at what rows can use
     page_size: int = 16  # positions per KV page (and per prefix-cache block)
@@ -34,7 +35,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_batch", "max_queue", "max_new_tokens", "max_prompt_tokens", "min_prefix")
-        for name in (*positive, "page_size", "prefill_chunk"):
+        for name in (*positive, "page_size", "prefill_chunk", "max_body_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"engine.{name}={value!r} must be an integer >= 1")

@@ -16,6 +16,7 @@ import uvicorn
 from moekit.model.io import CONFIG_FILE, DTYPES, load
 from moekit.serve.app import create_app, default_device
 from moekit.serve.config import EngineConfig
+from moekit.serve.limits import DrainingServer
 from moekit.serve.security import SecurityConfig, SecurityConfigError, check_bind, tls_options
 from moekit.serve.text import load_codec
 
@@ -104,7 +105,8 @@ def run_server(
         access_log=False,  # its lines carry query strings; the app logs its own without them
         **tls,
     )
-    uvicorn.Server(config).run(sockets=[sock])  # SIGTERM: stop accepting, finish, then exit
+    # SIGTERM: new requests get 503 while those in flight finish, then exit
+    DrainingServer(config, app.state.drain, DRAIN_TIMEOUT_S).run(sockets=[sock])
 
 
 def main(argv: list[str] | None = None) -> None:
