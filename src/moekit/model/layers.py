@@ -15,6 +15,7 @@ from moekit.experts import DenseMLP
 from moekit.layer import MoE, MoEInfo
 from moekit.model.cache import AttentionCache
 from moekit.model.config import ModelConfig
+from moekit.ranges import stage
 
 
 class RMSNorm(nn.Module):
@@ -99,6 +100,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v, mask = cache.update(layer, k, v)  # [B, Hkv, W, Dh], mask [B, 1, S, W]
         past = k.shape[2] - S
+        if mask is not None and S == 1 and self.n_kv != self.n_heads:  # a cached decode step
+            y = grouped_decode_attention(q, k, v, mask)
+            return self.proj(y.transpose(1, 2).reshape(B, S, q_dim))
         if mask is None and past and S > 1:
             mask = causal_mask(S, past, x.device)
         y = F.scaled_dot_product_attention(
@@ -111,6 +115,21 @@ class CausalSelfAttention(nn.Module):
             enable_gqa=self.n_kv != self.n_heads,
         )  # [B, H, S, Dh]
         return self.proj(y.transpose(1, 2).reshape(B, S, q_dim))
+
+
+def grouped_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """One query position: q [B, H, 1, Dh] over k, v [B, Hkv, W, Dh] under mask [B, 1, 1, W].
+
+    SDPA's fused kernels take a mask or grouped heads, not both (it then copies K and V for
+    every query head); each kv head's G = H / Hkv queries become G query positions of one head,
+    plain masked attention that they run. Query head h reads kv head h // G either way.
+    """
+    B, H, _, Dh = q.shape
+    Hkv = k.shape[1]
+    y = F.scaled_dot_product_attention(
+        q.reshape(B, Hkv, H // Hkv, Dh), k, v, attn_mask=mask
+    )  # [B, Hkv, G, Dh]; the mask row is shared by the G queries
+    return y.reshape(B, H, 1, Dh)
 
 
 def causal_mask(S: int, past: int, device: torch.device) -> Tensor:
@@ -140,7 +159,8 @@ class Block(nn.Module):
         self, x: Tensor, positions: Tensor | None = None, cache: AttentionCache | None = None
     ) -> tuple[Tensor, MoEInfo | None]:
         # x: [B, S, D]; positions: [S] or [B, S]
-        x = x + self.drop(self.attn(self.norm1(x), positions, cache, self.index))
+        with stage("attention"):
+            x = x + self.drop(self.attn(self.norm1(x), positions, cache, self.index))
         h = self.norm2(x)
         info = None
         if self.is_moe:
