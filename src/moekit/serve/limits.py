@@ -94,8 +94,8 @@ class BodyGuard:
         body = b"".join(chunks)
         problem = _invalid_text(body, Headers(scope=scope).get("content-type", ""))
         if problem is not None:
-            field, message = problem
-            await error_response(422, message, "invalid_request_error", field)(scope, receive, send)
+            field, text = problem
+            await error_response(422, text, "invalid_request_error", field)(scope, receive, send)
             return
         await run_until_disconnect(self.app, scope, _replay(body, receive), receive, send)
 
