@@ -14,7 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-_BUILTIN = ("layer", "kernels", "tune", "serve", "memory", "librarian", "expert_parallel", "hf")
+_BUILTIN = (
+    "layer",
+    "kernels",
+    "tune",
+    "serve",
+    "memory",
+    "librarian",
+    "expert_parallel",
+    "hf",
+    "train",
+)
 _BENCHES: dict[str, BenchSpec] = {}
 F = TypeVar("F", bound=Callable[..., Any])
 
