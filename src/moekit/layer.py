@@ -12,6 +12,7 @@ from moekit.config import MoEConfig
 from moekit.dispatch import Plan, gather, make_plan
 from moekit.experts import DenseMLP, Experts, GatedDenseMLP
 from moekit.librarian import deduplicated_compute
+from moekit.ranges import stage
 from moekit.routing import Routing, build_router
 from moekit.routing.coactivation import coactivation_counts, find_constellations
 from moekit.routing.losses import router_losses, routing_metrics, weighted_aux_loss
@@ -81,16 +82,18 @@ class MoE(nn.Module):
 
     # stage 1 + 2 -----------------------------------------------------------------------
     def route(self, x_TD: Tensor) -> tuple[Routing, Plan]:
-        routing = self.router(x_TD)
+        with stage("moe.router"):
+            routing = self.router(x_TD)
         capacity = self.cfg.capacity(x_TD.shape[0]) if self.router.uses_capacity else None
-        plan = make_plan(
-            routing.experts,
-            routing.weights,
-            routing.priority,
-            self.cfg.n_experts,
-            capacity,
-            self.cfg.renormalize_after_drop,
-        )
+        with stage("moe.plan"):
+            plan = make_plan(
+                routing.experts,
+                routing.weights,
+                routing.priority,
+                self.cfg.n_experts,
+                capacity,
+                self.cfg.renormalize_after_drop,
+            )
         return routing, plan
 
     # stage 3 ---------------------------------------------------------------------------------
@@ -126,12 +129,15 @@ class MoE(nn.Module):
         if self.cfg.track_coactivation:
             self.count_coactivation(routing.experts)
         threshold = self.cfg.dedup_threshold
-        if threshold is not None and not self.training:  # librarian merging, inference only
-            y_TD, plan, fired = deduplicated_compute(x_TD, plan, self.compute_slots, threshold)
-        else:
-            y_TD, fired = self.compute(x_TD, plan), None
-        y_TD = self.finish(x_TD, y_TD, plan)
-        info = self.info(routing, plan, lead)
+        with stage("moe.experts"):
+            if threshold is not None and not self.training:  # librarian merging, inference only
+                y_TD, plan, fired = deduplicated_compute(x_TD, plan, self.compute_slots, threshold)
+            else:
+                y_TD, fired = self.compute(x_TD, plan), None
+        with stage("moe.finish"):
+            y_TD = self.finish(x_TD, y_TD, plan)
+        with stage("moe.aux"):
+            info = self.info(routing, plan, lead)
         if fired is not None:
             info.metrics["dedup_fraction"] = fired
         return y_TD.reshape(*lead, self.cfg.d_model), info
