@@ -98,9 +98,10 @@ def test_seeded_sampling_does_not_depend_on_batch():
 
 def test_prefix_cache_hit_gives_the_same_output():
     model = make_model()
-    shared = torch.tensor(list(b"import torch\nimport numpy as np\n"))  # 33 bytes
+    shared = torch.tensor(list(b"import torch\nimport numpy as np\n"))  # 32 bytes
     prompts = [torch.cat([shared, torch.tensor(list(s))]) for s in (b"x", b"def f(a):", b"y =")]
     prompts.append(prompts[1])  # a repeat: every full block but the one holding its last byte
+    prompts.append(prompts[0])  # 32 of 33 positions cached: the last one is fed by a decode step
 
     async def main(cache_tokens: int, use_cache: bool = True):
         engine = Engine(model, EngineConfig(prefix_cache_tokens=cache_tokens, page_size=4))
@@ -116,12 +117,14 @@ def test_prefix_cache_hit_gives_the_same_output():
     hit, engine = asyncio.run(main(4096))
     miss, _ = asyncio.run(main(0))
     unused, unused_engine = asyncio.run(main(4096, use_cache=False))
-    assert [s.prefix_hit for s in hit] == [0, 32, 32, 40]  # whole pages of 4
-    assert [s.prefix_hit for s in miss] == [0, 0, 0, 0]
-    assert [s.prefix_hit for s in unused] == [0, 0, 0, 0]
+    assert [s.prefix_hit for s in hit] == [0, 32, 32, 40, 32]  # whole pages of 4
+    assert [s.prefix_hit for s in miss] == [0, 0, 0, 0, 0]
+    assert [s.prefix_hit for s in unused] == [0, 0, 0, 0, 0]
     assert [s.outputs for s in hit] == [s.outputs for s in miss] == [s.outputs for s in unused]
     stats = engine.runner.kv.pool.stats
-    assert stats.hits == 3 and stats.tokens_reused == 104
+    assert stats.hits == 4 and stats.tokens_reused == 136
+    fed = sum(len(p) for p in prompts) - 136
+    assert engine.stats.prefill_tokens == fed - 2  # the repeats' last positions went to decode
     assert unused_engine.runner.kv.pool.stats.lookups == 0
 
 

@@ -159,7 +159,12 @@ class ModelRunner:
         if self.model.is_lm:
             p = seq.params
             self.sampling.set(row, p.temperature, p.top_k, p.top_p, seq.seed)
-        self.prefilling.append(seq)
+        if len(feed) - seq.fed == 1:  # all but the last position cached: a decode step feeds it
+            self.inputs[row, 0] = feed[-1].to(self.inputs.dtype)
+            seq.fed = len(feed)
+            self.decoding.append(seq)
+        else:
+            self.prefilling.append(seq)
         return True
 
     def _reuse_prefix(self, seq: Sequence) -> None:
