@@ -24,6 +24,7 @@ _BUILTIN = (
     "expert_parallel",
     "hf",
     "train",
+    "moe_vs_dense",
 )
 _BENCHES: dict[str, BenchSpec] = {}
 F = TypeVar("F", bound=Callable[..., Any])

@@ -1,7 +1,8 @@
 """`text`: byte-level language modelling on the Python standard library's own source.
 
 The corpus is every `.py` file under ``sysconfig.get_paths()["stdlib"]`` (test suites and
-site-packages left out), read in sorted order; every `val_every`-th file is held out, so
+site-packages left out), then with `site_packages` those of the installed packages
+(``purelib``), read in sorted order; every `val_every`-th file is held out, so
 validation text comes from files never trained on. The metric is bits per byte. Each byte
 is labelled with a character class, the categories routing is compared against.
 """
@@ -23,7 +24,8 @@ _SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache
 
 
 def stdlib_files(root: str | Path | None = None) -> list[Path]:
-    """Sorted .py files of the standard library, without test suites and site-packages."""
+    """Sorted .py files of the standard library (or under `root`), without test suites and
+    site-packages."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
     files = [
         p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts)
@@ -59,6 +61,7 @@ class TextOptions:
 
     max_bytes: int = 4_000_000  # cap on corpus bytes read (train + val)
     val_every: int = 20  # every Nth file (by sorted path) goes to validation
+    site_packages: bool = False  # also the installed packages' sources, after the stdlib's
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1:
@@ -77,7 +80,10 @@ def load_corpus(cfg: TextOptions) -> dict[str, Tensor]:
     budget["train"] = cfg.max_bytes - budget["val"]
     parts: dict[str, list[bytes]] = {"train": [], "val": []}
     used = {"train": 0, "val": 0}
-    for i, path in enumerate(stdlib_files()):
+    files = stdlib_files()
+    if cfg.site_packages:
+        files += stdlib_files(sysconfig.get_paths()["purelib"])  # paths below it: no site-packages
+    for i, path in enumerate(files):
         split = "val" if i % cfg.val_every == cfg.val_every - 1 else "train"
         if used[split] >= budget[split]:
             if all(used[s] >= budget[s] for s in used):

@@ -1,5 +1,7 @@
 """Training wall-clock: the seconds spent training, evaluation, checkpoints and plots excluded.
 
+The trainer starts it once the first step is done, so compilation is not counted either.
+
 Validation loss against this clock is how models of different speeds are compared at equal
 time (`train.time_budget_s`). The device runs ahead of the host, so the clock is read only
 after a device synchronisation, at points that synchronise anyway (log flush, evaluation).
@@ -25,9 +27,18 @@ class TrainClock:
         self.device, self.total = device, total
         self._since: float | None = None
 
+    @property
+    def running(self) -> bool:
+        return self._since is not None
+
     def resume(self) -> None:
         if self._since is None:
             self._since = time.perf_counter()
+
+    def _sync_resume(self) -> None:
+        """Start from the moment the queued work is done. NOTE: host sync."""
+        _sync_device(self.device)
+        self.resume()
 
     def _sync_pause(self) -> None:
         """Stop the clock once the queued training work is done. NOTE: host sync."""

@@ -19,9 +19,10 @@ resumes bitwise at the same size and also at any other `parallel.ep`.
 
 For runs at size: `train.activation_checkpointing` (`moekit.train.recompute`), `train.compile`,
 AdamW fused on CUDA, batches built ahead in pinned memory (`moekit.train.data`), and
-`train.time_budget_s`, which stops on the training clock (`moekit.train.clock`, evaluation
-excluded; evaluation records carry it as `train_time_s`). Router schedules are set before every
-step and dead experts / collapsed layers (`moekit.train.health`) reported at every log flush.
+`train.time_budget_s`, which stops on the training clock (`moekit.train.clock`; evaluation
+and the first step, where compilation happens, are not counted; evaluation records carry it
+as `train_time_s`). Router schedules are set before every step and dead experts / collapsed
+layers (`moekit.train.health`) are reported at every log flush.
 """
 
 from __future__ import annotations
@@ -287,10 +288,11 @@ class Trainer:
         view = LiveView(tc.steps, tc.live if main else "off", self.title)
         t0 = time.perf_counter()
         ckpt = None
-        self.clock.resume()
         with self._stop_on_signals():
             while self.step < tc.steps and self.stop_signal is None:
                 record = self.train_step()
+                if not self.clock.running:  # from the end of the first step (compilation)
+                    self.clock._sync_resume()
                 if main:
                     self.log.add_step(record)
                 self.step += 1
