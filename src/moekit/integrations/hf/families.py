@@ -171,8 +171,8 @@ def model_config(hf: Any, max_seq_len: int | None = None) -> ModelConfig:
     if family.shared_expert:
         shared = int(hf.shared_expert_intermediate_size)
         if shared % d_hidden:
-            _refuse(family, f"shared_expert_intermediate_size={shared} is not a multiple of "
-                    f"{family.expert_hidden}={d_hidden}")  # fmt: skip
+            what = f"shared_expert_intermediate_size={shared}"
+            _refuse(family, f"{what} is not a multiple of {family.expert_hidden}={d_hidden}")
         n_shared, gate = shared // d_hidden, True
     window = getattr(hf, "sliding_window", None) if family.model_type == "mixtral" else None
     longest = int(hf.max_position_embeddings) if max_seq_len is None else max_seq_len
