@@ -2,6 +2,7 @@
 
 from moekit import reference
 from moekit.config import ExpertConfig, MoEConfig, RouterConfig
+from moekit.experts import register_expert
 from moekit.integrations.hf.convert import load_hf
 from moekit.layer import MoE, MoEInfo
 from moekit.model.io import load
@@ -22,5 +23,6 @@ __all__ = [
     "load",
     "load_hf",
     "reference",
+    "register_expert",
     "register_router",
 ]

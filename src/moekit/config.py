@@ -238,6 +238,7 @@ def _renamed_legacy_keys(kind: str, legacy: dict[str, Any]) -> dict[str, Any]:
 class ExpertConfig:
     """The expert MLP: activation, biases and initialisation."""
 
+    kind: str = "mlp"  # a registered expert class (`moekit.register_expert`)
     activation: str = "swiglu"
     bias: bool = False
     init: str = "normal"  # normal(std) | xavier | depth_scaled: std / sqrt(2 * n_layers) on w2
@@ -245,6 +246,9 @@ class ExpertConfig:
     n_layers: int = 1  # depth used by depth_scaled init
 
     def __post_init__(self) -> None:
+        from moekit.experts import available_experts
+
+        _choice("expert.kind", self.kind, available_experts())
         _choice("expert.activation", self.activation, ACTIVATIONS)
         _choice("expert.init", self.init, INITS)
         _positive("expert.init_std", self.init_std)

@@ -1,4 +1,4 @@
-"""Expert parameters, activations and initialisation.
+"""Expert parameters, activations, initialisation and the registry of expert kinds.
 
 Layout: w1 [E, D, H1] with H1 = 2H for gated activations (gate half first, up half second),
 w2 [E, H, D]. Backends read them through strides, so transposed views (the Hugging Face /
@@ -8,6 +8,7 @@ vLLM layout gate_up_proj [E, 2H, D]) work without copies.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,43 @@ def init_expert_weights(w1: Tensor, w2: Tensor, cfg: ExpertConfig) -> None:
         w2.normal_(std=cfg.init_std * scale)
 
 
+_EXPERTS: dict[str, type[Experts]] = {}
+
+
+def register_expert(name: str) -> Callable[[type[Experts]], type[Experts]]:
+    """Class decorator adding an `Experts` subclass as `ExpertConfig.kind` `name`.
+
+    A subclass that overrides `expert(e, x_ND)` is computed expert by expert over the plan's
+    sorted slots (and checked by the reference, which calls `expert` too); one that keeps it
+    runs on the fused backends. Its constructor takes (n_experts, d_model, d_hidden, cfg).
+    """
+
+    def wrap(cls: type[Experts]) -> type[Experts]:
+        if not (isinstance(cls, type) and issubclass(cls, Experts)):
+            raise ValueError(f"expert kind {name!r} must be a subclass of moekit.experts.Experts")
+        if _EXPERTS.get(name, cls) is not cls:
+            raise ValueError(f"expert kind {name!r} is already registered")
+        _EXPERTS[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_experts() -> tuple[str, ...]:
+    return tuple(sorted(_EXPERTS))
+
+
+def build_experts(n_experts: int, d_model: int, d_hidden: int, cfg: ExpertConfig) -> Experts:
+    """The routed experts of kind `cfg.kind`."""
+    return _EXPERTS[cfg.kind](n_experts, d_model, d_hidden, cfg)
+
+
+def _sync_bounds(offsets_E1: Tensor) -> list[tuple[int, int]]:
+    """Each expert's [start, end) among the sorted slots. NOTE: host sync."""
+    ends = offsets_E1.tolist()
+    return list(zip(ends[:-1], ends[1:], strict=True))
+
+
 class Experts(nn.Module):
     """E expert MLPs stored as stacked weights."""
 
@@ -66,6 +104,20 @@ class Experts(nn.Module):
             h = h + self.b1[e]
         y = activate(h, self.activation) @ self.w2[e]
         return y + self.b2[e] if self.b2 is not None else y
+
+    @property
+    def fused(self) -> bool:
+        """Whether the backends compute these experts (from w1, w2, b1, b2 and activation)."""
+        return type(self).expert is Experts.expert
+
+    def per_slot(self, x_SD: Tensor, offsets_E1: Tensor) -> Tensor:
+        """Unweighted outputs [S, D] of rows sorted by expert, one `expert` call per expert;
+        zero past the kept rows (the `experts_per_slot` contract of `moekit.backends`)."""
+        out_SD = torch.zeros_like(x_SD)
+        for e, (lo, hi) in enumerate(_sync_bounds(offsets_E1)):
+            if hi > lo:
+                out_SD[lo:hi] = self.expert(e, x_SD[lo:hi])
+        return out_SD
 
 
 class DenseMLP(Experts):
@@ -88,3 +140,6 @@ class GatedDenseMLP(DenseMLP):
 
     def forward(self, x_TD: Tensor) -> Tensor:
         return torch.sigmoid(F.linear(x_TD, self.gate)) * super().forward(x_TD)
+
+
+register_expert("mlp")(Experts)

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from moekit.backends import get_backend
 from moekit.config import MoEConfig
-from moekit.dispatch import Plan, gather, make_plan
-from moekit.experts import DenseMLP, Experts, GatedDenseMLP
+from moekit.dispatch import Plan, combine, gather, make_plan
+from moekit.experts import DenseMLP, GatedDenseMLP, build_experts
 from moekit.librarian import deduplicated_compute
 from moekit.ranges import stage
 from moekit.routing import Routing, build_router
@@ -69,7 +69,7 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = build_router(cfg)
-        self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_hidden, cfg.expert)
+        self.experts = build_experts(cfg.n_experts, cfg.d_model, cfg.d_hidden, cfg.expert)
         n_shared = cfg.n_shared_experts
         shared = GatedDenseMLP if cfg.shared_gate else DenseMLP
         self.shared = shared(cfg.d_model, n_shared * cfg.d_hidden, cfg.expert) if n_shared else None
@@ -99,15 +99,19 @@ class MoE(nn.Module):
     # stage 3 ---------------------------------------------------------------------------------
     def compute(self, x_TD: Tensor, plan: Plan) -> Tensor:
         x_TD = autocast_input(x_TD)
-        experts_forward = get_backend(self.cfg.backend, x_TD.device, x_TD.dtype)
         e = self.experts
+        if not e.fused:  # a registered expert kind with math of its own
+            return combine(self.compute_slots(x_TD, plan), plan.token_S, plan.weight_S, len(x_TD))
+        experts_forward = get_backend(self.cfg.backend, x_TD.device, x_TD.dtype)
         return experts_forward(x_TD, plan, e.w1, e.w2, e.b1, e.b2, e.activation)
 
     def compute_slots(self, x_TD: Tensor, plan: Plan) -> Tensor:
         """Stage 3 without the combine: unweighted outputs of the kept sorted slots [N, D]."""
-        experts_per_slot = get_backend(self.cfg.backend, x_TD.device, x_TD.dtype, per_slot=True)
         e = self.experts
         x_SD = gather(x_TD, plan.token_S)
+        if not e.fused:
+            return e.per_slot(x_SD, plan.offsets_E1)
+        experts_per_slot = get_backend(self.cfg.backend, x_TD.device, x_TD.dtype, per_slot=True)
         return experts_per_slot(x_SD, plan.offsets_E1, e.w1, e.w2, e.b1, e.b2, e.activation)
 
     # stage 4 ---------------------------------------------------------------------------------
