@@ -241,31 +241,37 @@ def family_for(cfg: ModelConfig) -> Family:
 def _check_exportable(cfg: ModelConfig) -> None:
     """Refuse, by field, what none of the families can hold."""
     m, r = cfg.moe, cfg.moe.router
-    problems = {
-        "vocab_size=None (an HF causal LM reads and writes tokens)": cfg.vocab_size is None,
-        f"d_in={cfg.d_in} / d_out={cfg.d_out}": cfg.d_in is not None or cfg.d_out is not None,
-        f"norm={cfg.norm!r} (HF MoE families use RMSNorm)": cfg.norm != "rms",
-        "moe_every=0 (no MoE layers)": cfg.moe_every == 0,
-        f"router.kind={r.kind!r} (HF families route by softmax top-k)": r.kind != "topk",
-        f"router.temperature={r.temperature}": r.temperature != 1.0,
-        f"router.pre_norm={r.pre_norm!r}": r.pre_norm != "none",
-        f"router.scaling_factor={r.scaling_factor}": r.scaling_factor != 1.0,
-        f"router.n_groups={r.n_groups}": r.n_groups != 1,
-        "router.constellations": r.constellations is not None,
-        f"capacity_factor={m.capacity_factor} (HF experts are dropless)": m.capacity_factor
-        is not None,
-        f"fallback={m.fallback!r}": m.fallback != "zero",
-        f"dedup_threshold={m.dedup_threshold}": m.dedup_threshold is not None,
-        "expert.bias=True": m.expert.bias,
-        f"expert.activation={m.expert.activation!r} (gated ones only)": m.expert.activation
-        not in GATED.values(),
-        "n_shared_experts without shared_gate (no such family)": m.n_shared_experts > 0
-        and not m.shared_gate,
-        f"activation={cfg.activation!r} differs from expert.activation (HF has one hidden_act)": (
-            cfg.moe_every != 1 and cfg.activation != m.expert.activation
+    kind = getattr(m.expert, "kind", "mlp")  # registered expert classes other than the MLP
+    problems = [
+        ("vocab_size=None (an HF causal LM reads and writes tokens)", cfg.vocab_size is None),
+        (f"d_in={cfg.d_in} / d_out={cfg.d_out}", cfg.d_in is not None or cfg.d_out is not None),
+        (f"norm={cfg.norm!r} (HF MoE families use RMSNorm)", cfg.norm != "rms"),
+        ("moe_every=0 (no MoE layers)", cfg.moe_every == 0),
+        (f"router.kind={r.kind!r} (HF families route by softmax top-k)", r.kind != "topk"),
+        (f"router.temperature={r.temperature}", r.temperature != 1.0),
+        (f"router.pre_norm={r.pre_norm!r}", r.pre_norm != "none"),
+        (f"router.scaling_factor={r.scaling_factor}", r.scaling_factor != 1.0),
+        (f"router.n_groups={r.n_groups}", r.n_groups != 1),
+        ("router.constellations", r.constellations is not None),
+        (f"capacity_factor={m.capacity_factor} (HF experts are dropless)", m.capacity_factor),
+        (f"fallback={m.fallback!r}", m.fallback != "zero"),
+        (f"dedup_threshold={m.dedup_threshold}", m.dedup_threshold is not None),
+        ("expert.bias=True", m.expert.bias),
+        (f"expert.kind={kind!r} (HF experts are gated MLPs)", kind != "mlp"),
+        (
+            f"expert.activation={m.expert.activation!r} (gated ones only)",
+            m.expert.activation not in GATED.values(),
         ),
-    }
-    bad = [what for what, wrong in problems.items() if wrong]
+        (
+            "n_shared_experts without shared_gate (no such family)",
+            m.n_shared_experts > 0 and not m.shared_gate,
+        ),
+        (
+            f"activation={cfg.activation!r} differs from expert.activation (one hidden_act)",
+            cfg.moe_every != 1 and cfg.activation != m.expert.activation,
+        ),
+    ]
+    bad = [what for what, wrong in problems if wrong]
     if bad:
         raise UnsupportedCheckpoint("no Hugging Face family holds " + "; ".join(bad))
 
