@@ -162,3 +162,23 @@ def test_scheduled_noise_uses_the_live_scale():
     assert torch.equal(moe.router(x).logits, F.linear(x, moe.router.weight))
     moe.router.set_step(0)
     assert not torch.equal(moe.router(x).logits, F.linear(x, moe.router.weight))
+
+
+def test_scheduled_temperature_and_noise_move_without_recompiling():
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm
+
+    schedules = {"temperature": "2 -> 1 over 4", "noise_std": "0.5 -> 0 over 4"}
+    moe = make_moe(_rcfg(noise="gaussian", schedules=schedules), dtype=torch.float32).train()
+    router = torch.compile(moe.router, backend=backend)
+    x = torch.randn(6, 8)
+    for step in range(5):
+        moe.router.set_step(step)
+        torch.manual_seed(step)
+        got = router(x)
+        torch.manual_seed(step)
+        assert torch.equal(got.logits, moe.router(x).logits)
+    assert len(compiles) == 1
