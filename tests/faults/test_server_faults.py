@@ -22,6 +22,7 @@ from moekit.serve.config import EngineConfig
 from moekit.serve.limits import DrainingServer
 from moekit.serve.security import SecurityConfig
 from moekit.serve.server import bind_socket
+from moekit.serve.server import main as serve_main
 
 KEY = "k" * 32
 LIMIT = 4096  # body bytes the test servers accept
@@ -171,3 +172,19 @@ def test_sigterm_drains_new_requests_get_503_in_flight_ones_finish():
     (done,) = answers
     assert done.status_code == 200 and done.json() == {"held": True}
     assert not server.thread.is_alive()  # stopped once nothing was in flight
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["/no/such/ckpt", "--port", "0"], "no such checkpoint"),
+        (["/no/such/ckpt", "--port", "99999"], "port=99999 must be in [0, 65535]"),
+        (["/no/such/ckpt", "--port", "0", "--max-body-bytes", "0"], "max_body_bytes=0"),
+    ],
+)
+def test_python_dash_m_serve_refuses_in_one_line(capsys, argv, named):
+    with pytest.raises(SystemExit) as stop:
+        serve_main(argv)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith("python -m moekit.serve: error: ")
+    assert named in err and "\n" not in err

@@ -17,7 +17,7 @@ from moekit.model.io import CONFIG_FILE, DTYPES, load
 from moekit.serve.app import create_app, default_device
 from moekit.serve.config import EngineConfig
 from moekit.serve.limits import DrainingServer
-from moekit.serve.security import SecurityConfig, SecurityConfigError, check_bind, tls_options
+from moekit.serve.security import SecurityConfig, check_bind, tls_options
 from moekit.serve.text import load_codec
 
 DRAIN_TIMEOUT_S = 300  # SIGTERM: in-flight requests get this long to finish
@@ -77,6 +77,8 @@ def run_server(
     $MOEKIT_API_KEY (none: no authentication, refused off loopback unless
     allow_unauthenticated). Raises SecurityConfigError before loading anything when refused.
     """
+    if not 0 <= port <= 65535:  # the resolver would wrap it silently (99999 -> 34463)
+        raise ValueError(f"port={port} must be in [0, 65535] (0: a free port)")
     security = security or SecurityConfig.from_options()
     check_bind(host, security, allow_unauthenticated)
     tls = tls_options(ssl_certfile, ssl_keyfile)
@@ -140,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
             log_prompts=args.pop("log_prompts"),
         )
         run_server(**args, security=security)
-    except SecurityConfigError as err:  # one line, no traceback
-        p.exit(2, f"{p.prog}: error: {err}\n")
+    except (ValueError, FileNotFoundError, OverflowError) as err:  # one line, no traceback
+        p.exit(2, f"{p.prog}: error: {err}\n")  # a refused setting, checkpoint or port
 
 
 def _add_security_arguments(p: argparse.ArgumentParser) -> None:
