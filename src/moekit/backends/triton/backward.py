@@ -27,8 +27,9 @@ from torch import Tensor
 
 from moekit.backends.triton.align import schedule
 from moekit.backends.triton.checks import FLOATS, INDICES, WEIGHTS, check_operand
-from moekit.backends.triton.configs import config_by_key, for_dtype
+from moekit.backends.triton.configs import config_by_key, for_dtype, for_wgrad
 from moekit.backends.triton.down import combine
+from moekit.backends.triton.launch import launch_with_retry
 from moekit.backends.triton.up import (
     Tiles,
     act_code,
@@ -276,16 +277,22 @@ def _wgrad(
             dtypes = WEIGHTS if name == "scale" else INDICES
             check_operand(name, index, (None,), dtypes, dev, contiguous=True)
     code, gated = act_code(activation) if activation is not None else (0, False)
-    grid = (triton.cdiv(P, cfg["block_p"]) * triton.cdiv(Q, cfg["block_q"]), E)
-    _wgrad_kernel[grid](
-        left, left_idx, right, right_idx, scale, out, dbias, offsets_E1,
-        P, Q,
-        *left.stride(), *right.stride(), *out.stride(),
-        *(dbias.stride() if dbias is not None else (0, 0)),
-        BLOCK_M=cfg["block_m"], BLOCK_P=cfg["block_p"], BLOCK_Q=cfg["block_q"],
-        LEFT_ACT=code, GATED=gated, PRECISION=dot_precision(right.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )  # fmt: skip
+    cfg = for_wgrad(cfg, left.dtype, right.dtype)
+
+    def run(c: dict) -> None:
+        grid = (triton.cdiv(P, c["block_p"]) * triton.cdiv(Q, c["block_q"]), E)
+        _wgrad_kernel[grid](
+            left, left_idx, right, right_idx, scale, out, dbias, offsets_E1,
+            P, Q,
+            *left.stride(), *right.stride(), *out.stride(),
+            *(dbias.stride() if dbias is not None else (0, 0)),
+            BLOCK_M=c["block_m"], BLOCK_P=c["block_p"], BLOCK_Q=c["block_q"],
+            LEFT_ACT=code, GATED=gated, PRECISION=dot_precision(right.dtype),
+            num_warps=c["num_warps"], num_stages=c["num_stages"],
+        )  # fmt: skip
+
+    extra = (left.dtype, right.dtype, out.dtype)
+    launch_with_retry("wgrad", cfg, run, ("block_m", "block_q", "block_p"), extra)
 
 
 def _wgrad_config(cfg: dict, dtype: torch.dtype) -> dict:
@@ -336,13 +343,20 @@ def _dh(
     partials [S, column blocks] (None when unweighted). dW2 must have read h1 already."""
     code, gated = act_code(activation)
     S, H, D = h1_SH1.shape[0], w2.shape[1], w2.shape[2]
-    dh_cfg = for_dtype(cfg["dh"], dy.dtype)
-    n_blocks_h = triton.cdiv(H, dh_cfg["block_n"])
-    dwp = None
-    if weight_S is not None:
-        dwp = torch.zeros(S, n_blocks_h, dtype=torch.float32, device=dy.device)
+    dh_cfg = for_dtype(cfg["dh"], dy.dtype, w2.dtype, tiles.block_m)
     n_tiles = tiles.count(S)
-    if n_tiles:
+    if not n_tiles:
+        if weight_S is None:
+            return None
+        return torch.zeros(S, triton.cdiv(H, dh_cfg["block_n"]), dtype=torch.float32,
+                           device=dy.device)  # fmt: skip
+    dwp = None
+
+    def run(c: dict) -> None:
+        nonlocal dwp
+        n_blocks_h = triton.cdiv(H, c["block_n"])
+        if weight_S is not None:  # partials per column block: sized by the config that runs
+            dwp = torch.zeros(S, n_blocks_h, dtype=torch.float32, device=dy.device)
         dh1 = h1_SH1  # in place: each program reads its tile of h1 before writing it
         _dh_kernel[(n_tiles * n_blocks_h,)](
             dy, token_S, w2, h1_SH1, weight_S, dh1, dwp,
@@ -350,10 +364,13 @@ def _dh(
             n_tiles, H, D, tiles.offsets_E1.shape[0] - 1,
             *dy.stride(), *w2.stride(), *h1_SH1.stride(), *dh1.stride(),
             dwp.stride(0) if dwp is not None else 0,
-            BLOCK_M=tiles.block_m, BLOCK_N=dh_cfg["block_n"], BLOCK_K=dh_cfg["block_k"],
-            GROUP_M=dh_cfg["group_m"], ACT=code, GATED=gated, PRECISION=dot_precision(dy.dtype),
-            num_warps=dh_cfg["num_warps"], num_stages=dh_cfg["num_stages"],
+            BLOCK_M=tiles.block_m, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
+            GROUP_M=c["group_m"], ACT=code, GATED=gated, PRECISION=dot_precision(dy.dtype),
+            num_warps=c["num_warps"], num_stages=c["num_stages"],
         )  # fmt: skip
+
+    extra = (tiles.block_m, gated, dy.dtype, w2.dtype)
+    launch_with_retry("dh", dh_cfg, run, extra=extra)
     return dwp
 
 

@@ -133,11 +133,75 @@ def tuned_table(key: str) -> dict:
     return table
 
 
-def for_dtype(cfg: dict, dtype: torch.dtype) -> dict:
-    """fp32 tiles take twice the shared memory: shorter K steps and at most 3 stages."""
-    if dtype != torch.float32:
+# Shared memory per CTA on H100 / H200 (the opt-in maximum): the staged operand tiles of a
+# config are kept within it by estimate; the compiler's scratch on top of them is left to the
+# launch-time retry (`launch.launch_with_retry`).
+SMEM_LIMIT = 232448
+SMEM_TILE_BUDGET = SMEM_LIMIT
+MIN_BLOCK = 16  # the smallest tile side tl.dot accepts
+
+
+def gemm_smem(cfg: dict, block_m: int, a_bytes: int, b_bytes: int, n_b: int = 1) -> int:
+    """Bytes of shared memory the pipelined operand tiles of a grouped GEMM take: num_stages
+    copies of the A tile [block_m, block_k] and of n_b B tiles [block_k, block_n] (2 when
+    gated), each in its own operand's element size (B is staged before it is cast to A's)."""
+    per_stage = block_m * cfg["block_k"] * a_bytes + n_b * cfg["block_k"] * cfg["block_n"] * b_bytes
+    return cfg["num_stages"] * per_stage
+
+
+def wgrad_smem(cfg: dict, left_bytes: int, right_bytes: int) -> int:
+    """Bytes of the pipelined tiles of the weight-gradient kernel: num_stages copies of the
+    left [block_m, block_p] and right [block_m, block_q] tiles."""
+    per_stage = cfg["block_m"] * (cfg["block_p"] * left_bytes + cfg["block_q"] * right_bytes)
+    return cfg["num_stages"] * per_stage
+
+
+def fit_smem(cfg: dict, estimate, shrink: tuple[str, ...], budget: int = SMEM_TILE_BUDGET) -> dict:
+    """cfg with num_stages lowered to 2, then the `shrink` block sizes halved in turn (never
+    below MIN_BLOCK), then num_stages 1, until estimate(cfg) fits the budget."""
+    cfg = dict(cfg)
+    while estimate(cfg) > budget:
+        if cfg["num_stages"] > 2:
+            cfg["num_stages"] -= 1
+            continue
+        big = [k for k in shrink if cfg[k] > MIN_BLOCK]
+        if big:
+            cfg[big[0]] //= 2
+        elif cfg["num_stages"] > 1:
+            cfg["num_stages"] = 1
+        else:
+            break
+    return cfg
+
+
+def for_dtype(
+    cfg: dict,
+    dtype: torch.dtype,
+    b_dtype: torch.dtype | None = None,
+    block_m: int | None = None,
+    n_b: int = 1,
+) -> dict:
+    """A GEMM config for these operand dtypes: fp32 A tiles take twice the shared memory
+    (shorter K steps and at most 3 stages); with block_m, stages and blocks are also lowered
+    until the staged tiles of A (dtype) and B (b_dtype, default dtype: fp32 master weights
+    under bf16 autocast are staged as fp32) fit `SMEM_TILE_BUDGET`."""
+    if dtype == torch.float32:
+        cfg = dict(cfg, num_stages=min(cfg["num_stages"], 3), block_k=min(cfg["block_k"], 32))
+    if block_m is None:
         return cfg
-    return dict(cfg, num_stages=min(cfg["num_stages"], 3), block_k=min(cfg["block_k"], 32))
+    a_bytes = dtype.itemsize
+    b_bytes = (b_dtype or dtype).itemsize
+    fitted = fit_smem(
+        cfg, lambda c: gemm_smem(c, block_m, a_bytes, b_bytes, n_b), ("block_k", "block_n")
+    )
+    return cfg if fitted == cfg else fitted
+
+
+def for_wgrad(cfg: dict, left_dtype: torch.dtype, right_dtype: torch.dtype) -> dict:
+    """A wgrad config whose staged tiles fit `SMEM_TILE_BUDGET` for these operand dtypes."""
+    lb, rb = left_dtype.itemsize, right_dtype.itemsize
+    fitted = fit_smem(cfg, lambda c: wgrad_smem(c, lb, rb), ("block_m", "block_q", "block_p"))
+    return cfg if fitted == cfg else fitted
 
 
 def config_key(device: torch.device, n_rows: int, n_experts: int) -> str:

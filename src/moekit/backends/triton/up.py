@@ -27,6 +27,7 @@ from moekit.backends.triton.align import block_e, find_tile, max_tiles
 from moekit.backends.triton.checks import FLOATS, INDICES, check_operand
 from moekit.backends.triton.configs import config_by_key, for_dtype
 from moekit.backends.triton.decode import spread
+from moekit.backends.triton.launch import launch_with_retry
 from moekit.config import GATED_ACTIVATIONS
 
 ACT_CODE = {"gelu": 1, "relu": 2, "silu": 3, "swiglu": 3, "geglu": 1, "reglu": 2}
@@ -230,15 +231,22 @@ def _launch(
     n_tiles, N = tiles.count(out.shape[0]), out.shape[1]
     if n_tiles == 0 or N == 0:
         return
-    cfg = spread(for_dtype(cfg, a.dtype), n_tiles, N, a.device)
-    _grouped_gemm_kernel[(n_tiles * triton.cdiv(N, cfg["block_n"]),)](
-        a, b, out, tiles.offsets_E1, gather, bias, pre, order, inv, tiles.expert_M, tiles.row_M,
-        n_tiles, N, K, E,
-        *a.stride(), *b.stride(), *_strides(bias), *_strides(pre), *out.stride(),
-        BLOCK_M=tiles.block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-        GROUP_M=cfg["group_m"], ACT=code, GATED=gated, PRECISION=dot_precision(a.dtype),
-        BLOCK_E=block_e(E), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )  # fmt: skip
+    # B is staged in its own dtype (fp32 master weights under bf16 autocast): size for both
+    cfg = for_dtype(cfg, a.dtype, b.dtype, tiles.block_m, 2 if gated else 1)
+    cfg = spread(cfg, n_tiles, N, a.device)
+
+    def run(c: dict) -> None:
+        _grouped_gemm_kernel[(n_tiles * triton.cdiv(N, c["block_n"]),)](
+            a, b, out, tiles.offsets_E1, gather, bias, pre, order, inv, tiles.expert_M,
+            tiles.row_M, n_tiles, N, K, E,
+            *a.stride(), *b.stride(), *_strides(bias), *_strides(pre), *out.stride(),
+            BLOCK_M=tiles.block_m, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
+            GROUP_M=c["group_m"], ACT=code, GATED=gated, PRECISION=dot_precision(a.dtype),
+            BLOCK_E=block_e(E), num_warps=c["num_warps"], num_stages=c["num_stages"],
+        )  # fmt: skip
+
+    extra = (tiles.block_m, gated, a.dtype, b.dtype)
+    launch_with_retry("grouped_gemm", cfg, run, extra=extra)
 
 
 def gemm_up(
