@@ -1,7 +1,8 @@
 """`moekit bench memory`: KnowledgeStore bulk fill, reopen and exact top-k query latency.
 
 Run: ``moekit bench memory --sizes [10000,100000]``. Writes
-``<out_dir>/memory-<machine>-<date>.md`` and ``.json``.
+``<out_dir>/memory-<machine>-<date>.md``, ``.json`` and ``.png`` (query latency with its
+spread, fill rate, reopen time and file size against the store size).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from typing import Any
 
 import torch
 
+from moekit.bench.charts import Chart, Panel, Series
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
 from moekit.memory import KnowledgeStore
+from moekit.progress import progress
 
 _FILL_CHUNK = 50_000
 
@@ -90,6 +93,7 @@ def _bench_size(n: int, dim: int, queries: int, top_k: int, seed: int, workdir: 
         "db_mib": round(db_bytes / 2**20, 1),
         "open_s": round(open_s, 2),
         "query_median_ms": round(statistics.median(lat_ms), 3),
+        "query_min_ms": round(min(lat_ms), 3),
         "query_p95_ms": round(_percentile(lat_ms, 0.95), 3),
         "query_batched_ms_per_query": round(batched_ms, 3),
     }
@@ -110,11 +114,15 @@ def bench_memory(
     default use; ``query_batched_ms_per_query`` is ``query_many`` over all queries, untracked.
     """
     runs = []
-    with tempfile.TemporaryDirectory(prefix="moekit-bench-memory-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="moekit-bench-memory-") as tmp,
+        progress("bench memory", len(sizes)) as advance,
+    ):
         for n in sizes:
             runs.append(_bench_size(int(n), dim, queries, top_k, seed, Path(tmp)))
             for p in Path(tmp).glob("*"):
                 p.unlink()
+            advance(f"{n:,} nodes")
     options = {"sizes": list(sizes), "dim": dim, "queries": queries, "top_k": top_k}
     return write_report(
         "memory",
@@ -133,7 +141,32 @@ def bench_memory(
             "`query_many` without tracking, divided by the number of queries."
         ],
         out_dir=out_dir,
+        chart=_chart(runs, queries),
     )
+
+
+def _chart(runs: list[dict], queries: int) -> Chart:
+    """Each measure against the store size (log axis); latency with its min-p95 band."""
+    n = [r["nodes"] for r in runs]
+
+    def line(key: str, label: str) -> Series:
+        return Series(label, n, [r[key] for r in runs])
+
+    latency = Series(
+        "single query (median)", n, [r["query_median_ms"] for r in runs],
+        [r["query_min_ms"] for r in runs], [r["query_p95_ms"] for r in runs],
+    )  # fmt: skip
+    batched = line("query_batched_ms_per_query", "batched, per query")
+    return Chart(
+        "KnowledgeStore benchmark",
+        [
+            Panel("query latency", [latency, batched], "nodes", "ms", logx=True, logy=True,
+                  note=f"{queries} queries; band: min to p95"),
+            Panel("bulk fill", [line("fill_rows_per_s", "fill")], "nodes", "rows/s", logx=True),
+            Panel("reopen", [line("open_s", "reopen")], "nodes", "s", logx=True),
+            Panel("database file", [line("db_mib", "size")], "nodes", "MiB", logx=True),
+        ],
+    )  # fmt: skip
 
 
 def _table(runs: list[dict]) -> Table:

@@ -1,7 +1,8 @@
-"""The one writer of benchmark results: a Markdown table for people, JSON for programs.
+"""The one writer of benchmark results: a Markdown table and a chart for people, JSON for programs.
 
 Every file records the machine (CPU, cores, GPU name), the torch and triton versions, the
 date and the command that reproduces it, so a number is never separated from its source.
+The chart (PNG beside the .md) is the bench's own `Chart` or one drawn from its `rows`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from moekit.bench.charts import Chart, auto_chart, draw_chart
 
 DEFAULT_DIR = "docs/benchmarks"
 
@@ -111,11 +114,14 @@ def write_report(
     text: Sequence[str] = (),
     notes: Sequence[str] = (),
     out_dir: str | Path | None = DEFAULT_DIR,
+    chart: Chart | None | bool = None,
 ) -> dict[str, Any]:
-    """Writes `<out_dir>/<name>-<machine>-<date>.md` and `.json`; returns the JSON content.
+    """Writes `<out_dir>/<name>-<machine>-<date>.md`, `.json` and `.png`; returns the JSON content.
 
-    `text` paragraphs go above the tables and `notes` below them. The returned dict also
-    holds `files` (the two paths; empty when out_dir is None or "") and `markdown`.
+    `text` paragraphs go above the tables and `notes` below them. `chart`: the bench's own,
+    None for one drawn from results["rows"] (when they have something to draw), False for
+    none. The returned dict also holds `files` (.md and .json; empty when out_dir is None
+    or "") and `markdown`; `chart` (when drawn) holds the PNG's path and panel titles.
     """
     machine, date = machine_info(), dt.date.today().isoformat()
     report = {
@@ -126,17 +132,26 @@ def write_report(
         "config": _plain(config),
         **results,
     }
+    if chart is None:
+        chart = auto_chart(results, title)
+    stem = Path(out_dir or ".") / f"{name}-{machine_slug(machine, device)}-{date}"
+    png = None
+    if out_dir and chart:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        png, panels = draw_chart(chart, stem.with_suffix(".png"))
+        report["chart"] = {"file": str(png), "panels": panels}
     lines = [f"# {title}, {date}", "", f"Command: `{command}`  ", machine_line(machine), ""]
     for paragraph in text:
         lines += [paragraph, ""]
     for table in tables:
         lines += [*table.markdown(), ""]
+    if png is not None:
+        lines += [f"![{title}]({png.name})", ""]
     for paragraph in notes:
         lines += [paragraph, ""]
     markdown = "\n".join(lines)
     files: list[str] = []
     if out_dir:
-        stem = Path(out_dir) / f"{name}-{machine_slug(machine, device)}-{date}"
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         stem.with_suffix(".md").write_text(markdown)

@@ -9,13 +9,13 @@ from collections.abc import Callable
 import torch
 
 
-def median_ms(
+def sample_ms(
     fn: Callable[[], object],
     repeats: int = 15,
     warmup: int = 3,
     device: torch.device | str = "cpu",
-) -> float:
-    """Median wall time of fn() in milliseconds after `warmup` untimed calls.
+) -> list[float]:
+    """Wall time of each of `repeats` calls of fn() in milliseconds, after `warmup` untimed ones.
 
     On CUDA each call is followed by a device synchronisation, so the time is the work's.
     """
@@ -29,4 +29,19 @@ def median_ms(
         fn()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def median_ms(
+    fn: Callable[[], object],
+    repeats: int = 15,
+    warmup: int = 3,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Median of `sample_ms`: the figure a table shows."""
+    return statistics.median(sample_ms(fn, repeats, warmup, device))
+
+
+def spread_ms(times: list[float]) -> dict[str, float]:
+    """Median, min and max of timed calls: what a chart draws as a point and its band."""
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}

@@ -1,0 +1,230 @@
+"""The charts of benchmark reports: a declarative `Chart` drawn as one PNG in the viz style.
+
+A benchmark may describe its own chart (lines with a spread band and a floor, bars with
+whiskers); otherwise `auto_chart` draws one from the report's `rows`: each varying metric
+against the first integer column (concurrency, size, T), or as bars per row label when
+there is none. Percentile dicts ({"p50": .., "p99": ..}) draw as the median with a band.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from moekit.viz.figure import save_figure
+from moekit.viz.style import colors, hide_unused, new_figure, styled
+
+MAX_PANELS = 8
+COLS = 4
+
+
+@dataclass
+class Series:
+    """One line (x numeric) or one bar group (x labels); lo/hi bound a spread, e.g. min-max."""
+
+    label: str
+    x: Sequence[Any]
+    y: Sequence[float]
+    lo: Sequence[float] | None = None
+    hi: Sequence[float] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("x", "lo", "hi"):
+            value = getattr(self, name)
+            if value is not None and len(value) != len(self.y):
+                raise ValueError(
+                    f"series {self.label!r}: {name} has {len(value)} values for {len(self.y)} y"
+                )
+
+
+@dataclass
+class Panel:
+    """kind "line": series over numeric x; "bar" / "barh": one bar per series at each x label."""
+
+    title: str
+    series: list[Series]
+    xlabel: str = ""
+    ylabel: str = ""
+    kind: str = "line"
+    logx: bool = False
+    logy: bool = False
+    floor: Series | None = None  # drawn as a dashed black line: what no method can beat
+    note: str = ""  # a few words under the value axis label, e.g. what the band spans
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("line", "bar", "barh"):
+            raise ValueError(f"panel {self.title!r}: kind={self.kind!r} must be line, bar or barh")
+
+
+@dataclass
+class Chart:
+    title: str
+    panels: list[Panel] = field(default_factory=list)
+    cols: int = COLS
+    panel_size: tuple[float, float] = (4.4, 3.4)  # inches per panel
+
+
+def _line(ax: Axes, panel: Panel, palette: dict[str, Any]) -> None:
+    for s in panel.series:
+        ax.plot(s.x, s.y, "o-", ms=3, color=palette[s.label], label=s.label)
+        if s.lo is not None and s.hi is not None:
+            ax.fill_between(s.x, s.lo, s.hi, color=palette[s.label], alpha=0.18, lw=0)
+    if panel.floor is not None:
+        ax.plot(panel.floor.x, panel.floor.y, "--", color="black", lw=1.2, label=panel.floor.label)
+    if panel.logx:
+        xs = sorted({v for s in panel.series for v in s.x})
+        ax.set_xscale("log")
+        if len(xs) <= 8:  # few measured sizes: tick exactly those, written plainly
+            ax.set_xticks(xs, [f"{v:,g}" for v in xs])
+            ax.minorticks_off()
+    if panel.logy:
+        ax.set_yscale("log")
+
+
+def _bar(ax: Axes, panel: Panel, palette: dict[str, Any]) -> None:
+    labels = list(dict.fromkeys(x for s in panel.series for x in s.x))
+    width = 0.8 / max(1, len(panel.series))
+    horizontal = panel.kind == "barh"
+    for i, s in enumerate(panel.series):
+        pos = [labels.index(x) + (i - (len(panel.series) - 1) / 2) * width for x in s.x]
+        err = None
+        if s.lo is not None and s.hi is not None:
+            err = [[y - lo for y, lo in zip(s.y, s.lo, strict=True)],
+                   [hi - y for y, hi in zip(s.y, s.hi, strict=True)]]  # fmt: skip
+        # one series: a colour per bar, the same as that name's line elsewhere in the chart
+        colour = [palette[x] for x in s.x] if len(panel.series) == 1 else palette[s.label]
+        if horizontal:
+            ax.barh(pos, s.y, width, xerr=err, capsize=3, color=colour, label=s.label)
+        else:
+            ax.bar(pos, s.y, width, yerr=err, capsize=3, color=colour, label=s.label)
+    if horizontal:
+        ax.set_yticks(range(len(labels)), labels)
+        ax.invert_yaxis()
+        ax.grid(axis="y", visible=False)
+    else:
+        tilt = len(labels) > 3 or max(map(len, map(str, labels)), default=0) > 12
+        ax.set_xticks(range(len(labels)), labels, rotation=90 if tilt else 0)
+        ax.grid(axis="x", visible=False)
+    if panel.logy:
+        ax.set_yscale("log")
+
+
+@styled
+def chart_figure(chart: Chart) -> Figure:
+    """The chart's panels on a grid, one shared legend per panel; returns the Figure."""
+    n = len(chart.panels)
+    cols = min(chart.cols, n)
+    fig, axes = new_figure(-(-n // cols), cols, panel=chart.panel_size, title=chart.title)
+    names = [s.label for p in chart.panels for s in p.series]
+    names += [
+        x for p in chart.panels if p.kind != "line" and len(p.series) == 1 for x in p.series[0].x
+    ]
+    palette = colors(dict.fromkeys(names))
+    for ax, panel in zip(axes.flat, chart.panels, strict=False):
+        (_line if panel.kind == "line" else _bar)(ax, panel, palette)
+        ax.set_title(panel.title)
+        value_label = f"{panel.ylabel}\n({panel.note})" if panel.note else panel.ylabel
+        if panel.kind == "barh":  # the values run along x
+            ax.set(xlabel=value_label, ylabel=panel.xlabel)
+        else:
+            ax.set(xlabel=panel.xlabel, ylabel=value_label)
+        if len(panel.series) > 1 or panel.floor is not None:
+            ax.legend(fontsize=7)
+    hide_unused(axes, n)
+    return fig
+
+
+def draw_chart(chart: Chart, path: str | Path) -> tuple[Path, list[str]]:
+    """Writes the chart as a PNG; returns its path and panel titles."""
+    fig = chart_figure(chart)
+    titles = [p.title for p in chart.panels]
+    return save_figure(fig, path), titles
+
+
+# automatic charts from rows ----------------------------------------------------------------
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _percentiles(v: Any) -> bool:
+    return isinstance(v, dict) and "p50" in v and all(_number(x) for x in v.values())
+
+
+def _spread(d: dict[str, float]) -> tuple[float, float, float]:
+    """(median, lowest, highest) of a percentile dict."""
+    return d["p50"], min(d.values()), max(d.values())
+
+
+def _label(row: dict[str, Any], keys: list[str]) -> str:
+    return " ".join(str(row[k]) for k in keys) or "all"
+
+
+def _metrics(rows: list[dict[str, Any]], skip: set[str]) -> list[str]:
+    """Keys that are numbers (or percentile dicts) in every row and vary between rows."""
+    out = []
+    for key in rows[0]:
+        if key in skip:
+            continue
+        values = [r.get(key) for r in rows]
+        varying = all(_number(v) for v in values) and len(set(values)) > 1
+        if varying or all(_percentiles(v) for v in values):
+            out.append(key)
+    return out[:MAX_PANELS]
+
+
+def _positive_span(values: list[float]) -> float:
+    pos = [v for v in values if v > 0]
+    return max(pos) / min(pos) if len(pos) == len(values) and pos else 1.0
+
+
+def auto_chart(results: dict[str, Any], title: str) -> Chart | None:
+    """A chart of results["rows"] (a list of dicts); None when there is nothing to draw."""
+    rows = results.get("rows")
+    if not isinstance(rows, list) or len(rows) < 2 or not all(isinstance(r, dict) for r in rows):
+        return None
+    groups = [k for k in rows[0] if all(isinstance(r.get(k), str) for r in rows)]
+    groups = [k for k in groups if len({r[k] for r in rows}) > 1]
+    ints = [
+        k
+        for k in rows[0]
+        if all(isinstance(r.get(k), int) and not isinstance(r.get(k), bool) for r in rows)
+    ]
+    x = next((k for k in ints if len({r[k] for r in rows}) > 1), None)
+    metrics = _metrics(rows, {x} if x else set())
+    if not metrics:
+        return None
+    panels = []
+    for key in metrics:
+        spread = isinstance(rows[0][key], dict)
+        series: dict[str, Series] = {}
+        for r in rows:
+            label = _label(r, groups)
+            name = label if x else key.replace("_", " ")
+            s = series.setdefault(name, Series(name, [], [], [], []))
+            med, lo, hi = _spread(r[key]) if spread else (r[key], r[key], r[key])
+            s.x.append(r[x] if x else label)  # type: ignore[attr-defined]
+            s.y.append(med)  # type: ignore[attr-defined]
+            s.lo.append(lo)  # type: ignore[union-attr]
+            s.hi.append(hi)  # type: ignore[union-attr]
+        if not spread:
+            for s in series.values():
+                s.lo = s.hi = None
+        values = [v for s in series.values() for v in s.y]
+        panels.append(
+            Panel(
+                title=key.replace("_", " "),
+                series=list(series.values()),
+                xlabel=x.replace("_", " ") if x else "",
+                kind="line" if x else "bar",
+                logx=bool(x) and _positive_span([r[x] for r in rows]) >= 8,
+                logy=_positive_span(values) >= 20,
+                note="median; band: lowest to highest percentile" if spread else "",
+            )
+        )
+    return Chart(title, panels)
