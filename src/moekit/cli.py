@@ -101,8 +101,47 @@ def _generate_parser() -> ArgumentParser:
 
 
 def _plot_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Redraw a run's dashboard and specialisation plots.")
+    p = ArgumentParser(
+        description="Redraw a run's dashboard and specialisation plots, and its task's own "
+        "analysis plots from the best checkpoint."
+    )
     p.add_argument("run_dir", type=str, help="run directory (holds metrics.jsonl)")
+    return p
+
+
+def _profile_parser() -> ArgumentParser:
+    from moekit.profiling import MODES
+
+    p = ArgumentParser(
+        description="Profile one training step or one decode step of a model by stage (router, "
+        "plan, experts, finish, attention, backward, optimizer): a Chrome/Perfetto trace, a "
+        "stage table and chart, memory. Per-kernel CUDA time of the Triton kernels alone is "
+        "`moekit bench profile`."
+    )
+    p.add_argument("path", type=str, help="run config (YAML) or checkpoint / run directory")
+    p.add_argument("--mode", type=str, default="train", help=f"one of {MODES}")
+    p.add_argument("--device", type=str, default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--batch-size", type=int | None, default=None, help="default: the config's")
+    p.add_argument("--context", type=int | None, default=None, help="decode: prompt positions")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=1, help="profiled steps (the table: per step)")
+    p.add_argument("--out", type=str, default="moekit-out/profile", help="output directory")
+    return p
+
+
+def _sweep_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        description="Short training runs over experts x k x capacity factor x router from a run "
+        "config; a table and trade-off plots in --out. Finished points are not rerun."
+    )
+    p.add_argument("config", type=str, help="run config (YAML), as moekit train reads")
+    p.add_argument("--grid", type=str | None, default=None, help="YAML with the axes below")
+    p.add_argument("--experts", type=list[int], default=[], help="e.g. [4,8,16]")
+    p.add_argument("--k", type=list[int], default=[], help="e.g. [1,2]")
+    p.add_argument("--capacity", type=list[str], default=[], help="e.g. [1.0,1.25,none]")
+    p.add_argument("--router", type=list[str], default=[], help="e.g. [topk,sinkhorn]")
+    p.add_argument("--steps", type=int | None, default=None, help="steps per point (200)")
+    p.add_argument("--out", type=str, default="moekit-out/sweep", help="output directory")
     return p
 
 
@@ -130,8 +169,9 @@ def _add_bench(parent) -> None:
     from moekit.bench.registry import available_benches, bench_spec
 
     p = ArgumentParser(
-        description="Benchmarks. Each writes a .md table and a .json (machine, GPU, versions, "
-        "date, command) to --out-dir, docs/benchmarks/ by default. Lists are written [1,8,32]."
+        description="Benchmarks. Each writes a .md table, a .json (machine, GPU, versions, "
+        "date, command) and a .png chart to --out-dir, docs/benchmarks/ by default. Lists are "
+        "written [1,8,32]."
     )
     parent.add_subcommand("bench", p)  # jsonargparse: attach a level before nesting under it
     sub = p.add_subcommands(dest="bench")
@@ -144,9 +184,19 @@ def _add_finance(parent) -> None:
     p = ArgumentParser(description="Finance MoE: real market data routed to asset-class experts.")
     parent.add_subcommand("finance", p)
     sub = p.add_subcommands(dest="finance")
-    demo = ArgumentParser(description="The whole finance pipeline on the data shipped with `arch`.")
+    demo = ArgumentParser(
+        description="The whole finance pipeline: the data shipped with `arch` (default), CSV "
+        "files or tickers (needs moekit[finance-data] and a network)."
+    )
     demo.add_argument("--out", type=str, default="moekit-out/finance")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="first training seed")
+    demo.add_argument("--seeds", type=int, default=3, help="training seeds (mean, 95 percent CI)")
+    demo.add_argument("--csv", action="append", help="PATH or PATH=<asset class> (repeatable)")
+    demo.add_argument("--tickers", type=list[str], default=[], help="e.g. [SPY,TLT=Fixed Income]")
+    demo.add_argument("--start", type=str, default="2000-01-01", help="tickers: first date")
+    demo.add_argument("--end", type=str | None, default=None, help="tickers: last date")
+    demo.add_argument("--test-years", type=list[int], default=[], help="default: the last 3")
+    demo.add_argument("--epochs", type=int | None, default=None, help="training epochs (12)")
     sub.add_subcommand("demo", demo)
 
 
@@ -197,6 +247,8 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("eval", _eval_parser())
     sub.add_subcommand("generate", _generate_parser())
     sub.add_subcommand("plot", _plot_parser())
+    sub.add_subcommand("profile", _profile_parser())
+    sub.add_subcommand("sweep", _sweep_parser())
     sub.add_subcommand("serve", _serve_parser())
     sub.add_subcommand("layer-demo", _layer_demo_parser())
     _add_bench(sub)
@@ -230,10 +282,29 @@ def _run_generate(args: Namespace) -> None:
 
 
 def _run_plot(args: Namespace) -> None:
-    from moekit.viz import plot_run
+    from moekit.viz import plot_run, plot_task
 
-    for path in plot_run(args.run_dir):
+    for path in plot_run(args.run_dir) + plot_task(args.run_dir):
         print(path)
+
+
+def _run_profile(args: Namespace) -> None:
+    from moekit.profiling import ProfileConfig, profile_step
+
+    result = profile_step(ProfileConfig(**args.as_dict()))
+    for path in result["files"].values():
+        print(f"wrote {path}")
+
+
+def _run_sweep(args: Namespace) -> None:
+    from moekit.sweep import SweepConfig, run_sweep
+
+    given = args.as_dict()
+    grid = given.pop("grid")
+    given["capacity_factor"] = given.pop("capacity")
+    result = run_sweep(SweepConfig.with_grid(grid, **given))
+    for path in result["files"].values():
+        print(f"wrote {path}")
 
 
 def _run_bench(args: Namespace) -> None:
@@ -246,6 +317,8 @@ def _run_bench(args: Namespace) -> None:
         print(report["markdown"])
     for path in report.get("files", []):
         print(f"wrote {path}")
+    if report.get("chart"):
+        print(f"wrote {report['chart']['file']}")
 
 
 def _check_serve_args(args: Namespace) -> None:
@@ -323,7 +396,11 @@ def _run_layer_demo(args: Namespace) -> None:
 def _run_finance(args: Namespace) -> None:
     from moekit.tasks.finance.demo import run_demo
 
-    run_demo(out_dir=args.demo.out, seed=args.demo.seed)
+    d = args.demo
+    run_demo(
+        out_dir=d.out, seed=d.seed, seeds=d.seeds, csv=d.csv or (), tickers=d.tickers,
+        start=d.start, end=d.end, test_years=tuple(d.test_years) or None, epochs=d.epochs,
+    )  # fmt: skip
 
 
 def _add_hf(parent) -> None:
@@ -412,6 +489,8 @@ _HANDLERS = {
     "eval": _run_eval,
     "generate": _run_generate,
     "plot": _run_plot,
+    "profile": _run_profile,
+    "sweep": _run_sweep,
     "bench": _run_bench,
     "finance": _run_finance,
     "serve": _run_serve,

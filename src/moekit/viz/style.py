@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colorbar import Colorbar
 from matplotlib.figure import Figure
 from matplotlib.text import Text
+from matplotlib.transforms import Bbox
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -111,6 +112,49 @@ def category_boxes(
         patch.set_alpha(0.6)
     ax.set_yticks(range(1, len(names) + 1), names)
     ax.invert_yaxis()
+
+
+# offsets in points (dx, dy) and alignment of a label beside its point, tried in order
+_SPOTS = (
+    (4, 2, "left"),
+    (4, -8, "left"),
+    (-4, 2, "right"),
+    (-4, -8, "right"),
+    (0, 6, "center"),
+    (0, -13, "center"),
+)
+
+
+def place_labels(
+    ax: Axes, xy: Sequence[tuple[float, float]], texts: Sequence[str], size: float = 6.5
+) -> int:
+    """Label points without overlap: each label takes the first free spot beside its point
+    (inside the panel, off other labels and points); a label with no free spot is left out
+    (the table beside the plot holds every value). Returns how many were left out."""
+    fig = ax.get_figure()
+    fig.draw_without_rendering()  # settle the layout so positions are final
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    pts = [ax.transData.transform(p) for p in xy]
+    taken = [Bbox.from_extents(x - 3, y - 3, x + 3, y + 3) for x, y in pts]
+    if ax.get_legend() is not None:  # a legend drawn before the labels keeps its place
+        taken.append(ax.get_legend().get_window_extent(renderer))
+    missing = 0
+    for (x, y), text in zip(xy, texts, strict=True):
+        for dx, dy, align in _SPOTS:
+            label = ax.annotate(
+                text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=size,
+                ha=align, color="dimgrey",
+            )  # fmt: skip
+            box = label.get_window_extent(renderer)
+            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+            if inside and not any(box.overlaps(other) for other in taken):
+                taken.append(box)
+                break
+            label.remove()
+        else:
+            missing += 1
+    return missing
 
 
 def hide_unused(axes: np.ndarray, used: int) -> None:
