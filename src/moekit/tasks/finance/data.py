@@ -206,26 +206,37 @@ def load_csv(
     return instrument_from_prices(clean, name or path.stem, asset_class, str(path))
 
 
-def load_tickers(tickers: dict[str, str], start: str = "2000-01-01") -> list[Instrument]:
-    """Download daily prices with ``yfinance`` (``{ticker: asset_class}``).
+class MarketDataError(RuntimeError, ValueError):
+    """Market data that cannot be had (package missing, offline, unknown ticker); the message
+    says what to use instead. A ValueError too, so the `moekit` command prints one line."""
 
-    Raises ``RuntimeError`` pointing to the offline options when ``yfinance`` is missing or
-    the network is unreachable.
+
+def load_tickers(
+    tickers: dict[str, str], start: str = "2000-01-01", end: str | None = None
+) -> list[Instrument]:
+    """Download daily prices from `start` to `end` (None: today) with ``yfinance``
+    (``{ticker: asset_class}``).
+
+    Raises ``MarketDataError`` pointing to the offline options when ``yfinance`` is missing
+    or the network is unreachable.
     """
-    offline = "use load_arch_instruments() or load_csv(path, asset_class) instead"
+    offline = (
+        "offline, use the arch data (moekit finance demo; load_arch_instruments()) or a CSV "
+        "file (--csv; load_csv(path, asset_class))"
+    )
     try:
         yf = importlib.import_module("yfinance")
     except ImportError as err:
-        msg = f"tickers need the 'yfinance' package, which is missing; {offline}"
-        raise RuntimeError(msg) from err
+        need = "tickers need yfinance, which is missing (pip install 'moekit[finance-data]')"
+        raise MarketDataError(f"{need}; {offline}") from err
     out = []
     for ticker, cls in tickers.items():
         try:
-            df = yf.download(ticker, start=start, progress=False, auto_adjust=False)
+            df = yf.download(ticker, start=start, end=end, progress=False, auto_adjust=False)
         except Exception as err:  # network errors come in many types
-            raise RuntimeError(f"downloading {ticker!r} failed ({err}); {offline}") from err
+            raise MarketDataError(f"downloading {ticker!r} failed ({err}); {offline}") from err
         if df is None or len(df) == 0:
-            raise RuntimeError(f"no data for {ticker!r} (offline or unknown ticker); {offline}")
+            raise MarketDataError(f"no data for {ticker!r} (offline or unknown ticker); {offline}")
         if isinstance(df.columns, pd.MultiIndex):
             df.columns = df.columns.get_level_values(0)
         col = "Adj Close" if "Adj Close" in df.columns else "Close"

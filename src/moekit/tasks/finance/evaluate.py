@@ -7,6 +7,7 @@ dated in Y+1. Metrics: QLIKE on variances and MSE on log-vol, per asset class.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,8 +92,11 @@ def run_walk_forward(
     wf: WalkForwardConfig,
     model_cfg: ForecastConfig,
     rule_cfg: RuleConfig | None = None,
+    after_fold: Callable[[int], None] | None = None,
 ) -> WalkForwardResult:
-    """Fit and predict every fold; returns out-of-sample predictions of all four methods."""
+    """Fit and predict every fold; returns out-of-sample predictions of all four methods.
+
+    `after_fold(test_year)` is called as each fold finishes (a progress bar's hook)."""
     rule_cfg = rule_cfg or RuleConfig()
     rule_all = rule_route(
         panel["rv_rule_pct"].to_numpy(),
@@ -147,6 +151,8 @@ def run_walk_forward(
                 "active_params_dense": dense.active_parameters(),
             }
         )
+        if after_fold is not None:
+            after_fold(split.test_year)
     return WalkForwardResult(pd.concat(frames, ignore_index=True), folds)
 
 

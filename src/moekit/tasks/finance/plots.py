@@ -1,145 +1,192 @@
-"""The four demo figures, rendered off-screen with matplotlib's Agg canvas.
+"""The demo figures, in moekit's plot style (`moekit.viz.style`), rendered off-screen.
 
-Figures are built with ``matplotlib.figure.Figure`` rather than pyplot, so no global backend
-or figure registry is touched and nothing needs a display.
+Four from one seed's predictions (routing over time, conditions by expert, router confidence,
+quality vs routing concentration) and one over all seeds (each method's QLIKE with its
+confidence interval per asset class, and Diebold-Mariano tests of MoE against GARCH).
+Labels beside points are placed where they overlap nothing, or left out.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from moekit.tasks.finance.data import ASSET_CLASSES
+from moekit.viz.figure import save_figure
+from moekit.viz.style import HEATMAP, colorbar, colors, new_figure, place_labels, styled
 
 N_EXPERTS = len(ASSET_CLASSES)
-
-
-def _figure(figsize: tuple[float, float]) -> Figure:
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _colors() -> list:
-    cmap = matplotlib.colormaps["tab10"]
-    return [cmap(i) for i in range(N_EXPERTS)]
+EXPERT_COLORS = colors(str(e) for e in range(N_EXPERTS))
 
 
 def _expert_label(e: int) -> str:
     return f"expert {e} (prior: {ASSET_CLASSES[e]})"
 
 
-def routing_heatmap(pred: pd.DataFrame, path: Path) -> Path:
+@styled
+def routing_heatmap_figure(pred: pd.DataFrame) -> Figure:
     """Instrument x expert over time: share of each month's rows routed to each expert."""
     names = list(dict.fromkeys(pred["instrument"]))
     months = pd.PeriodIndex(pd.DatetimeIndex(pred["date"]), freq="M")
     all_months = pd.period_range(months.min(), months.max(), freq="M")
-    fig = _figure((11, 1.1 * len(names) + 1))
-    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)
+    fig, axes = new_figure(
+        len(names), 1, panel=(11, 1.05), sharex=True,
+        title="Learned router: share of each test month's rows sent to each expert",
+    )  # fmt: skip
     im = None
     for ax, name in zip(axes[:, 0], names, strict=True):
         sel = (pred["instrument"] == name).to_numpy()
         share = pd.crosstab(months[sel], pred["expert"].to_numpy()[sel], normalize="index")
-        share = share.reindex(index=all_months, columns=range(N_EXPERTS)).fillna(np.nan)
+        share = share.reindex(index=all_months, columns=range(N_EXPERTS))
         im = ax.imshow(
-            share.to_numpy().T, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="none"
+            share.to_numpy(float).T,
+            aspect="auto",
+            vmin=0,
+            vmax=1,
+            cmap=HEATMAP,
+            interpolation="none",
         )
         cls = pred.loc[sel, "asset_class"].iloc[0]
-        ax.set_ylabel(f"{name}\n{cls}", rotation=0, ha="right", va="center", fontsize=8)
-        ax.set_yticks(range(N_EXPERTS))
-        ax.set_yticklabels([str(e) for e in range(N_EXPERTS)], fontsize=6)
-    ticks = np.arange(0, len(all_months), 3)
-    axes[-1, 0].set_xticks(ticks)
-    axes[-1, 0].set_xticklabels([str(all_months[i]) for i in ticks], rotation=45, fontsize=7)
-    fig.colorbar(im, ax=axes[:, 0].tolist(), label="share of month's rows routed to expert")
-    fig.suptitle("Learned router: expert (rows of each panel) per instrument and test month")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+        ax.set_title(f"{name} ({cls})", fontsize=8)
+        ax.set_yticks([0, N_EXPERTS - 1], ["0", str(N_EXPERTS - 1)])
+        ax.set_ylabel("expert", fontsize=7)
+        ax.grid(False)
+    ticks = np.arange(0, len(all_months), max(1, len(all_months) // 12))
+    axes[-1, 0].set_xticks(ticks, [str(all_months[i]) for i in ticks], rotation=45, ha="right")
+    colorbar(fig, im, axes[:, 0].tolist(), "share of the month's rows routed to the expert")
+    return fig
 
 
-def conditions_scatter(pred: pd.DataFrame, path: Path) -> Path:
+@styled
+def conditions_scatter_figure(pred: pd.DataFrame) -> Figure:
     """Market conditions (daily vol vs return) coloured by the chosen expert."""
-    fig = _figure((8, 6))
-    ax = fig.subplots()
-    colors = _colors()
+    fig, axes = new_figure(1, 1, panel=(8, 5.5))
+    ax = axes[0, 0]
     for e in range(N_EXPERTS):
         g = pred[pred["expert"] == e]
         if len(g):
             ax.scatter(
-                g["rv_rule_pct"], 100 * g["ret"], s=6, alpha=0.5, color=colors[e],
+                g["rv_rule_pct"], 100 * g["ret"], s=6, alpha=0.5, color=EXPERT_COLORS[str(e)],
                 label=_expert_label(e),
             )  # fmt: skip
     ax.set_xscale("log")
-    ax.set_xlabel("realised volatility, daily scale (%, log axis)")
-    ax.set_ylabel("return, daily scale (%)")
-    ax.set_title("Market conditions of test rows, coloured by top-1 expert")
-    ax.legend(fontsize=7, markerscale=2)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    ax.set(
+        title="Market conditions of test rows, coloured by top-1 expert",
+        xlabel="realised volatility, daily scale (%, log axis)",
+        ylabel="return, daily scale (%)",
+    )
+    ax.legend(markerscale=2, loc="upper left")
+    return fig
 
 
-def confidence_timeseries(pred: pd.DataFrame, path: Path, window: int = 10) -> Path:
+@styled
+def confidence_timeseries_figure(pred: pd.DataFrame, window: int = 10) -> Figure:
     """Realised vol and router confidence (top-1 probability) over time, daily instruments."""
     daily = pred[pred["freq"] == "D"]
-    fig = _figure((11, 6))
-    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    fig, axes = new_figure(2, 1, panel=(11, 2.8), sharex=True)
+    ax1, ax2 = axes[:, 0]
     for name, g in daily.groupby("instrument", sort=False):
         g = g.sort_values("date")
         ax1.plot(g["date"], g["rv_rule_pct"], lw=1, label=name)
         ax2.plot(g["date"], g["router_maxprob"].rolling(window, min_periods=1).mean(), lw=1)
     ax1.set_yscale("log")
-    ax1.set_ylabel("realised vol (%/day)")
-    ax1.legend(fontsize=8, ncol=4)
-    ax2.set_ylabel(f"router top-1 prob\n({window}-day mean)")
+    ax1.set(title="realised volatility of daily instruments", ylabel="realised vol (%/day)")
+    ax2.set(title=f"router confidence ({window}-day mean)", ylabel="top-1 probability")
     ax2.set_ylim(0, 1.02)
-    ax1.set_title("Volatility and router confidence over the test years")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    fig.legend(*ax1.get_legend_handles_labels(), loc="outside lower center", ncol=6)
+    return fig
 
 
-def performance_vs_preference(by_inst: pd.DataFrame, path: Path) -> Path:
+@styled
+def performance_vs_preference_figure(by_inst: pd.DataFrame) -> Figure:
     """Per instrument: MoE QLIKE relative to GARCH against how concentrated its routing is."""
-    fig = _figure((8, 5.5))
-    ax = fig.subplots()
-    colors = _colors()
-    rel = by_inst["qlike_moe"] - by_inst["qlike_garch"]
+    fig, axes = new_figure(1, 1, panel=(8, 5.5))
+    ax = axes[0, 0]
+    rel = (by_inst["qlike_moe"] - by_inst["qlike_garch"]).to_numpy()
+    share = by_inst["top_expert_share"].to_numpy()
     for e in range(N_EXPERTS):
         sel = (by_inst["top_expert"] == e).to_numpy()
         if sel.any():
             ax.scatter(
-                by_inst.loc[sel, "top_expert_share"], rel[sel], s=60, color=colors[e],
-                label=_expert_label(e),
-            )  # fmt: skip
-    for share, r, name, cls in zip(
-        by_inst["top_expert_share"], rel, by_inst["instrument"], by_inst["asset_class"], strict=True
-    ):
-        ax.annotate(
-            f"{name} ({cls})", (share, r), fontsize=7, xytext=(4, 3), textcoords="offset points"
-        )
+                share[sel], rel[sel], s=60, color=EXPERT_COLORS[str(e)], label=_expert_label(e)
+            )
     ax.axhline(0.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("share of the instrument's test rows sent to its most-used expert")
-    ax.set_ylabel("QLIKE(MoE) - QLIKE(GARCH)   (< 0: MoE better)")
-    ax.set_title("Forecast quality by instrument vs expert preference")
-    ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    ax.set(
+        title="Forecast quality by instrument vs expert preference",
+        xlabel="share of the instrument's test rows sent to its most-used expert",
+        ylabel="QLIKE(MoE) - QLIKE(GARCH)   (< 0: MoE better)",
+    )
+    ax.margins(0.15)
+    ax.legend(loc="best")
+    names = [
+        f"{n} ({c})" for n, c in zip(by_inst["instrument"], by_inst["asset_class"], strict=True)
+    ]
+    place_labels(ax, list(zip(share, rel, strict=True)), names, size=7)
+    return fig
 
 
-def make_all(pred: pd.DataFrame, by_inst: pd.DataFrame, out_dir: Path) -> dict[str, str]:
-    """Write the four PNGs into ``out_dir`` and return ``{name: path}``."""
+@styled
+def seeds_figure(summary: pd.DataFrame, dm: pd.DataFrame, n_seeds: int) -> Figure:
+    """QLIKE per asset class and method (mean over seeds, 95% CI) and the DM statistics."""
+    fig, axes = new_figure(1, 2, panel=(6.2, 4.4), title=f"Over {n_seeds} training seeds")
+    ax = axes[0, 0]
+    classes = list(dict.fromkeys(summary["asset_class"]))
+    methods = list(dict.fromkeys(summary["method"]))
+    palette = colors(methods)
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        rows = summary[summary["method"] == m].set_index("asset_class").reindex(classes)
+        pos = np.arange(len(classes)) + (i - (len(methods) - 1) / 2) * width
+        mean = rows["mean"].to_numpy()
+        low = np.clip(rows["low"].to_numpy(), mean / 10, None)  # a log axis shows no CI below 0
+        err = np.vstack([mean - low, rows["high"].to_numpy() - mean])
+        err = np.where(np.isfinite(err), err, 0.0)
+        ax.bar(pos, mean, width, yerr=err, capsize=2, color=palette[m], label=m)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(classes)), classes, rotation=25, ha="right")
+    ax.grid(axis="x", visible=False)
+    ax.set(title="QLIKE by asset class", ylabel="QLIKE (log; mean, 95% CI over seeds)")
+    ax.legend()
+    ax = axes[0, 1]
+    if len(dm):
+        y = np.arange(len(dm))
+        shade = ["tab:green" if s < 0 else "tab:red" for s in dm["stat"]]
+        ax.barh(y, dm["stat"], color=shade)
+        ax.set_yticks(
+            y, [f"{g} (p={p:.2f})" for g, p in zip(dm["group"], dm["p_value"], strict=True)]
+        )
+        ax.invert_yaxis()
+        for x in (-1.96, 1.96):
+            ax.axvline(x, color="grey", lw=0.8, ls="--")
+    ax.grid(axis="y", visible=False)
+    ax.set(
+        title="Diebold-Mariano: MoE vs GARCH (QLIKE)",
+        xlabel="DM statistic (< 0: MoE better; dashed: 5% level)",
+    )
+    return fig
+
+
+def make_all(
+    pred: pd.DataFrame,
+    by_inst: pd.DataFrame,
+    out_dir: Path,
+    seeds: tuple[pd.DataFrame, pd.DataFrame, int] | None = None,
+) -> dict[str, str]:
+    """Write the PNGs into ``out_dir`` (the seeds figure when `seeds` is given).
+
+    Returns ``{name: path}``.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    return {
-        "routing_heatmap": str(routing_heatmap(pred, out_dir / "routing_heatmap.png")),
-        "conditions_scatter": str(conditions_scatter(pred, out_dir / "conditions_scatter.png")),
-        "confidence_timeseries": str(
-            confidence_timeseries(pred, out_dir / "confidence_timeseries.png")
-        ),
-        "performance_vs_preference": str(
-            performance_vs_preference(by_inst, out_dir / "performance_vs_preference.png")
-        ),
+    figures: dict[str, Any] = {
+        "routing_heatmap": routing_heatmap_figure(pred),
+        "conditions_scatter": conditions_scatter_figure(pred),
+        "confidence_timeseries": confidence_timeseries_figure(pred),
+        "performance_vs_preference": performance_vs_preference_figure(by_inst),
     }
+    if seeds is not None:
+        figures["seeds"] = seeds_figure(*seeds)
+    return {name: str(save_figure(fig, out_dir / f"{name}.png")) for name, fig in figures.items()}
