@@ -25,6 +25,7 @@ _BUILTIN = (
     "hf",
     "train",
     "moe_vs_dense",
+    "system",
 )
 _BENCHES: dict[str, BenchSpec] = {}
 F = TypeVar("F", bound=Callable[..., Any])
