@@ -56,6 +56,21 @@ def autocast_input(x: Tensor) -> Tensor:
     return x
 
 
+def autocast_weights(x_TD: Tensor, *weights: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Expert weights in x's dtype when autocast lowered x (fp32 master weights, bf16 GEMMs).
+
+    Autocast does not reach the backends' custom ops, so without this the Triton kernels would
+    stage fp32 weight tiles (twice the shared memory and bytes of bf16 ones). The cast is
+    differentiable: gradients still reach the fp32 parameters, as with autocast's nn.Linear.
+    """
+    device_type = x_TD.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return weights
+    return tuple(
+        w.to(x_TD.dtype) if w is not None and w.dtype != x_TD.dtype else w for w in weights
+    )
+
+
 def _sync_check_finite(x: Tensor) -> None:
     """Debug-only NaN/inf check. NOTE: host sync (MoEConfig.debug=True)."""
     if not bool(torch.isfinite(x).all()):
@@ -103,7 +118,8 @@ class MoE(nn.Module):
         if not e.fused:  # a registered expert kind with math of its own
             return combine(self.compute_slots(x_TD, plan), plan.token_S, plan.weight_S, len(x_TD))
         experts_forward = get_backend(self.cfg.backend, x_TD.device, x_TD.dtype)
-        return experts_forward(x_TD, plan, e.w1, e.w2, e.b1, e.b2, e.activation)
+        w1, w2, b1, b2 = autocast_weights(x_TD, e.w1, e.w2, e.b1, e.b2)
+        return experts_forward(x_TD, plan, w1, w2, b1, b2, e.activation)
 
     def compute_slots(self, x_TD: Tensor, plan: Plan) -> Tensor:
         """Stage 3 without the combine: unweighted outputs of the kept sorted slots [N, D]."""
@@ -112,7 +128,8 @@ class MoE(nn.Module):
         if not e.fused:
             return e.per_slot(x_SD, plan.offsets_E1)
         experts_per_slot = get_backend(self.cfg.backend, x_TD.device, x_TD.dtype, per_slot=True)
-        return experts_per_slot(x_SD, plan.offsets_E1, e.w1, e.w2, e.b1, e.b2, e.activation)
+        w1, w2, b1, b2 = autocast_weights(x_TD, e.w1, e.w2, e.b1, e.b2)
+        return experts_per_slot(x_SD, plan.offsets_E1, w1, w2, b1, b2, e.activation)
 
     # stage 4 ---------------------------------------------------------------------------------
     def finish(self, x_TD: Tensor, y_TD: Tensor, plan: Plan) -> Tensor:

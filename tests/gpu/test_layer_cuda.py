@@ -79,3 +79,28 @@ def test_layer_captures_in_a_cuda_graph(backend):
     y_eager, _ = moe(x)
     assert torch.equal(y_static, y_eager)
     assert not torch.equal(y_static, eager)
+
+
+def test_autocast_triton_runs_on_bf16_weights_and_matches_grouped_mm():
+    """Training under bf16 autocast with fp32 master weights: the layer hands the Triton
+    kernels bf16 weights (not fp32 tiles), and outputs and fp32 gradients match grouped_mm's."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    cfg = moekit.MoEConfig(d_model=256, d_hidden=512, n_experts=8, k=2, backend="grouped_mm")
+    ref = moekit.MoE(cfg).cuda()
+    tri = moekit.MoE(dataclasses.replace(cfg, backend="triton")).cuda()
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(300, 256, device="cuda")
+    outs = []
+    for moe in (ref, tri):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, _ = moe(xi)
+        y.float().square().sum().backward()
+        outs.append((y.float(), xi.grad, moe.experts.w1.grad))
+    (y0, gx0, gw0), (y1, gx1, gw1) = outs
+    assert gw1.dtype == torch.float32
+    assert (y1 - y0).norm() <= 1e-2 * y0.norm()
+    assert (gx1 - gx0).norm() <= 2e-2 * gx0.norm()
+    assert (gw1 - gw0).norm() <= 2e-2 * gw0.norm()
