@@ -2,8 +2,9 @@
 
 A benchmark may describe its own chart (lines with a spread band and a floor, bars with
 whiskers); otherwise `auto_chart` draws one from the report's `rows`: each varying metric
-against the first integer column (concurrency, size, T), or as bars per row label when
-there is none. Percentile dicts ({"p50": .., "p99": ..}) draw as the median with a band.
+against the first numeric column every row label repeats over (concurrency, size, T,
+threshold), one line per label, or as bars per row label when there is none. Percentile
+dicts ({"p50": .., "p99": ..}) draw as the median with a band.
 """
 
 from __future__ import annotations
@@ -183,6 +184,18 @@ def _positive_span(values: list[float]) -> float:
     return max(pos) / min(pos) if len(pos) == len(values) and pos else 1.0
 
 
+def _is_axis(rows: list[dict[str, Any]], key: str, groups: list[str]) -> bool:
+    """A column to draw against: numbers that vary, seen 2+ times in every row label, once each."""
+    values = [r.get(key) for r in rows]
+    if not all(_number(v) for v in values) or len(set(values)) < 2:
+        return False
+    pairs = [(_label(r, groups), r[key]) for r in rows]
+    per_label: dict[str, int] = {}
+    for label, _ in pairs:
+        per_label[label] = per_label.get(label, 0) + 1
+    return len(set(pairs)) == len(pairs) and min(per_label.values()) >= 2
+
+
 def auto_chart(results: dict[str, Any], title: str) -> Chart | None:
     """A chart of results["rows"] (a list of dicts); None when there is nothing to draw."""
     rows = results.get("rows")
@@ -190,12 +203,7 @@ def auto_chart(results: dict[str, Any], title: str) -> Chart | None:
         return None
     groups = [k for k in rows[0] if all(isinstance(r.get(k), str) for r in rows)]
     groups = [k for k in groups if len({r[k] for r in rows}) > 1]
-    ints = [
-        k
-        for k in rows[0]
-        if all(isinstance(r.get(k), int) and not isinstance(r.get(k), bool) for r in rows)
-    ]
-    x = next((k for k in ints if len({r[k] for r in rows}) > 1), None)
+    x = next((k for k in rows[0] if _is_axis(rows, k, groups)), None)
     metrics = _metrics(rows, {x} if x else set())
     if not metrics:
         return None
