@@ -14,11 +14,18 @@ endif
 .PHONY: demo test test-slow test-gpu lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
+	@echo "== creating the virtual environment $(VENV) (once; later runs reuse it)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "== upgrading pip"
 	$(PY) -m pip install -q --upgrade pip
+	@echo "== installing $(TORCH_SPEC) (the largest download: a few minutes on a first install)"
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	@echo "== installing moekit (editable) with its test extras: triton, finance (arch, pandas,"
+	@echo "   scipy), serve (fastapi, uvicorn, httpx), memory, hf (transformers), test tools (pytest,"
+	@echo "   hypothesis, ruff)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
+	@echo "== done: $(VENV) is ready"
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/moekit demo
