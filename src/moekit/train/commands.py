@@ -52,12 +52,14 @@ def train(args: Any) -> dict[str, Any]:
         **{k: _plain(args[k]) for k in ("task", "model", "train", "parallel", "seed", "out")}
     )
     resume = cfg.out if args.resume == "auto" else args.resume
-    trainer = Trainer(cfg)  # every value checked before anything is moved
+    # before the Trainer: under torchrun every rank checks the folder before any rank can
+    # write to it (they meet first when the Trainer joins the process group); rank 0 moves
+    is_main = os.environ.get("RANK", "0") == "0"
+    moved = claim_run_dir(cfg.out, resume, bool(args.get("overwrite")), is_main)
+    if moved is not None:
+        print(f"moved the previous run in {cfg.out} to {moved}", file=sys.stderr)
+    trainer = Trainer(cfg)
     try:
-        is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 moves
-        moved = claim_run_dir(cfg.out, resume, bool(args.get("overwrite")), is_main)
-        if moved is not None:
-            print(f"moved the previous run in {cfg.out} to {moved}", file=sys.stderr)
         summary = trainer.fit(resume=resume)
     finally:
         trainer.close()
