@@ -6,7 +6,7 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from moekit.cli import main
+from moekit.cli import build_parser, main
 from moekit.sweep import SweepConfig, capacity_value, point_id, read_results, run_sweep
 from moekit.viz import read_panels
 
@@ -64,6 +64,14 @@ def test_refused_points_are_recorded_once_and_plot_redraws_a_point(config, tmp_p
     assert main(["plot", str(out / "points" / result["ran"][0])]) == 0
     plots = out / "points" / "E2-k1-cfnone-topk" / "plots"
     assert {"dashboard.png", "signals_errors.png"} <= {p.name for p in plots.iterdir()}
+
+
+def test_command_line_axes_parse_into_the_config(config):
+    argv = ["sweep", str(config), "--capacity", "[1.0,none]", "--experts", "[4,8]"]
+    args = build_parser().parse_args(argv).sweep
+    assert args.capacity == [1.0, "none"] and args.experts == [4, 8]
+    cfg = SweepConfig(str(config), capacity_factor=args.capacity, experts=args.experts)
+    assert cfg.capacity_factor == [1.0, None]
 
 
 def test_grid_file_fills_the_axes_flags_leave_empty(tmp_path, config):

@@ -138,7 +138,9 @@ def _sweep_parser() -> ArgumentParser:
     p.add_argument("--grid", type=str | None, default=None, help="YAML with the axes below")
     p.add_argument("--experts", type=list[int], default=[], help="e.g. [4,8,16]")
     p.add_argument("--k", type=list[int], default=[], help="e.g. [1,2]")
-    p.add_argument("--capacity", type=list[str], default=[], help="e.g. [1.0,1.25,none]")
+    p.add_argument(
+        "--capacity", type=list[float | str | None], default=[], help="e.g. [1.0,1.25,none]"
+    )
     p.add_argument("--router", type=list[str], default=[], help="e.g. [topk,sinkhorn]")
     p.add_argument("--steps", type=int | None, default=None, help="steps per point (200)")
     p.add_argument("--out", type=str, default="moekit-out/sweep", help="output directory")
