@@ -34,7 +34,12 @@ def test_fit_writes_logs_checkpoints_and_plots(tmp_path, make_run):
     kept = list_checkpoints(tmp_path / "checkpoints")
     best = min((c for c in kept), key=lambda c: c["metric"])
     assert kept[-1]["step"] == 10 and best["metric"] == min(r["mse"] for r in evals)
-    assert {p.name for p in summary["plots"]} == {"dashboard.png", "specialisation.png"}
+    assert {p.name for p in summary["plots"]} == {
+        "dashboard.png",
+        "specialisation.png",
+        "signals_forecasts.png",  # the task's own analysis (Task.plots)
+        "signals_errors.png",
+    }
     assert json.loads((tmp_path / "run.json").read_text())["moe_layers"] == [0, 1]
 
 
