@@ -257,7 +257,9 @@ def _write(results: dict[str, Any], out: Path) -> dict[str, str]:
     lines = [
         f"# {title}",
         "",
-        f"Step: {results['step_ms']:.2f} ms wall, batch {results['batch_size']}.",
+        f"Step: {results['step_ms']:.2f} ms wall (mean of {cfg['steps']}, profiler on), "
+        f"batch {results['batch_size']}. Times are per step; the rest of the step is the loss, "
+        "clipping and bookkeeping (train) or the cache update (decode).",
         "",
     ]
     device = "device_ms" in rows[0]

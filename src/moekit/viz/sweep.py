@@ -1,8 +1,8 @@
 """Trade-off plots of a sweep: quality vs speed, balance vs quality, drops vs capacity.
 
-Points are coloured by router and marked by k; the label beside each says its expert
-count and capacity factor (where it fits; sweep.md lists every point). Lower quality
-values are better (the task's metric).
+Points are coloured by router and marked by k (drop lines: styled by expert count); the
+label beside each says its expert count and capacity factor where it fits (sweep.md lists
+every point). Lower quality values are better (the task's metric).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from moekit.viz.figure import save_figure
 from moekit.viz.style import colors, new_figure, place_labels, styled
 
 MARKERS = "osD^v<>p"
+LINES = ("-", "--", ":", "-.")
 
 
 def _cf(point: dict[str, Any]) -> str:
@@ -35,7 +36,7 @@ def _scatter(ax: Axes, records: list[dict], x: str, y: str, palette: dict, marks
     return [((r[x], r[y]), f"E{r['point']['experts']} cf {_cf(r['point'])}") for r in shown]
 
 
-def _drops(ax: Axes, records: list[dict], palette: dict, marks: dict) -> None:
+def _drops(ax: Axes, records: list[dict], palette: dict, marks: dict, styles: dict) -> None:
     levels = sorted({r["point"]["capacity_factor"] for r in records} - {None})
     ticks = [f"{c:g}" for c in levels] + (
         ["none"] if any(r["point"]["capacity_factor"] is None for r in records) else []
@@ -52,8 +53,8 @@ def _drops(ax: Axes, records: list[dict], palette: dict, marks: dict) -> None:
             *zip(*pts, strict=True),
             marker=marks[k],
             color=palette[router],
+            ls=styles[experts],
             lw=1,
-            label=f"E{experts}",
         )
     ax.set_xticks(range(len(ticks)), ticks)
     ax.set(
@@ -70,6 +71,8 @@ def sweep_figure(records: list[dict[str, Any]], metric: str) -> Figure:
     ks = list(dict.fromkeys(r["point"]["k"] for r in records))
     palette = colors(routers)
     marks = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(ks)}
+    experts = list(dict.fromkeys(r["point"]["experts"] for r in records))
+    styles = {e: LINES[i % len(LINES)] for i, e in enumerate(experts)}
     has_drops = any(r.get("dropped_fraction") is not None for r in records)
     fig, axes = new_figure(
         1, 3 if has_drops else 2, panel=(4.8, 3.8), title=f"sweep: {len(records)} points"
@@ -87,11 +90,13 @@ def sweep_figure(records: list[dict[str, Any]], metric: str) -> Figure:
         ylabel=f"{metric} (lower is better)",
     )
     if has_drops:
-        _drops(axes[0, 2], records, palette, marks)
+        _drops(axes[0, 2], records, palette, marks, styles)
     handles = [
         Line2D([], [], color=palette[r], lw=0, marker="o", label=f"router {r}") for r in routers
     ]
     handles += [Line2D([], [], color="grey", lw=0, marker=marks[k], label=f"k={k}") for k in ks]
+    if has_drops:
+        handles += [Line2D([], [], color="grey", ls=styles[e], label=f"E={e}") for e in experts]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)))
     for ax, labels in ((axes[0, 0], speed), (axes[0, 1], balance)):  # last: the layout is final
         place_labels(ax, [xy for xy, _ in labels], [text for _, text in labels])
