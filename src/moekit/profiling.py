@@ -259,7 +259,7 @@ def _write(results: dict[str, Any], out: Path) -> dict[str, str]:
         "",
         f"Step: {results['step_ms']:.2f} ms wall (mean of {cfg['steps']}, profiler on), "
         f"batch {results['batch_size']}. Times are per step; the rest of the step is the loss, "
-        "clipping and bookkeeping (train) or the cache update (decode).",
+        "clipping and bookkeeping (train), or what runs outside the forward (decode).",
         "",
     ]
     device = "device_ms" in rows[0]
