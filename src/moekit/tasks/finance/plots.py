@@ -154,7 +154,8 @@ def seeds_figure(summary: pd.DataFrame, dm: pd.DataFrame, n_seeds: int) -> Figur
     ax = axes[0, 1]
     if len(dm):
         y = np.arange(len(dm))
-        shade = ["tab:green" if s < 0 else "tab:red" for s in dm["stat"]]
+        better = palette.get("MoE", "tab:blue")
+        shade = [better if s < 0 else "grey" for s in dm["stat"]]
         ax.barh(y, dm["stat"], color=shade)
         ax.set_yticks(
             y, [f"{g} (p={p:.2f})" for g, p in zip(dm["group"], dm["p_value"], strict=True)]
@@ -165,7 +166,7 @@ def seeds_figure(summary: pd.DataFrame, dm: pd.DataFrame, n_seeds: int) -> Figur
     ax.grid(axis="y", visible=False)
     ax.set(
         title="Diebold-Mariano: MoE vs GARCH (QLIKE)",
-        xlabel="DM statistic (< 0: MoE better; dashed: 5% level)",
+        xlabel="DM statistic (< 0, coloured: MoE better; dashed: 5% level)",
     )
     return fig
 
