@@ -85,6 +85,18 @@ async def follow_all(
             engine.cancel(seq)
 
 
+async def collect(
+    engine: Engine, seqs: list[Sequence], choices: list[ChoiceText], request: Request
+) -> None:
+    """Feeds each sequence's tokens to its choice until all are done (non-streaming replies);
+    a choice that hits a stop string cancels its sequence."""
+    async for i, event in follow_all(engine, seqs, request):
+        if event.kind == "token":
+            choices[i].feed(event)
+            if choices[i].stop.stopped:
+                engine.cancel(seqs[i])
+
+
 class ChoiceText:
     """One choice's text: decoded incrementally, cut at the first stop string; its logprobs."""
 

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from torch import Tensor
 
-from moekit.serve.choices import ChoiceText, follow_all, stop_strings, submit_all, usage
+from moekit.serve.choices import ChoiceText, collect, follow_all, stop_strings, submit_all, usage
 from moekit.serve.inputs import (
     ApiError,
     check_ids,
@@ -97,11 +97,7 @@ async def completions(body: CompletionRequest, request: Request):
         include = body.stream_options is not None and body.stream_options.include_usage
         chunks = _chunks(s, seqs, choices, request, head, include, prompts, body.prompt)
         return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-    async for i, event in follow_all(s.engine, seqs, request):
-        if event.kind == "token":
-            choices[i].feed(event)
-            if choices[i].stop.stopped:
-                s.engine.cancel(seqs[i])
+    await collect(s.engine, seqs, choices, request)
     out = []
     for i, (choice, seq) in enumerate(zip(choices, seqs, strict=True)):
         choice.close()
