@@ -1,13 +1,14 @@
 """The serving benchmark at tiny size: the load test end to end, the transformers peer, targets."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from moekit.bench.serve import ServeBench, run
+from moekit.bench.serve import ServeBench, _peers, run
 from moekit.bench.serve_models import shape_config
-from moekit.bench.serve_report import check_targets
+from moekit.bench.serve_report import _peer_table, check_targets
 from moekit.model import ModelConfig
 
 
@@ -47,6 +48,42 @@ def test_peer_runs_write_a_line_per_level(byte_ckpt, tmp_path):
     assert check["top1_agreement"] == 1.0 and check["relative_error"] < 1e-5
     assert [line["concurrency"] for line in lines[1:]] == [2, 1]
     assert [line["tokens"] for line in lines[1:]] == [8, 4] and lines[1]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow  # transformers loads in the peer's process (~10 s of CPU)
+def test_bench_serve_fills_the_peer_section(byte_ckpt, tmp_path):
+    pytest.importorskip("transformers")
+    ckpt = shutil.copytree(byte_ckpt, tmp_path / "ckpt")  # the export lands beside it
+    report = run(
+        str(ckpt),
+        (1,),
+        requests=2,
+        out_dir=tmp_path,
+        max_new_tokens=4,
+        prompt_len=8,
+        prefix_len=20,
+        peers=["dynamic"],
+        peer_concurrency=[2, 1],
+        peer_budget_s=600,
+        server_args=["--page-size", "4"],
+    )
+    md, js = report["files"]
+    peer = json.loads(Path(js).read_text())["peers"][0]
+    assert peer["peer"] == "dynamic" and peer["status"] == "ok"
+    levels = [line for line in peer["lines"] if "concurrency" in line]
+    assert [(line["concurrency"], line["tokens"]) for line in levels] == [(2, 8), (1, 4)]
+    text = Path(md).read_text()
+    assert "## transformers, same weights" in text and "| dynamic | 2 |" in text
+
+
+def test_peer_budget_is_its_own_and_a_stopped_peer_says_so(byte_ckpt, tmp_path):
+    pytest.importorskip("transformers")
+    ckpt = shutil.copytree(byte_ckpt, tmp_path / "ckpt")
+    settings = {"prompt_len": 8, "max_new": 4, "device": "cpu", "dtype": ""}
+    (row,) = _peers(str(ckpt), ["dynamic"], [2, 1], settings, budget_s=0.5)
+    assert row["status"] == "stopped at its 0.5 s budget (before c=2)" and row["wall_s"] < 30
+    table = _peer_table([row])
+    assert table.rows == [("dynamic", "-", "-", "-", "-", row["status"])]
 
 
 def test_real_shape_and_targets():
@@ -89,3 +126,5 @@ def test_real_shape_and_targets():
     }
     with pytest.raises(ValueError, match="peers"):
         ServeBench(ckpt="x", peers=["vllm"])
+    with pytest.raises(ValueError, match="peer_budget_s"):
+        ServeBench(ckpt="x", peer_budget_s=-1)
