@@ -131,10 +131,8 @@ def _parse_vectors(prompt: str | None, dim: int) -> torch.Tensor:
     return torch.tensor(rows)[None]  # [1, S, dim]
 
 
-def _text_prompt(prompt: str | None, model: Transformer) -> torch.Tensor:
-    """The prompt's UTF-8 bytes [S] as token ids; empty, undecodable or off-vocab refused."""
-    from moekit.tasks.text import TextTask
-
+def _prompt_text(prompt: str | None) -> str:
+    """The prompt (default 'def '), refused when empty or not UTF-8."""
     text = DEFAULT_TEXT_PROMPT if prompt is None else prompt
     try:
         text.encode("utf-8")
@@ -142,14 +140,49 @@ def _text_prompt(prompt: str | None, model: Transformer) -> torch.Tensor:
         raise ValueError("--prompt is not valid UTF-8 text") from None
     if not text:
         raise ValueError("--prompt is empty: give at least one character")
-    ids = TextTask.encode(text)
-    vocab = model.cfg.vocab_size or 0
-    if int(ids.max()) >= vocab:
+    return text
+
+
+def _check_prompt_ids(ids: torch.Tensor, model: Transformer, unit: str) -> torch.Tensor:
+    """ids [S] that the model can read: at least one, none past the vocab, S <= max_seq_len."""
+    vocab, window = model.cfg.vocab_size or 0, model.cfg.max_seq_len
+    if ids.numel() == 0:
+        raise ValueError("--prompt is empty once tokenized: give some text")
+    if ids.numel() > window:
         raise ValueError(
-            f"--prompt: byte {int(ids.max())} is outside vocab_size={vocab}; this model does "
-            "not read UTF-8 bytes"
+            f"--prompt is {ids.numel()} {unit}s; this model reads at most max_seq_len={window}"
+        )
+    if int(ids.max()) >= vocab:
+        why = "does not read UTF-8 bytes" if unit == "byte" else "does not match its tokenizer"
+        raise ValueError(
+            f"--prompt: {unit} {int(ids.max())} is outside vocab_size={vocab}; this model {why}"
         )
     return ids
+
+
+def _text_prompt(prompt: str | None, model: Transformer) -> torch.Tensor:
+    """The prompt's UTF-8 bytes [S] as token ids; empty, undecodable or off-vocab refused."""
+    from moekit.tasks.text import TextTask
+
+    return _check_prompt_ids(TextTask.encode(_prompt_text(prompt)), model, "byte")
+
+
+def _tokenizer_codec(model: Transformer, ckpt: Any) -> Any:
+    """The tokenizer carried by the checkpoint (as `moekit serve` reads it), else None."""
+    from moekit.serve.text import ByteCodec, load_codec
+
+    codec = load_codec(model, ckpt)
+    return None if codec is None or isinstance(codec, ByteCodec) else codec
+
+
+def _token_text(codec: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """Prompt and continuation as text, the continuation cut after its first end-of-sequence id.
+
+    Decoded piece by piece as the server streams it, so both print the same text.
+    """
+    stop = next((i + 1 for i, t in enumerate(new_ids) if t in codec.eos_ids), len(new_ids))
+    decoder = codec.decoder()
+    return "".join(decoder.feed(t) for t in prompt_ids + new_ids[:stop]) + decoder.flush()
 
 
 def check_generate_options(args: Any) -> None:
@@ -167,25 +200,30 @@ def check_generate_options(args: Any) -> None:
 
 
 def generate(args: Any) -> list[str]:
-    """Print samples: decoded bytes for text models, rolled-out values for continuous ones."""
+    """Print samples: text for token models (the checkpoint's tokenizer, else UTF-8 bytes),
+    rolled-out values for continuous ones."""
     check_generate_options(args)
     ckpt = pick_checkpoint(args.path)
     model = load_files(ckpt)
     gen = torch.Generator().manual_seed(args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     outputs = []
     if model.is_lm:
         from moekit.tasks.text import TextTask
 
-        prompt = _text_prompt(args.prompt, model)[None].repeat(args.samples, 1)  # [N, S]
-        seq = model.generate(
-            prompt,
-            args.max_new,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            generator=gen,
-        )
-        outputs = [TextTask.decode(s) for s in seq]
+        codec = _tokenizer_codec(model, ckpt)
+        if codec is None:
+            ids = _text_prompt(args.prompt, model)
+        else:
+            ids = torch.tensor(codec.encode(_prompt_text(args.prompt)), dtype=torch.long)
+            ids = _check_prompt_ids(ids, model, "token")
+        prompt = ids[None].repeat(args.samples, 1)  # [N, S]
+        seq = model.generate(prompt, args.max_new, generator=gen, **sampling)
+        if codec is None:
+            outputs = [TextTask.decode(s) for s in seq]
+        else:
+            S = prompt.shape[1]
+            outputs = [_token_text(codec, s[:S].tolist(), s[S:].tolist()) for s in seq]
     else:
         prompt = _parse_vectors(args.prompt, model.cfg.d_in)
         if model.cfg.d_out != model.cfg.d_in:
