@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
 from moekit.backends import get_backend
-from moekit.config import MoEConfig
+from moekit.config import MoEConfig, RouterConfig
 from moekit.dispatch import Plan, combine, gather, make_plan
 from moekit.experts import DenseMLP, GatedDenseMLP, build_experts
 from moekit.librarian import deduplicated_compute
@@ -18,18 +18,67 @@ from moekit.routing.coactivation import coactivation_counts, find_constellations
 from moekit.routing.losses import router_losses, routing_metrics, weighted_aux_loss
 
 
-@dataclass
 class MoEInfo:
-    """What a forward pass reports besides y.
+    """What a forward pass reports besides y, each part computed when first read.
 
     aux_loss: scalar, already weighted by the router config. metrics: tensors (expert_load [E],
     dropped_fraction, router_entropy, router_z, unweighted loss parts...). routing: experts
     [T, K] (-1 in dropped / empty slots) and weights [T, K] as actually used.
+
+    Inference that reads none of them pays nothing: at decode sizes the losses and metrics
+    are tens of small kernels, more than the experts themselves.
     """
 
-    aux_loss: Tensor
-    metrics: dict[str, Tensor]
-    routing: Routing
+    def __init__(
+        self,
+        routed: Routing,
+        kept_TK: Tensor,
+        weights_TK: Tensor,
+        router: RouterConfig,
+        lead: tuple[int, ...],
+        extra: dict[str, Tensor] | None = None,
+    ) -> None:
+        self._routed = routed  # as the router chose, before capacity drops
+        self._kept_TK = kept_TK
+        self._weights_TK = weights_TK
+        self._router = router
+        self._lead = lead
+        self._extra = extra or {}
+        self._losses: dict[str, Tensor] | None = None
+        self._aux: Tensor | None = None
+        self._metrics: dict[str, Tensor] | None = None
+        self._routing: Routing | None = None
+
+    @property
+    def losses(self) -> dict[str, Tensor]:
+        """Unweighted loss parts (load_balance, z_loss, entropy, seq_balance)."""
+        if self._losses is None:
+            self._losses = router_losses(self._routed, self._lead)
+        return self._losses
+
+    @property
+    def aux_loss(self) -> Tensor:
+        if self._aux is None:
+            self._aux = weighted_aux_loss(self.losses, self._router)
+        return self._aux
+
+    @property
+    def metrics(self) -> dict[str, Tensor]:
+        if self._metrics is None:
+            E = self._routed.logits.shape[-1]
+            self._metrics = routing_metrics(self._routed, self._kept_TK, E, self.losses)
+            self._metrics.update(self._extra)
+        return self._metrics
+
+    @property
+    def routing(self) -> Routing:
+        if self._routing is None:
+            self._routing = replace(
+                self._routed,
+                experts=torch.where(self._kept_TK, self._routed.experts, -1),
+                weights=self._weights_TK,
+            )
+        return self._routing
 
 
 def check_input(x: Tensor, d_model: int) -> None:
@@ -157,10 +206,8 @@ class MoE(nn.Module):
                 y_TD, fired = self.compute(x_TD, plan), None
         with stage("moe.finish"):
             y_TD = self.finish(x_TD, y_TD, plan)
-        with stage("moe.aux"):
-            info = self.info(routing, plan, lead)
-        if fired is not None:
-            info.metrics["dedup_fraction"] = fired
+        extra = {} if fired is None else {"dedup_fraction": fired}
+        info = MoEInfo(routing, plan.kept_TK, plan.weights_TK, self.cfg.router, lead, extra)
         return y_TD.reshape(*lead, self.cfg.d_model), info
 
     @torch.no_grad()
@@ -176,19 +223,6 @@ class MoE(nn.Module):
         if not self.cfg.track_coactivation:
             raise ValueError("constellations need MoEConfig.track_coactivation=True")
         return find_constellations(self.coactivation, n)
-
-    def info(self, routing: Routing, plan: Plan, lead: tuple[int, ...]) -> MoEInfo:
-        losses = router_losses(routing, lead)
-        used = replace(
-            routing,
-            experts=torch.where(plan.kept_TK, routing.experts, -1),
-            weights=plan.weights_TK,
-        )
-        return MoEInfo(
-            aux_loss=weighted_aux_loss(losses, self.cfg.router),
-            metrics=routing_metrics(routing, plan.kept_TK, self.cfg.n_experts, losses),
-            routing=used,
-        )
 
     def extra_repr(self) -> str:
         c = self.cfg

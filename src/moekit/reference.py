@@ -9,14 +9,11 @@ sigmoid bias. The router's input norm (RouterConfig.pre_norm) is applied here, t
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 
 from moekit.layer import MoE, MoEInfo, check_input
 from moekit.routing.base import Router, router_dtype
-from moekit.routing.losses import router_losses, routing_metrics, weighted_aux_loss
 
 
 def _capacity_keep(
@@ -96,10 +93,5 @@ def moe_forward(moe: MoE, x: Tensor) -> tuple[Tensor, MoEInfo]:
     y = torch.stack(rows) if T else xs.new_zeros(0, cfg.d_model)
 
     kept = torch.tensor(keep, dtype=torch.bool, device=xs.device).reshape(T, K)
-    losses = router_losses(routing, lead)
-    info = MoEInfo(
-        aux_loss=weighted_aux_loss(losses, cfg.router),
-        metrics=routing_metrics(routing, kept, E, losses),
-        routing=replace(routing, experts=torch.where(kept, routing.experts, -1), weights=used),
-    )
+    info = MoEInfo(routing, kept, used, cfg.router, lead)
     return y.reshape(*lead, cfg.d_model), info

@@ -10,7 +10,7 @@ Training, `generate` and the server run this one forward; the last two pass a ca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,22 @@ class ModelOutput:
     """out: logits [B, S, V] or predictions [B, S, d_out]; loss = task_loss + w * aux_loss."""
 
     out: Tensor
-    aux_loss: Tensor  # sum over MoE layers of their router-weighted aux losses
     layers: list[MoEInfo | None]  # one per block; None for dense blocks
     task_loss: Tensor | None = None
     loss: Tensor | None = None
+    _aux: Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """Sum over MoE layers of their router-weighted aux losses; computed when first read,
+        so generation and serving, which never read it, do not pay for it."""
+        if self._aux is None:
+            aux = self.out.new_zeros((), dtype=torch.float32)
+            for info in self.layers:
+                if info is not None:
+                    aux = aux + info.aux_loss
+            self._aux = aux
+        return self._aux
 
 
 class Transformer(nn.Module):
@@ -84,18 +96,15 @@ class Transformer(nn.Module):
         elif positions is not None and tuple(positions.shape) not in ((S,), (B, S)):
             raise ValueError(f"positions must be [S] or [B, S] = [{B}, {S}], got {positions.shape}")
         h = self.drop(self.embed(x))  # [B, S, D]
-        aux = h.new_zeros((), dtype=torch.float32)
         infos: list[MoEInfo | None] = []
         for block in self.blocks:
             h, info = block(h, positions, cache)
             infos.append(info)
-            if info is not None:
-                aux = aux + info.aux_loss
         out = self.head(self.norm(h))  # [B, S, V] or [B, S, d_out]
-        result = ModelOutput(out=out, aux_loss=aux, layers=infos)
+        result = ModelOutput(out=out, layers=infos)
         if targets is not None:
             result.task_loss = self.task_loss(out, targets)
-            result.loss = result.task_loss + self.cfg.aux_loss_weight * aux
+            result.loss = result.task_loss + self.cfg.aux_loss_weight * result.aux_loss
         return result
 
     def task_loss(self, out: Tensor, targets: Tensor) -> Tensor:
