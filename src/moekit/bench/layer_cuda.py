@@ -2,8 +2,9 @@
 top-k, and each stage alone, against the sort + grouped_mm pipeline and the naive loop.
 
 Timed spans (bf16 weights and inputs, float32 router): `layer` is `MoE.__call__` (router, plan,
-experts, finish, losses and metrics); `core` is route -> compute -> finish without the
-metrics; `from top-k` is plan + experts + combine given the router's experts and weights. The
+experts, finish; inference reads no losses or metrics, so none are computed); `layer + losses
+and metrics` also reads them, as a training step does; `from top-k` is plan + experts +
+combine given the router's experts and weights. The
 sort + grouped_mm pipeline is written here as torchtitan does it (argsort by expert, gather,
 two `torch._grouped_mm`, index_add), sharing no code with moekit's backends. Used by
 `moekit bench kernels --layer true`.
@@ -85,17 +86,17 @@ def spans(moe: moekit.MoE, x_TD: Tensor) -> dict[str, Callable[[], object]]:
         p = make_plan(experts_TK, weights_TK, weights_TK, e.w1.shape[0])
         return moe.compute(x_TD, p)
 
-    def core() -> Tensor:
-        _, p = moe.route(x_TD)
-        return moe.finish(x_TD, moe.compute(x_TD, p), p)
+    def with_metrics() -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        y, info = moe(x_TD)
+        return y, info.aux_loss, info.metrics
 
     def naive() -> Tensor:
         r = moe.router(x_TD)
         return naive_loop(x_TD, r.experts, r.weights, e.w1, e.w2, "swiglu")
 
     return {
-        "layer: moekit": lambda: moe(x_TD),
-        "layer: moekit core (no metrics)": core,
+        "layer: moekit": lambda: moe(x_TD)[0],
+        "layer: moekit + losses and metrics": with_metrics,
         "layer: sort + grouped_mm": lambda: grouped_mm_layer(
             x_TD, moe.router.weight, e.w1, e.w2, k
         ),
@@ -114,7 +115,7 @@ def spans(moe: moekit.MoE, x_TD: Tensor) -> dict[str, Callable[[], object]]:
 
 
 GRAPH_SPANS = (
-    "layer: moekit core (no metrics)",
+    "layer: moekit",
     "layer: sort + grouped_mm",
     "from top-k: moekit",
     "from top-k: sort + grouped_mm",

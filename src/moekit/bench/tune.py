@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -125,16 +126,22 @@ def tune(
     classes: Sequence[str] = CLASSES,
     backward: bool = False,
 ) -> dict[str, Any]:
-    """Search configs per shape class on this GPU; merge them into the user's config cache."""
+    """Search configs per shape class on this GPU; merge them into the user's config cache.
+
+    Each class is written as soon as it is tuned, so a run cut short keeps what it found.
+    """
     from moekit.backends.triton.configs import tuned_table
 
-    tuned = {cls: _tune_forward(cls, shapes) for cls in classes}
-    if backward:
-        for (cls, kind), (_, cfg) in _search_backward(classes, shapes, tuned).items():
-            tuned[cls][kind] = cfg
-    path = tune_path(out)
-    table = merge_tuned(path, tuned)
-    tuned_table.cache_clear()
+    path, table = tune_path(out), {}
+    for cls in classes:
+        start = time.perf_counter()
+        tuned = _tune_forward(cls, shapes)
+        if backward:
+            for (_, kind), (_, cfg) in _search_backward([cls], shapes, {cls: tuned}).items():
+                tuned[kind] = cfg
+        table = merge_tuned(path, {cls: tuned})
+        tuned_table.cache_clear()
+        print(f"tuned {cls} in {time.perf_counter() - start:.0f} s -> {path}", flush=True)
     return {"configs": table, "files": [str(path)]}
 
 
