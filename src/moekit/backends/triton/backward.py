@@ -408,6 +408,50 @@ def _check_backward(dy: Tensor, x: Tensor, h1_SH1: Tensor, w1: Tensor, w2: Tenso
     check_operand("dy", dy, (None, x.shape[1]), FLOATS, dev)
 
 
+def _weight_grads(
+    dy: Tensor,
+    x: Tensor,
+    h1_SH1: Tensor,
+    token_S: Tensor | None,
+    weight_S: Tensor | None,
+    offsets_E1: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Tensor | None,
+    b2: Tensor | None,
+    activation: str,
+    cfg_key: str,
+) -> tuple[Tiles, dict, tuple[Tensor, Tensor, Tensor, Tensor], Tensor | None]:
+    """The parts both ops share: (tiles, dX config, (dw1, dw2, db1, db2), d weight [S] fp32 or
+    None when unweighted). h1_SH1 holds dh1 on return, ready for dX."""
+    _check_backward(dy, x, h1_SH1, w1, w2)
+    cfg = config_by_key(x.device, cfg_key)
+    S, block_m = (token_S if token_S is not None else x).shape[0], cfg["block_m"]
+    tiles = Tiles(offsets_E1, block_m, *schedule(offsets_E1, S, block_m))
+    dy = dy.contiguous()
+    wg = _wgrad_config(cfg, x.dtype)
+    dw2, db2 = _grad_w2(h1_SH1, dy, token_S, weight_S, w2, b2, offsets_E1, activation, wg)
+    dwp = _dh(dy, token_S, weight_S, w2, h1_SH1, tiles, activation, cfg)
+    dweight = dwp.sum(1) if dwp is not None else None
+    if dweight is not None and b2 is not None:
+        dweight = dweight + _bias_dweight(dy, token_S, b2, offsets_E1)
+    dw1, db1 = _grad_w1(x, h1_SH1, token_S, w1, b1, offsets_E1, wg)
+    return tiles, cfg["dx"], (dw1, dw2, db1, db2), dweight
+
+
+def _fake_grads(
+    x: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None, b2: Tensor | None
+) -> tuple[Tensor, ...]:
+    """Empty (dx, dw1, dw2, db1, db2) for the fakes: the shapes of the real ops' outputs."""
+    return (
+        torch.empty_like(x),
+        torch.empty_like(w1),
+        torch.empty_like(w2),
+        torch.empty_like(b1) if b1 is not None else w1.new_empty(0),
+        torch.empty_like(b2) if b2 is not None else w2.new_empty(0),
+    )
+
+
 @torch.library.custom_op("moekit_triton::backward", mutates_args=("h1_SH1",))
 def backward(
     dy_TD: Tensor,
@@ -427,32 +471,17 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw1, dw2, db1, db2, dweight_S) of the fused y; db1 / db2 are empty when the bias
     is None. h1_SH1 is consumed: it holds dh1 on return."""
-    _check_backward(dy_TD, x_TD, h1_SH1, w1, w2)
-    cfg = config_by_key(x_TD.device, cfg_key)
-    S, block_m = token_S.shape[0], cfg["block_m"]
-    tiles = Tiles(offsets_E1, block_m, *schedule(offsets_E1, S, block_m))
-    dy_TD = dy_TD.contiguous()
-    wg = _wgrad_config(cfg, x_TD.dtype)
-    dw2, db2 = _grad_w2(h1_SH1, dy_TD, token_S, weight_S, w2, b2, offsets_E1, activation, wg)
-    dweight = _dh(dy_TD, token_S, weight_S, w2, h1_SH1, tiles, activation, cfg).sum(1)
-    if b2 is not None:
-        dweight = dweight + _bias_dweight(dy_TD, token_S, b2, offsets_E1)
-    dw1, db1 = _grad_w1(x_TD, h1_SH1, token_S, w1, b1, offsets_E1, wg)
+    tiles, dx_cfg, grads, dweight = _weight_grads(
+        dy_TD, x_TD, h1_SH1, token_S, weight_S, offsets_E1, w1, w2, b1, b2, activation, cfg_key
+    )
     # dX: per-slot rows dh1 @ w1[e]^T, summed per token in slot order
-    dx = combine(gemm_dx(h1_SH1, w1, tiles, cfg["dx"]), inv_S, None, kept_TK, x_TD.shape[0])
-    return dx, dw1, dw2, db1, db2, dweight.to(weight_S.dtype)
+    dx = combine(gemm_dx(h1_SH1, w1, tiles, dx_cfg), inv_S, None, kept_TK, x_TD.shape[0])
+    return dx, *grads, dweight.to(weight_S.dtype)
 
 
 @backward.register_fake
 def _(dy_TD, x_TD, h1_SH1, token_S, weight_S, inv_S, kept_TK, offsets_E1, w1, w2, b1, b2, act, key):
-    return (
-        torch.empty_like(x_TD),
-        torch.empty_like(w1),
-        torch.empty_like(w2),
-        torch.empty_like(b1) if b1 is not None else w1.new_empty(0),
-        torch.empty_like(b2) if b2 is not None else w2.new_empty(0),
-        torch.empty_like(weight_S),
-    )
+    return *_fake_grads(x_TD, w1, w2, b1, b2), torch.empty_like(weight_S)
 
 
 @torch.library.custom_op("moekit_triton::backward_per_slot", mutates_args=("h1_SH1",))
@@ -470,25 +499,12 @@ def backward_per_slot(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx_SD, dw1, dw2, db1, db2) of the per-slot outputs; dx_SD is zero past the kept rows,
     db1 / db2 are empty when the bias is None. h1_SH1 holds dh1 on return."""
-    _check_backward(dout_SD, x_SD, h1_SH1, w1, w2)
-    cfg = config_by_key(x_SD.device, cfg_key)
-    S, block_m = x_SD.shape[0], cfg["block_m"]
-    tiles = Tiles(offsets_E1, block_m, *schedule(offsets_E1, S, block_m))
-    dout_SD = dout_SD.contiguous()
-    wg = _wgrad_config(cfg, x_SD.dtype)
-    dw2, db2 = _grad_w2(h1_SH1, dout_SD, None, None, w2, b2, offsets_E1, activation, wg)
-    _dh(dout_SD, None, None, w2, h1_SH1, tiles, activation, cfg)
-    dw1, db1 = _grad_w1(x_SD, h1_SH1, None, w1, b1, offsets_E1, wg)
-    dx_SD = gemm_dx(h1_SH1, w1, tiles, cfg["dx"], zero_tail=True)
-    return dx_SD, dw1, dw2, db1, db2
+    tiles, dx_cfg, grads, _ = _weight_grads(
+        dout_SD, x_SD, h1_SH1, None, None, offsets_E1, w1, w2, b1, b2, activation, cfg_key
+    )
+    return gemm_dx(h1_SH1, w1, tiles, dx_cfg, zero_tail=True), *grads
 
 
 @backward_per_slot.register_fake
 def _(dout_SD, x_SD, h1_SH1, offsets_E1, w1, w2, b1, b2, activation, cfg_key):
-    return (
-        torch.empty_like(x_SD),
-        torch.empty_like(w1),
-        torch.empty_like(w2),
-        torch.empty_like(b1) if b1 is not None else w1.new_empty(0),
-        torch.empty_like(b2) if b2 is not None else w2.new_empty(0),
-    )
+    return _fake_grads(x_SD, w1, w2, b1, b2)
