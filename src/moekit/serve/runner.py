@@ -126,6 +126,9 @@ class ModelRunner:
             self.sampling = RowSampling(N, mc.vocab_size, dev)  # type: ignore[arg-type]
         else:
             self.inputs = torch.zeros(N, 1, mc.d_in, dtype=p.dtype, device=dev)  # type: ignore[arg-type]
+        # the rows a step samples for, staged in pinned host memory: no per-step tensor, no sync
+        self._rows_host = torch.zeros(N, dtype=torch.long, pin_memory=dev.type == "cuda")  # [N]
+        self._rows = torch.zeros(N, dtype=torch.long, device=dev)  # [N]
         mode = cfg.decode_mode
         if mode == "auto":
             mode = "graphs" if dev.type == "cuda" else "eager"
@@ -211,7 +214,8 @@ class ModelRunner:
             outs.append(self.decode(rows))  # type: ignore[arg-type]
             self.kv.commit(rows, [1] * len(rows))  # type: ignore[list-item]
         done, fed = self._prefill(outs)
-        outputs = self._next(seqs + done, torch.cat(outs)) if outs else []
+        logits = outs[0] if len(outs) == 1 else torch.cat(outs) if outs else None
+        outputs = self._next(seqs + done, logits) if logits is not None else []
         self.decoding += done
         return StepResult(outputs, len(seqs), fed, ended)
 
@@ -272,6 +276,15 @@ class ModelRunner:
         self.kv.commit(rows, counts)
         return out.out
 
+    def _device_rows(self, rows: list[int]) -> Tensor:
+        """rows [n] on the device, copied from pinned memory without waiting for the device.
+
+        Safe to reuse the staging buffer: every step ends by reading its outputs back.
+        """
+        n = len(rows)
+        self._rows_host.numpy()[:n] = rows
+        return self._rows[:n].copy_(self._rows_host[:n], non_blocking=True)
+
     def _refill(self) -> list[tuple[Sequence, str]]:
         """Rows whose window is full restart from their last window // 2 positions, as
         `generate` does; a row that cannot get the pages for it ends early ('length')."""
@@ -295,7 +308,7 @@ class ModelRunner:
         self, seqs: list[Sequence], out: Tensor
     ) -> list[tuple[Sequence, object, Logprobs | None]]:
         """Pick each sequence's next output from out [n, V] (or take the vectors [n, d_out])."""
-        rows = torch.tensor([s.row for s in seqs], device=self.kv.device)  # [n]
+        rows = self._device_rows([s.row for s in seqs])  # type: ignore[misc]
         asked = [s.logprobs for s in seqs if s.logprobs is not None]
         if not self.model.is_lm:
             values = out.float()  # [n, d_out]

@@ -51,12 +51,15 @@ async def follow(engine: Engine, seq: Sequence, request: Request) -> AsyncIterat
     """Yield seq's events until 'done'; cancel it if the client goes away or we are closed."""
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(seq.events.get(), POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
+            try:  # an event already queued needs no timer (a slow reader catching up)
+                event = seq.events.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    event = await asyncio.wait_for(seq.events.get(), POLL_S)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
             yield event
             if event.kind == "done":
                 return
