@@ -157,3 +157,42 @@ def test_triton_backend_reads_hf_weights_through_their_strides():
     assert not experts.gate_up_proj.mT.is_contiguous()  # the layout the backend was handed
     for got, want in zip(grads[1], grads[0], strict=True):
         assert rel_err(got, want) < 1e-5
+
+
+def test_a_module_is_checked_once_and_again_when_its_act_fn_changes(monkeypatch):
+    import moekit.integrations.hf.experts as adapter
+
+    checks = []
+    real = adapter._activation
+    monkeypatch.setattr(adapter, "_activation", lambda m: checks.append(m) or real(m))
+    experts = _experts_class()(SimpleNamespace(_experts_implementation="moekit"))
+    x, index, weights = torch.randn(3, 8), torch.randint(0, 4, (3, 2)), torch.rand(3, 2)
+    with torch.no_grad():
+        first = experts(x, index, weights)
+        assert torch.equal(experts(x, index, weights), first) and len(checks) == 1
+        experts.act_fn = nn.Tanh()
+        with pytest.raises(ValueError, match=r"Experts\.act_fn = Tanh\(\)"):
+            experts(x, index, weights)
+
+
+def test_moved_and_updated_weights_are_read_on_the_next_call():
+    torch.manual_seed(4)
+    experts = _experts_class()(SimpleNamespace(_experts_implementation="moekit"))
+    index = torch.randint(0, 4, (5, 2))
+
+    def both(x, weights):
+        outs = []
+        for name in ("moekit", "batched_mm"):
+            experts.config._experts_implementation = name
+            outs.append(experts(x, index, weights))
+        return outs
+
+    with torch.no_grad():
+        x, weights = torch.randn(5, 8), torch.rand(5, 2)
+        before, _ = both(x, weights)
+        experts.gate_up_proj.mul_(2.0)
+        got, want = both(x, weights)
+        assert not torch.equal(got, before) and rel_err(got, want) < 1e-6
+        experts.to(torch.float64)  # param.data swapped for new memory
+        got, want = both(x.double(), weights.double())
+        assert got.dtype == torch.float64 and rel_err(got, want) < 1e-12

@@ -6,7 +6,8 @@ with weights gate_up_proj [E, 2H, D] and down_proj [E, D, H] ([E, D, 2H] / [E, H
 `is_transposed`). Here the routing becomes a moekit `Plan` and the weights are read through
 transposed views (no copies) by stage 3 of the layer; gradients reach HF's parameters and the
 router's weights through the backend's autograd. A module flag moekit cannot honour exactly
-raises a ValueError naming it.
+raises a ValueError naming it. Flags and activation are checked on a module's first call and
+the backend resolved once per (backend, device, dtype): at decode sizes host work is the cost.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,20 +66,77 @@ def _activation(module: nn.Module) -> str:
     return _GATED[base] if module.has_gate else base
 
 
-def _weights(module: nn.Module) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """w1 [E, D, H1], w2 [E, H, D] as views of HF's parameters, b1 [E, H1], b2 [E, D] or None."""
+def _weight_names(module: nn.Module) -> tuple[str, str, str | None, str | None]:
+    """Names of w1, w2, b1, b2 on the module; flags moekit cannot honour are refused."""
     if getattr(module, "_is_expert_parallel", False):
         _refuse(module, "_is_expert_parallel", "is True; expert parallelism is not supported")
     if getattr(module, "has_post_expert_norm", False):
         _refuse(module, "has_post_expert_norm", "is True; a norm after each expert is unsupported")
     if module.has_gate and not getattr(module, "is_concatenated", True):
         _refuse(module, "is_concatenated", "is False; interleaved gate/up would need a copy")
-    up = module.gate_up_proj if module.has_gate else module.up_proj
-    w1, w2 = (up, module.down_proj) if module.is_transposed else (up.mT, module.down_proj.mT)
+    up = "gate_up_proj" if module.has_gate else "up_proj"
     if not module.has_bias:
+        return up, "down_proj", None, None
+    return up, "down_proj", f"{up}_bias", "down_proj_bias"
+
+
+def _member(module: nn.Module, name: str, default: Any = None) -> Any:
+    """module.<name>, read straight from its parameters or submodules when it is one of them
+    (nn.Module.__getattr__ costs more than the rest of a call's host work)."""
+    found = module._parameters.get(name)
+    if found is None:
+        found = module._modules.get(name)
+    return found if found is not None else getattr(module, name, default)
+
+
+def _views(
+    module: nn.Module, names: tuple[str, str, str | None, str | None], transposed: bool
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """w1 [E, D, H1], w2 [E, H, D] as views of HF's parameters, b1 [E, H1], b2 [E, D] or None.
+
+    Made on every call, never kept: a kept view would hold a weight's memory after the module
+    swaps it (offloading hooks, `.to()`), and it costs two view ops per call.
+    """
+    up, down = _member(module, names[0]), _member(module, names[1])
+    w1, w2 = (up, down) if transposed else (up.mT, down.mT)
+    if names[2] is None:
         return w1, w2, None, None
-    b1 = module.gate_up_proj_bias if module.has_gate else module.up_proj_bias
-    return w1, w2, b1, module.down_proj_bias
+    return w1, w2, _member(module, names[2]), _member(module, names[3])
+
+
+def _weights(module: nn.Module) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """`_views` of a module, its flags checked now."""
+    return _views(module, _weight_names(module), bool(module.is_transposed))
+
+
+class _Bound:
+    """An experts module as moekit reads it, checked on its first call (activation, flags,
+    weight names) so that later calls (a decode step makes one per layer) repeat none of it."""
+
+    __slots__ = ("act_fn", "activation", "names", "transposed")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.act_fn = _member(module, "act_fn")  # a new act_fn is checked again
+        self.activation = _activation(module)
+        self.names = _weight_names(module)
+        self.transposed = bool(module.is_transposed)
+
+
+# id(module) -> its _Bound and resolved backends; an entry goes when its module is collected
+_BOUND: dict[int, tuple[_Bound, dict]] = {}
+
+
+def _bound(module: nn.Module) -> tuple[_Bound, dict]:
+    """The module's binding and its {(backend, device, dtype): experts_forward} cache."""
+    key = id(module)
+    entry = _BOUND.get(key)
+    if entry is not None and entry[0].act_fn is _member(module, "act_fn"):
+        return entry
+    bound = _Bound(module)  # a refused module raises here and is never kept
+    if entry is None:
+        weakref.finalize(module, _BOUND.pop, key, None)
+    entry = _BOUND[key] = (bound, {})
+    return entry
 
 
 def experts_forward(
@@ -90,7 +149,7 @@ def experts_forward(
     """The experts of an HF MoE block on moekit's stage 3: [T, D] -> [T, D] in the input dtype."""
     T, K = top_k_index.shape
     E = module.num_experts
-    experts_TK = top_k_index.long()
+    experts_TK = top_k_index if top_k_index.dtype == torch.long else top_k_index.long()
     if top_k_weights.shape == (T, K):
         weights_TK = top_k_weights
     elif top_k_weights.shape == (T, E):  # dense router scores: each slot reads its expert's
@@ -100,11 +159,14 @@ def experts_forward(
             f"top_k_weights must be [T, K] = [{T}, {K}] or [T, E] = [{T}, {E}], "
             f"got {tuple(top_k_weights.shape)}"
         )
-    activation = _activation(module)
-    w1, w2, b1, b2 = _weights(module)
+    bound, forwards = _bound(module)
+    w1, w2, b1, b2 = _views(module, bound.names, bound.transposed)
     plan = make_plan(experts_TK, weights_TK, weights_TK, E)  # dropless: priority unused
-    forward = get_backend(backend, hidden_states.device, hidden_states.dtype)
-    return forward(hidden_states, plan, w1, w2, b1, b2, activation)
+    where = (backend, hidden_states.device, hidden_states.dtype)
+    forward = forwards.get(where)
+    if forward is None:
+        forward = forwards[where] = get_backend(*where)
+    return forward(hidden_states, plan, w1, w2, b1, b2, bound.activation)
 
 
 def register(backend: str = "auto", name: str = NAME) -> str:
