@@ -1,14 +1,17 @@
 """The serving benchmark at tiny size: the load test end to end, the transformers peer, targets."""
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
 import pytest
 
+from moekit.bench.registry import bench_spec
 from moekit.bench.serve import ServeBench, _peers, run
 from moekit.bench.serve_models import shape_config
 from moekit.bench.serve_report import _peer_table, check_targets
+from moekit.cli import build_parser
 from moekit.model import ModelConfig
 
 
@@ -128,3 +131,19 @@ def test_real_shape_and_targets():
         ServeBench(ckpt="x", peers=["vllm"])
     with pytest.raises(ValueError, match="peer_budget_s"):
         ServeBench(ckpt="x", peer_budget_s=-1)
+
+
+def test_the_guides_bounded_command_parses():
+    guide = Path(__file__).parents[2] / "docs" / "guides" / "serving.md"
+    text = guide.read_text().split("The bounded command", 1)[1]
+    block = text.split("```", 2)[1].replace("\\\n", " ")
+    argv = shlex.split(block.split("python -m moekit.cli", 1)[1])
+    args = build_parser().parse_args(argv)["bench"]
+    cfg = bench_spec("serve").config(**args[args.bench].as_dict())
+    assert isinstance(cfg, ServeBench) and cfg.ckpt == "/tmp/qwen3-6l" and cfg.layers == 6
+    assert (cfg.concurrency, cfg.peers, cfg.peer_concurrency) == (
+        [1, 8, 32],
+        ["static-compile"],
+        [32, 1],
+    )
+    assert cfg.peer_budget_s > 0 and cfg.floor and cfg.prompt_len == cfg.prefix_len == 512
