@@ -36,3 +36,19 @@ def test_bench_librarian_writes_its_report(tmp_path):
 def test_unknown_subcommand_fails():
     with pytest.raises(SystemExit):
         cli.main(["bench", "nope"])
+
+
+def test_grouped_subcommands_parse_their_options():
+    parse = cli.build_parser().parse_args
+    args = parse(["convert", "hf-to-moekit", "hf", "mk", "--max-seq-len", "8", "--dtype", "bf16"])
+    assert args.convert["hf-to-moekit"].as_dict() == {
+        "hf_dir": "hf",
+        "out": "mk",
+        "max_seq_len": 8,
+        "dtype": "bf16",
+    }
+    args = parse(["convert", "moekit-to-hf", "mk", "hf", "--dtype", "fp16"])
+    assert args.convert["moekit-to-hf"].as_dict() == {"ckpt": "mk", "out": "hf", "dtype": "fp16"}
+    args = parse(["finance", "demo", "--seeds", "2", "--tickers", "[SPY]"])
+    assert args.finance.demo.seeds == 2 and args.finance.demo.tickers == ["SPY"]
+    assert parse(["bench", "librarian", "--tokens", "64"]).bench.librarian.tokens == 64

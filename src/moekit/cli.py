@@ -167,25 +167,31 @@ def _bench_parser(spec: Any) -> ArgumentParser:
     return p
 
 
+def _add_group(parent: Any, name: str, description: str) -> Any:
+    """`moekit NAME ...`: a command whose own subcommands go on the returned action."""
+    p = ArgumentParser(description=description)
+    parent.add_subcommand(name, p)  # jsonargparse: attach a level before nesting under it
+    return p.add_subcommands(dest=name)
+
+
 def _add_bench(parent) -> None:
     from moekit.bench.registry import available_benches, bench_spec
 
-    p = ArgumentParser(
-        description="Benchmarks. Each writes a .md table, a .json (machine, GPU, versions, "
-        "date, command) and a .png chart to --out-dir, docs/benchmarks/ by default. Lists are "
-        "written [1,8,32]."
+    sub = _add_group(
+        parent,
+        "bench",
+        "Benchmarks. Each writes a .md table, a .json (machine, GPU, versions, date, command) "
+        "and a .png chart to --out-dir, docs/benchmarks/ by default. Lists are written [1,8,32].",
     )
-    parent.add_subcommand("bench", p)  # jsonargparse: attach a level before nesting under it
-    sub = p.add_subcommands(dest="bench")
     for name in available_benches():
         spec = bench_spec(name)
         sub.add_subcommand(name, _bench_parser(spec), help=spec.help)
 
 
 def _add_finance(parent) -> None:
-    p = ArgumentParser(description="Finance MoE: real market data routed to asset-class experts.")
-    parent.add_subcommand("finance", p)
-    sub = p.add_subcommands(dest="finance")
+    sub = _add_group(
+        parent, "finance", "Finance MoE: real market data routed to asset-class experts."
+    )
     demo = ArgumentParser(
         description="The whole finance pipeline: the data shipped with `arch` (default), CSV "
         "files or tickers (needs moekit[finance-data] and a network)."
@@ -405,32 +411,47 @@ def _run_finance(args: Namespace) -> None:
     )  # fmt: skip
 
 
+def _conversion_parser(
+    description: str, source: str, source_help: str, out_help: str
+) -> ArgumentParser:
+    """One direction of `moekit convert`: the directory read (`source`) and the one written."""
+    p = ArgumentParser(description=description)
+    p.add_argument(source, type=str, help=source_help)
+    p.add_argument("out", type=str, help=out_help)
+    return p
+
+
+def _add_dtype(p: ArgumentParser) -> None:
+    """--dtype of the weights written; None keeps the checkpoint's own."""
+    p.add_argument("--dtype", type=str | None, default=None, help="bf16, fp16, fp32")
+
+
 def _add_hf(parent) -> None:
     """`moekit convert ...` and `moekit route-report`: Hugging Face checkpoints (moekit[hf])."""
-    p = ArgumentParser(description="Convert MoE checkpoints between Hugging Face and moekit.")
-    parent.add_subcommand("convert", p)
-    sub = p.add_subcommands(dest="convert")
-    to_moekit = ArgumentParser(
-        description="An HF MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) as a moekit "
-        "checkpoint, its tokenizer files beside it."
+    sub = _add_group(parent, "convert", "Convert MoE checkpoints between Hugging Face and moekit.")
+    to_moekit = _conversion_parser(
+        "An HF MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) as a moekit checkpoint, its "
+        "tokenizer files beside it.",
+        "hf_dir",
+        "HF checkpoint directory (safetensors)",
+        "new moekit checkpoint directory",
     )
-    to_moekit.add_argument("hf_dir", type=str, help="HF checkpoint directory (safetensors)")
-    to_moekit.add_argument("out", type=str, help="new moekit checkpoint directory")
     to_moekit.add_argument(
         "--max-seq-len",
         type=int | None,
         default=None,
         help="longest context (serving sizes its KV slots by it); default max_position_embeddings",
     )
-    to_moekit.add_argument("--dtype", type=str | None, default=None, help="bf16, fp16, fp32")
+    _add_dtype(to_moekit)
     sub.add_subcommand("hf-to-moekit", to_moekit)
-    to_hf = ArgumentParser(
-        description="A moekit checkpoint whose architecture maps onto Mixtral, Qwen2-MoE, "
-        "Qwen3-MoE or OLMoE as an HF checkpoint AutoModelForCausalLM loads."
+    to_hf = _conversion_parser(
+        "A moekit checkpoint whose architecture maps onto Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE "
+        "as an HF checkpoint AutoModelForCausalLM loads.",
+        "ckpt",
+        "moekit checkpoint directory",
+        "new HF checkpoint directory",
     )
-    to_hf.add_argument("ckpt", type=str, help="moekit checkpoint directory")
-    to_hf.add_argument("out", type=str, help="new HF checkpoint directory")
-    to_hf.add_argument("--dtype", type=str | None, default=None, help="bf16, fp16, fp32")
+    _add_dtype(to_hf)
     sub.add_subcommand("moekit-to-hf", to_hf)
     report = ArgumentParser(
         description="Per-layer expert load, router entropy and dead experts of an HF MoE "
