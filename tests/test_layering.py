@@ -6,7 +6,16 @@ from pathlib import Path
 import moekit
 
 SRC = Path(moekit.__file__).parent
-LOW = ["routing", "backends", "dispatch.py", "layer.py", "experts.py", "config.py", "librarian.py"]
+LOW = [
+    "routing",
+    "backends",
+    "dispatch.py",
+    "layer.py",
+    "replay.py",
+    "experts.py",
+    "config.py",
+    "librarian.py",
+]
 HIGH = (
     "moekit.model",
     "moekit.train",

@@ -281,6 +281,9 @@ class MoEConfig:
     # inference only (ignored in training): merge a token's experts whose outputs have
     # cosine >= threshold onto the highest-weight one (moekit.librarian)
     dedup_threshold: float | None = None
+    # inference on CUDA: batches of <= this many tokens replay a CUDA graph of the layer
+    # (moekit.replay) instead of launching its kernels one by one; 0 = never
+    graph_max_tokens: int = 64
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
@@ -303,6 +306,8 @@ class MoEConfig:
             raise ValueError("shared_gate=True needs n_shared_experts >= 1")
         _choice("backend", self.backend, ("auto", *available_backends()))
         _choice("fallback", self.fallback, FALLBACKS)
+        if not isinstance(self.graph_max_tokens, int) or self.graph_max_tokens < 0:
+            raise ValueError(f"graph_max_tokens={self.graph_max_tokens!r} must be an integer >= 0")
         if self.dedup_threshold is not None and not 0 < self.dedup_threshold <= 1:
             raise ValueError(f"dedup_threshold={self.dedup_threshold!r} must be in (0, 1]")
         if self.n_experts % self.router.n_groups:

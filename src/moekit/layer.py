@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import itertools
+from collections.abc import Iterator
+from dataclasses import fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +15,7 @@ from moekit.dispatch import Plan, combine, gather, make_plan
 from moekit.experts import DenseMLP, GatedDenseMLP, build_experts
 from moekit.librarian import deduplicated_compute
 from moekit.ranges import stage
+from moekit.replay import GraphReplay
 from moekit.routing import Routing, build_router
 from moekit.routing.coactivation import coactivation_counts, find_constellations
 from moekit.routing.losses import router_losses, routing_metrics, weighted_aux_loss
@@ -143,6 +146,29 @@ class MoE(nn.Module):
         if cfg.track_coactivation:  # [E, E] tokens that chose both i and j; diagonal: chose i
             E = cfg.n_experts
             self.register_buffer("coactivation", torch.zeros(E, E, dtype=torch.float32))
+        self.replay = (
+            GraphReplay(self._replayed, self._state, cfg.graph_max_tokens)
+            if cfg.graph_max_tokens and self._rows_independent()
+            else None
+        )
+
+    def _rows_independent(self) -> bool:
+        """Whether each token's output depends on its own input alone (padding is harmless),
+        with no side effect or host sync in the forward: then small batches may replay."""
+        c = self.cfg
+        drops = c.capacity_factor is not None and self.router.uses_capacity
+        side_effects = c.debug or c.track_coactivation or c.dedup_threshold is not None
+        return self.router.batch_invariant and not drops and not side_effects
+
+    def _state(self) -> Iterator[Tensor]:
+        return itertools.chain(self.parameters(), self.buffers())
+
+    def _replayed(self, x_TD: Tensor) -> tuple[Tensor, ...]:
+        """The inference forward as flat tensors, for `GraphReplay`."""
+        routing, plan = self.route(x_TD)
+        y_TD = self.finish(x_TD, self.compute(x_TD, plan), plan)
+        parts = tuple(getattr(routing, f.name) for f in fields(Routing))
+        return (y_TD, plan.kept_TK, plan.weights_TK, *parts)
 
     # stage 1 + 2 -----------------------------------------------------------------------
     def route(self, x_TD: Tensor) -> tuple[Routing, Plan]:
@@ -195,6 +221,12 @@ class MoE(nn.Module):
             _sync_check_finite(x)
         lead = tuple(x.shape[:-1])
         x_TD = x.reshape(-1, self.cfg.d_model)
+        if self.replay is not None and not self.training and self.replay.usable(x_TD):
+            out = self.replay(x_TD)  # small inference batch: a CUDA-graph replay
+            if out is not None:
+                y_TD, kept_TK, weights_TK, *parts = out
+                info = MoEInfo(Routing(*parts), kept_TK, weights_TK, self.cfg.router, lead)
+                return y_TD.reshape(*lead, self.cfg.d_model), info
         routing, plan = self.route(x_TD)
         if self.cfg.track_coactivation:
             self.count_coactivation(routing.experts)

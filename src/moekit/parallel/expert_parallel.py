@@ -59,6 +59,7 @@ class ExpertParallelMoE(MoE):
         for name, p in list(self.experts.named_parameters()):  # copies: the full ones are freed
             setattr(self.experts, name, nn.Parameter(p.detach()[lo:hi].clone()))
         self._mark_expert_params()
+        self.replay = None  # collectives run by every rank at once: no per-rank graph replay
         share_router_load(self, group)  # the same tokens decide the balance bias on every rank
 
     # stage 3 ---------------------------------------------------------------------------------
