@@ -94,4 +94,13 @@ def test_counting_sort_plan_carries_router_gradients() -> None:
 
 def test_counting_sort_op_passes_opcheck() -> None:
     experts, _ = _routing(7, 3, 5, seed=1, empty=0.2)
-    torch.library.opcheck(plan_module.counting_sort, (experts, 5))
+    torch.library.opcheck(plan_module.counting_sort.custom, (experts, 5))
+
+
+def test_eager_calls_skip_the_dispatcher_and_equal_the_registered_op() -> None:
+    experts = torch.tensor([[0, 2], [1, -1], [2, 2], [4, 0]])
+    direct = plan_module.counting_sort(experts, 5)
+    registered = plan_module.counting_sort.custom(experts, 5)
+    assert torch.ops.moekit_triton.counting_sort.default is not None
+    for a, b in zip(direct, registered, strict=True):
+        assert torch.equal(a, b)

@@ -71,5 +71,5 @@ def test_fused_routing_leaves_the_cpu_and_autograd_to_torch() -> None:
 
 def test_route_select_op_passes_opcheck() -> None:
     logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
-    torch.library.opcheck(route_select, (logits, None, 2, True, 1.0))
-    torch.library.opcheck(route_select, (logits, torch.zeros(8), 3, False, 2.0))
+    torch.library.opcheck(route_select.custom, (logits, None, 2, True, 1.0))
+    torch.library.opcheck(route_select.custom, (logits, torch.zeros(8), 3, False, 2.0))

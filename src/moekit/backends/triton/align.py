@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moekit.backends.triton.ops import triton_op
+
 
 def max_tiles(n_rows: int, n_experts: int, block_m: int) -> int:
     """Static upper bound on the number of non-empty BLOCK_M tiles over all experts."""
@@ -75,7 +77,7 @@ def block_e(n_experts: int) -> int:
     return triton.next_power_of_2(max(n_experts, 2))
 
 
-@torch.library.custom_op("moekit_triton::schedule", mutates_args=())
+@triton_op("moekit_triton::schedule")
 def schedule(offsets_E1: Tensor, n_rows: int, block_m: int) -> tuple[Tensor, Tensor]:
     """(expert_M, row_M) int32 for the BLOCK_M tiling of the sorted rows; see module doc."""
     E = offsets_E1.shape[0] - 1

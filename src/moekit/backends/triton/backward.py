@@ -30,6 +30,7 @@ from moekit.backends.triton.checks import FLOATS, INDICES, WEIGHTS, check_operan
 from moekit.backends.triton.configs import config_by_key, for_dtype, for_wgrad
 from moekit.backends.triton.down import combine
 from moekit.backends.triton.launch import launch_with_retry
+from moekit.backends.triton.ops import triton_op
 from moekit.backends.triton.up import (
     Tiles,
     act_code,
@@ -452,7 +453,7 @@ def _fake_grads(
     )
 
 
-@torch.library.custom_op("moekit_triton::backward", mutates_args=("h1_SH1",))
+@triton_op("moekit_triton::backward", mutates_args=("h1_SH1",))
 def backward(
     dy_TD: Tensor,
     x_TD: Tensor,
@@ -484,7 +485,7 @@ def _(dy_TD, x_TD, h1_SH1, token_S, weight_S, inv_S, kept_TK, offsets_E1, w1, w2
     return *_fake_grads(x_TD, w1, w2, b1, b2), torch.empty_like(weight_S)
 
 
-@torch.library.custom_op("moekit_triton::backward_per_slot", mutates_args=("h1_SH1",))
+@triton_op("moekit_triton::backward_per_slot", mutates_args=("h1_SH1",))
 def backward_per_slot(
     dout_SD: Tensor,
     x_SD: Tensor,

@@ -19,10 +19,11 @@ from torch import Tensor
 
 from moekit.backends.triton.checks import FLOATS, WEIGHTS, check_operand
 from moekit.backends.triton.configs import config_by_key
+from moekit.backends.triton.ops import triton_op
 from moekit.backends.triton.up import Tiles, gemm_down
 
 
-@torch.library.custom_op("moekit_triton::down", mutates_args=())
+@triton_op("moekit_triton::down")
 def down(
     a_SH: Tensor,
     w2: Tensor,
@@ -79,7 +80,7 @@ def _combine_kernel(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-@torch.library.custom_op("moekit_triton::combine", mutates_args=())
+@triton_op("moekit_triton::combine")
 def combine(
     src_SD: Tensor, inv_S: Tensor, weight_S: Tensor | None, kept_TK: Tensor, n_tokens: int
 ) -> Tensor:

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moekit.backends.triton.ops import triton_op
 from moekit.dispatch import Plan
 
 MAX_PROGRAMS = 64  # each program of launch 2 reads the whole [P, B] table: keep P small
@@ -103,7 +104,7 @@ def _grid(n_slots: int, n_buckets: int) -> tuple[int, int, int, int]:
     return block_s, block_b, chunks, triton.cdiv(n_chunks, chunks)
 
 
-@torch.library.custom_op("moekit_triton::counting_sort", mutates_args=())
+@triton_op("moekit_triton::counting_sort")
 def counting_sort(
     experts_TK: Tensor, n_experts: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

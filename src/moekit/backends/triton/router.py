@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moekit.backends.triton.ops import triton_op
 from moekit.routing.base import Routing
 
 
@@ -79,7 +80,7 @@ def _select_kernel(
     tl.store(priority_ptr + out, priority, mask=mask_k)
 
 
-@torch.library.custom_op("moekit_triton::route_select", mutates_args=())
+@triton_op("moekit_triton::route_select")
 def route_select(
     logits_TE: Tensor, bias_E: Tensor | None, k: int, renormalize: bool, scaling: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
