@@ -88,8 +88,10 @@ def shape_class(n_rows: int, n_experts: int) -> str:
     return "large"
 
 
+@cache
 def device_key(device: torch.device) -> str:
-    """File stem for a device: its name with spaces and dashes as underscores."""
+    """File stem for a device: its name with spaces and dashes as underscores (cached: every
+    launch looks its config up)."""
     if device.type != "cuda":
         return "cpu"
     name = torch.cuda.get_device_name(device)
