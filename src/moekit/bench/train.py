@@ -2,13 +2,14 @@
 
 Every contender trains the same shape (`moekit.bench.train_models`) on the same GPU in the
 same run: bf16 autocast over float32 master weights, fused AdamW, gradient clipping. moekit
-runs its own `TrainStep` (triton or grouped_mm backend, optionally torch.compile'd and with
+runs its own `TrainStep` (triton or grouped_mm backend, torch.compile'd or eager, with
 activation checkpointing); Hugging Face runs the family's model with the usual loop
 (`model(input_ids, labels=...)`, `loss.backward()`, `optimizer.step()`).
 
 Reported per contender: step time, tokens/s, achieved TFLOP/s and MFU (`flops_per_token` over
 the bf16 matmul peak this GPU reaches, measured here) and peak memory; optionally the largest
 batch that fits. A contender that fails gets its error in the table and the others still run.
+The report is rewritten after every row, so a run stopped early keeps the rows it finished.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import gc
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,17 +26,13 @@ import torch
 
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
-from moekit.bench.train_models import SHAPES, flops_per_token, hf_model, moekit_model
+from moekit.bench.train_models import SHAPES, Step, flops_per_token, hf_step, moekit_step
 from moekit.model import ModelConfig
-from moekit.train.config import CHECKPOINTING, TrainConfig
-from moekit.train.metrics import model_loss
-from moekit.train.optim import build_optimizer
-from moekit.train.recompute import checkpoint_activations
-from moekit.train.step import Precision, StepConfig, TrainStep
+from moekit.train.config import CHECKPOINTING
 
-CONTENDER = re.compile(r"^(moekit|hf):(\w+)$")  # moekit:BACKEND or hf:EXPERTS_IMPL
+# moekit:BACKEND or hf:EXPERTS_IMPL, optionally :compiled or :eager (else --compile decides)
+CONTENDER = re.compile(r"^(moekit|hf):(\w+)(?::(compiled|eager))?$")
 DEFAULT_CONTENDERS = ["moekit:triton", "moekit:grouped_mm", "hf:grouped_mm"]
-Step = Callable[[], None]
 TARGETS = (
     "Targets: MFU of moekit:triton >= 1.3x moekit:grouped_mm's and >= 1.5x "
     "hf:grouped_mm's at the same shape; peak memory <= moekit:grouped_mm's at equal batch."
@@ -51,13 +48,21 @@ class TrainBench:
     layers: int = option(0, "layers of every shape (0 = the shape's default)")
     batch_size: int = option(4, "sequences per step")
     seq_len: int = option(2048, "tokens per sequence")
-    contenders: list[str] = option(DEFAULT_CONTENDERS, "moekit:BACKEND and hf:EXPERTS_IMPL")
+    contenders: list[str] = option(
+        DEFAULT_CONTENDERS, "moekit:BACKEND and hf:EXPERTS_IMPL, each optionally :compiled|:eager"
+    )
     checkpointing: list[str] = option(["none"], f"activation checkpointing, from {CHECKPOINTING}")
+    checkpointing_contenders: list[str] = option(
+        [], "contenders timed under the checkpointing modes after the first ([]: all)"
+    )
     compile: bool = option(True, "torch.compile the moekit models (whole model)")
     hf_compile: bool = option(False, "torch.compile the Hugging Face models too")
     steps: int = option(10, "timed optimiser steps")
     warmup: int = option(3, "untimed steps first (compilation happens here)")
     max_batch: int = option(0, "also find the largest batch that fits, doubling up to this")
+    max_batch_contenders: list[str] = option(
+        [], "contenders whose largest batch is searched, after every timed row ([]: all)"
+    )
     out_dir: str = option(DEFAULT_DIR, "directory of the .md and .json ('' writes none)")
 
     def __post_init__(self) -> None:
@@ -69,6 +74,10 @@ class TrainBench:
         bad = [c for c in self.contenders if not CONTENDER.match(c)]
         if bad or not self.contenders:
             raise ValueError(f"contenders={self.contenders}: each is moekit:BACKEND or hf:IMPL")
+        for name in ("checkpointing_contenders", "max_batch_contenders"):
+            extra = sorted(set(getattr(self, name)) - set(self.contenders))
+            if extra:
+                raise ValueError(f"{name}={extra} must be among contenders={self.contenders}")
         bad = sorted(set(self.checkpointing) - set(CHECKPOINTING))
         if bad or not self.checkpointing:
             raise ValueError(
@@ -114,61 +123,6 @@ def _free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _tokens(cfg: ModelConfig, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    return torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
-
-
-def moekit_step(
-    cfg: ModelConfig, device: torch.device, batch: int, seq_len: int, mode: str, compiled: bool
-) -> Step:
-    """One moekit optimiser step on fixed random tokens: the trainer's TrainStep and AdamW."""
-    model = moekit_model(cfg, device)
-    checkpoint_activations(model, mode)
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0))
-    precision = Precision.BF16 if device.type == "cuda" else Precision.FP32
-    step = TrainStep(model, StepConfig(precision=precision, max_grad_norm=1.0))
-    forward = torch.compile(model) if compiled else model
-    data = _tokens(cfg, batch, seq_len, device)
-    x, y = data[:, :-1], data[:, 1:]
-    return lambda: step(
-        optimizer, [None], lambda _: forward(x, y), lambda out, _: model_loss(out, None)
-    )
-
-
-def hf_step(
-    cfg: ModelConfig,
-    family: str,
-    experts: str,
-    device: torch.device,
-    batch: int,
-    seq_len: int,
-    mode: str,
-    compiled: bool,
-) -> Step:
-    """One step of the loop users write around a transformers model: autocast, backward, clip,
-    fused AdamW; `blocks` is transformers' gradient checkpointing."""
-    model = hf_model(cfg, family, experts, device)
-    model.train()
-    if mode == "blocks":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fused = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, **fused)
-    forward = torch.compile(model) if compiled else model
-    ids = _tokens(cfg, batch, seq_len, device)[:, :-1]  # transformers shifts the labels itself
-    cast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with cast:
-            loss = forward(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-
-    return step
-
-
 def _time(step: Step, device: torch.device, warmup: int, steps: int) -> dict[str, float]:
     """Mean step time over `steps` after `warmup` steps, and the peak memory while timed."""
     for _ in range(warmup):
@@ -185,20 +139,48 @@ def _time(step: Step, device: torch.device, warmup: int, steps: int) -> dict[str
     return {"step_s": seconds, "peak_gib": peak}
 
 
+def compiled(name: str, opts: TrainBench) -> bool:
+    """Whether contender `name` runs torch.compile'd: its suffix, else --compile / --hf-compile."""
+    kind, _, mode = CONTENDER.match(name).groups()  # type: ignore[union-attr]
+    if mode is not None:
+        return mode == "compiled"
+    return opts.compile if kind == "moekit" else opts.hf_compile
+
+
 def _build(name: str, shape_family: str, cfg: ModelConfig, dev: torch.device, batch: int,
            seq_len: int, mode: str, opts: TrainBench) -> Step:  # fmt: skip
-    kind, impl = CONTENDER.match(name).groups()  # type: ignore[union-attr]
+    kind, impl, _ = CONTENDER.match(name).groups()  # type: ignore[union-attr]
     if kind == "moekit":
         cfg = replace(cfg, moe=replace(cfg.moe, backend=impl))  # validated: names the backend
-        return moekit_step(cfg, dev, batch, seq_len, mode, opts.compile)
+        return moekit_step(cfg, dev, batch, seq_len, mode, compiled(name, opts))
     if mode == "experts":
         raise ValueError("transformers has no experts-only checkpointing")
-    return hf_step(cfg, shape_family, impl, dev, batch, seq_len, mode, opts.hf_compile)
+    return hf_step(cfg, shape_family, impl, dev, batch, seq_len, mode, compiled(name, opts))
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """`err` and the errors it was raised from or while handling, outermost first."""
+    chain = [err]
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) and inner not in chain:
+        chain.append(inner)
+    return chain
 
 
 def _error(err: BaseException) -> str:
+    """The error's type and first line, and its root cause's when the compiler wrapped it."""
+    root = _chain(err)[-1]
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:160] if text else ''}"
+    line = f"{type(err).__name__}: {text[0] if text else ''}"
+    if root is not err:
+        cause = str(root).strip().splitlines()
+        line += f" ({type(root).__name__}: {cause[0] if cause else ''})"
+    return line[:240]
+
+
+def _base(name: str) -> str:
+    """The contender without its :compiled / :eager suffix (the row says that instead)."""
+    kind, impl, _ = CONTENDER.match(name).groups()  # type: ignore[union-attr]
+    return f"{kind}:{impl}"
 
 
 def bench_contender(name: str, shape_name: str, mode: str, opts: TrainBench,
@@ -207,9 +189,9 @@ def bench_contender(name: str, shape_name: str, mode: str, opts: TrainBench,
     shape, dev = SHAPES[shape_name], torch.device(opts.device)
     layers = opts.layers or shape.layers
     cfg = shape.model_config(layers, opts.seq_len, "auto")
-    row: dict[str, Any] = {"shape": shape_name, "layers": layers, "contender": name}
+    row: dict[str, Any] = {"shape": shape_name, "layers": layers, "contender": _base(name)}
     row |= {"checkpointing": mode, "batch": opts.batch_size, "seq_len": opts.seq_len}
-    row["compiled"] = opts.compile if name.startswith("moekit") else opts.hf_compile
+    row["compiled"] = compiled(name, opts)
     _free(dev)
     try:
         step = _build(name, shape.family, cfg, dev, opts.batch_size, opts.seq_len, mode, opts)
@@ -227,28 +209,37 @@ def bench_contender(name: str, shape_name: str, mode: str, opts: TrainBench,
     return row
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """Out of memory, also when the compiler or a kernel launcher wrapped it."""
+    return any(
+        isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        for e in _chain(err)
+    )
+
+
 def largest_batch(name: str, shape_name: str, mode: str, opts: TrainBench) -> dict[str, Any]:
-    """Double the batch from `batch_size` while two steps fit, up to `max_batch`."""
+    """Double the batch from `batch_size` while two steps fit, up to `max_batch`; the time of
+    the second step and the peak memory of the largest batch that fit."""
     shape, dev = SHAPES[shape_name], torch.device(opts.device)
     cfg = shape.model_config(opts.layers or shape.layers, opts.seq_len, "auto")
-    fits, batch, error = 0, opts.batch_size, ""
+    fit: dict[str, Any] = {"shape": shape_name, "contender": _base(name), "checkpointing": mode}
+    fit |= {"compiled": compiled(name, opts), "fits": 0, "limit": opts.max_batch, "error": ""}
+    batch = opts.batch_size
     while batch <= opts.max_batch:
         _free(dev)
         try:
             step = _build(name, shape.family, cfg, dev, batch, opts.seq_len, mode, opts)
-            step()
-            step()
-            _sync(dev)
-            fits, batch = batch, batch * 2
-        except Exception as err:  # out of memory may surface wrapped by the compiler
-            if not isinstance(err, torch.OutOfMemoryError) and "out of memory" not in str(err):
-                error = _error(err)
+            measured = _time(step, dev, 1, 1)
+            fit |= {"fits": batch, "step_s": measured["step_s"], "peak_gib": measured["peak_gib"]}
+            batch *= 2
+        except Exception as err:
+            if not _out_of_memory(err):
+                fit["error"] = _error(err)
             break
         finally:
             step = None  # type: ignore[assignment]
             _free(dev)
-    return {"shape": shape_name, "contender": name, "checkpointing": mode, "fits": fits,
-            "limit": opts.max_batch, "error": error}  # fmt: skip
+    return fit
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -278,8 +269,13 @@ def _table(rows: list[dict]) -> Table:
     return table
 
 
+def _label(row: dict) -> str:
+    return f"{row['contender']} (compiled)" if row.get("compiled") else row["contender"]
+
+
 def ratios(rows: list[dict], lead: str = "moekit:triton") -> list[str]:
-    """MFU of `lead` over each other contender at the same shape and checkpointing."""
+    """MFU of `lead` (compiled and eager) over each other contender at the same shape and
+    checkpointing."""
     lines = []
     ok = [r for r in rows if "mfu" in r]
     for r in ok:
@@ -289,10 +285,45 @@ def ratios(rows: list[dict], lead: str = "moekit:triton") -> list[str]:
             same = (other["shape"], other["checkpointing"]) == (r["shape"], r["checkpointing"])
             if same and other["contender"] != lead:
                 lines.append(
-                    f"{r['shape']}, checkpointing {r['checkpointing']}: MFU of {lead} is "
-                    f"{r['mfu'] / other['mfu']:.2f}x {other['contender']}'s"
+                    f"{r['shape']}, checkpointing {r['checkpointing']}: MFU of {_label(r)} is "
+                    f"{r['mfu'] / other['mfu']:.2f}x {_label(other)}'s"
                 )
     return lines
+
+
+def _fit_table(fits: list[dict], batch_size: int, max_batch: int) -> Table:
+    columns = ("shape", "contender", "ckpt", "compiled", "largest batch that fits")
+    table = Table((*columns, "step ms", "peak GiB", "note"))
+    table.title = f"largest batch (doubling from {batch_size}, up to {max_batch})"
+    for f in fits:
+        step_ms = f["step_s"] * 1e3 if "step_s" in f else None
+        table.rows.append(
+            (
+                f["shape"],
+                f["contender"],
+                f["checkpointing"],
+                "yes" if f["compiled"] else "no",
+                f["fits"],
+                _fmt(step_ms, ".1f"),
+                _fmt(f.get("peak_gib"), ".1f"),
+                f["error"],
+            )
+        )
+    return table
+
+
+def plan_runs(opts: TrainBench) -> list[tuple[str, str, str, str]]:
+    """(what, contender, shape, mode) in the order they run: the timed rows, per shape the
+    first checkpointing mode for every contender, then the other modes; then the searches."""
+    timed, searched = [], []
+    again = opts.checkpointing_contenders or opts.contenders
+    fit = opts.max_batch_contenders or opts.contenders
+    for shape in opts.shapes:
+        for i, mode in enumerate(opts.checkpointing):
+            timed += [("time", name, shape, mode) for name in (again if i else opts.contenders)]
+            if opts.max_batch:
+                searched += [("fit", name, shape, mode) for name in fit]
+    return timed + searched
 
 
 @register_bench("train", TrainBench)
@@ -304,57 +335,79 @@ def run(
     seq_len: int = 2048,
     contenders: Sequence[str] = tuple(DEFAULT_CONTENDERS),
     checkpointing: Sequence[str] = ("none",),
+    checkpointing_contenders: Sequence[str] = (),
     compile: bool = True,
     hf_compile: bool = False,
     steps: int = 10,
     warmup: int = 3,
     max_batch: int = 0,
+    max_batch_contenders: Sequence[str] = (),
     out_dir: str | None = DEFAULT_DIR,
 ) -> dict[str, Any]:
-    """Times every contender x shape x checkpointing mode; writes the report and returns it."""
-    values = dict(locals())
-    opts = TrainBench(**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
+    """Times the planned contender x shape x checkpointing rows, then the largest-batch
+    searches; rewrites the report after each and returns the last."""
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items()}
+    opts = TrainBench(**values)
     dev = torch.device(device)
     peak = measure_peak(dev)
-    rows, fits = [], []
-    for shape in shapes:
-        for mode in checkpointing:
-            for name in contenders:
-                rows.append(bench_contender(name, shape, mode, opts, peak["tflops"]))
-                if max_batch:
-                    fits.append(largest_batch(name, shape, mode, opts))
+    planned = plan_runs(opts)
+    rows: list[dict] = []
+    fits: list[dict] = []
+    report: dict[str, Any] = {}
+    for i, (what, name, shape, mode) in enumerate(planned, 1):
+        if what == "time":
+            rows.append(row := bench_contender(name, shape, mode, opts, peak["tflops"]))
+        else:
+            fits.append(row := largest_batch(name, shape, mode, opts))
+        print(f"bench train {i}/{len(planned)}: {_progress(row)}", flush=True)
+        report = _write(opts, values, peak, rows, fits, done=(i, len(planned)))
+    return report
+
+
+def _progress(r: dict) -> str:
+    """One line per finished row for the console."""
+    what = f"{_label(r)} {r['shape']} ckpt={r['checkpointing']}"
+    if r.get("error"):
+        return f"{what}: {r['error']}"
+    if "fits" in r:
+        return f"{what}: largest batch {r['fits']}, peak {_fmt(r.get('peak_gib'), '.1f')} GiB"
+    step = f"{r['step_s'] * 1e3:.1f} ms, MFU {100 * r['mfu']:.3g}%"
+    return f"{what}: {step}, peak {_fmt(r.get('peak_gib'), '.1f')} GiB"
+
+
+def _write(opts: TrainBench, values: dict[str, Any], peak: dict[str, Any], rows: list[dict],
+           fits: list[dict], done: tuple[int, int]) -> dict[str, Any]:  # fmt: skip
+    """The report of the rows so far; the chart is drawn once, with the last row."""
+    dev = torch.device(opts.device)
     cuda = dev.type == "cuda"
     precision = "bf16 autocast" if cuda else "float32"
     adamw = "fused AdamW" if cuda else "AdamW"
     tables = [_table(rows)]
     if fits:
-        fit_table = Table(("shape", "contender", "ckpt", "largest batch that fits", "note"))
-        fit_table.title = f"largest batch (doubling from {batch_size}, up to {max_batch})"
-        for f in fits:
-            fit_table.rows.append(
-                (f["shape"], f["contender"], f["checkpointing"], f["fits"], f["error"])
-            )
-        tables.append(fit_table)
+        tables.append(_fit_table(fits, opts.batch_size, opts.max_batch))
     text = [
         f"Matmul peak measured here: {peak['tflops']:.3g} TFLOP/s ({peak['dtype']}, "
         f"{peak['n']}^3); MFU = model FLOPs per token x tokens/s / that peak. FLOPs per token: "
         "6 x active matmul weights (experts k of E, router, LM head; no embedding) + "
         "12 x layers x heads x head_dim x seq_len (PaLM; attention without the causal half).",
         f"{precision} over float32 master weights, {adamw}, grad clip 1.0; mean step time "
-        f"over {steps} steps after {warmup} warm-up steps; peak memory while timed.",
+        f"over {opts.steps} steps after {opts.warmup} warm-up steps; peak memory while timed. "
+        "Largest batch: two steps fit; its step time is the second step's.",
     ]
+    if done[0] < done[1]:
+        text.append(f"Partial: {done[0]} of {done[1]} runs finished when this was written.")
     shown = {k: v for k, v in values.items() if k != "out_dir"}
+    lines = ratios(rows)
     return write_report(
         f"train-{dev.type}",
         f"MoE training step at size, {dev.type}",
-        bench_command(
-            "train", **{k: list(v) if isinstance(v, tuple) else v for k, v in shown.items()}
-        ),
+        bench_command("train", **shown),
         tables,
-        {"rows": rows, "largest_batch": fits, "peak": peak, "ratios": ratios(rows)},
+        {"rows": rows, "largest_batch": fits, "peak": peak, "ratios": lines},
         config=opts,
-        device=device,
+        device=opts.device,
         text=text,
-        notes=[*ratios(rows), TARGETS] if ratios(rows) else [],
-        out_dir=out_dir,
+        notes=[*lines, TARGETS] if lines else [],
+        out_dir=opts.out_dir,
+        chart=None if done[0] == done[1] else False,
     )

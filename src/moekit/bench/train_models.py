@@ -3,11 +3,13 @@
 A `TrainShape` is the dims of a published MoE with a chosen number of layers. moekit builds it
 as a `Transformer`; transformers builds the same shape as the family's own model class (random
 init, `experts_implementation` as given), from the config `moekit.integrations.hf` writes, so
-both have the same parameters and FLOPs per token.
+both have the same parameters and FLOPs per token. `moekit_step` and `hf_step` build one
+optimiser step of each, the loop its users write.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,6 +18,13 @@ from torch import nn
 
 from moekit.config import ExpertConfig, MoEConfig, RouterConfig
 from moekit.model import ModelConfig, Transformer
+from moekit.train.config import TrainConfig
+from moekit.train.metrics import model_loss
+from moekit.train.optim import build_optimizer
+from moekit.train.recompute import checkpoint_activations
+from moekit.train.step import Precision, StepConfig, TrainStep
+
+Step = Callable[[], None]  # one optimiser step
 
 
 @dataclass(frozen=True)
@@ -131,3 +140,58 @@ def hf_model(cfg: ModelConfig, family: str, experts: str, device: torch.device) 
             config, attn_implementation="sdpa", experts_implementation=experts
         )
     return model.float()
+
+
+def _tokens(cfg: ModelConfig, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
+
+
+def moekit_step(
+    cfg: ModelConfig, device: torch.device, batch: int, seq_len: int, mode: str, compiled: bool
+) -> Step:
+    """One moekit optimiser step on fixed random tokens: the trainer's TrainStep and AdamW."""
+    model = moekit_model(cfg, device)
+    checkpoint_activations(model, mode)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0))
+    precision = Precision.BF16 if device.type == "cuda" else Precision.FP32
+    step = TrainStep(model, StepConfig(precision=precision, max_grad_norm=1.0))
+    forward = torch.compile(model) if compiled else model
+    data = _tokens(cfg, batch, seq_len, device)
+    x, y = data[:, :-1], data[:, 1:]
+    return lambda: step(
+        optimizer, [None], lambda _: forward(x, y), lambda out, _: model_loss(out, None)
+    )
+
+
+def hf_step(
+    cfg: ModelConfig,
+    family: str,
+    experts: str,
+    device: torch.device,
+    batch: int,
+    seq_len: int,
+    mode: str,
+    compiled: bool,
+) -> Step:
+    """One step of the loop users write around a transformers model: autocast, backward, clip,
+    fused AdamW; `blocks` is transformers' gradient checkpointing."""
+    model = hf_model(cfg, family, experts, device)
+    model.train()
+    if mode == "blocks":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, **fused)
+    forward = torch.compile(model) if compiled else model
+    ids = _tokens(cfg, batch, seq_len, device)[:, :-1]  # transformers shifts the labels itself
+    cast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with cast:
+            loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return step
