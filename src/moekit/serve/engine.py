@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
-import torch
 from torch import Tensor
 
 from moekit.model.transformer import Transformer
@@ -131,7 +131,9 @@ class Engine:
         deadline = time.monotonic() + self.cfg.request_timeout_s
         seqs: list[Sequence] = []
         for i in range(n):
-            seed = params.seed + i if params.seed is not None else int(torch.seed() % 2**63)
+            # a fresh seed from the OS: torch.seed() would reseed every device's generator
+            # (milliseconds per request) and touch the process's global RNG
+            seed = params.seed + i if params.seed is not None else secrets.randbits(63)
             seq = Sequence(
                 id=base if n == 1 else f"{base}-{i}",
                 prompt=prompt,
