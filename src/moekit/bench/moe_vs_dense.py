@@ -149,10 +149,13 @@ def train_one(opts: MoEVsDenseBench, base: RunConfig, name: str, task: Task, rat
     budget = opts.minutes * 60.0
     steps = max(opts.evals, math.ceil(budget * rate / per_step))  # the clock stops it on time
     every = max(1, steps // opts.evals)
+    # the clock is read at log flushes: every ~1% of the run, so no run overshoots by much
+    log = max(1, min(tc.log_interval, steps // 100))
     out = Path(opts.runs) / f"{name}-seed{seed}"
     cfg = _run_config(
         base, name, seed, out, steps=steps, eval_interval=every, ckpt_interval=steps,
-        plot_interval=0, time_budget_s=budget, warmup_steps=min(tc.warmup_steps, steps // 10),
+        log_interval=log, plot_interval=0, time_budget_s=budget,
+        warmup_steps=min(tc.warmup_steps, steps // 10),
     )  # fmt: skip
     claim_run_dir(out, None, overwrite=True)  # an earlier run there is moved aside, not mixed in
     trainer = Trainer(cfg, task=task, title=f"{name} seed {seed}")
