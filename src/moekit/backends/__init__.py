@@ -16,7 +16,9 @@ computed: each matches `moekit.reference` in the tests.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
 from collections.abc import Callable
 from types import ModuleType
 
@@ -58,8 +60,18 @@ def get_backend(
 ) -> Callable:
     """experts_forward of backend `name`, or experts_per_slot when per_slot.
 
-    "auto" picks the fastest backend that runs on (device, dtype).
+    "auto" picks the fastest backend that runs on (device, dtype). Resolved once per
+    arguments (and TRITON_INTERPRET, which decides whether triton runs on the CPU): the layer
+    asks on every forward, and imports and checks cost more host time than a decode step's
+    kernels.
     """
+    return _resolve(name, device, dtype, per_slot, os.environ.get("TRITON_INTERPRET"))
+
+
+@functools.cache
+def _resolve(
+    name: str, device: torch.device, dtype: torch.dtype, per_slot: bool, _interpret: str | None
+) -> Callable:
     if name == "auto":
         candidates = _AUTO_ORDER.get(device.type, ("torch",))
         name = next(

@@ -29,7 +29,7 @@ _HAVE_TRITON = importlib.util.find_spec("triton") is not None  # read once: comp
 
 def supported(device: torch.device, dtype: torch.dtype) -> str | None:
     """None on CUDA (or the CPU under TRITON_INTERPRET=1) for float dtypes, else why not."""
-    if importlib.util.find_spec("triton") is None:
+    if not _HAVE_TRITON:
         return "triton is not installed (pip install 'moekit[triton]')"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} is not one of float16, bfloat16, float32"

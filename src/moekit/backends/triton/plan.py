@@ -114,10 +114,13 @@ def counting_sort(
     order_S = torch.empty(S, dtype=torch.long, device=device)
     token_S = torch.empty(S, dtype=torch.long, device=device)
     expert_S = torch.empty(S, dtype=experts_TK.dtype, device=device)
-    counts_E = torch.zeros(E, dtype=torch.long, device=device)
-    offsets_E1 = torch.zeros(E + 1, dtype=torch.long, device=device)
     if S == 0:
+        counts_E = torch.zeros(E, dtype=torch.long, device=device)
+        offsets_E1 = torch.zeros(E + 1, dtype=torch.long, device=device)
         return order_S, token_S, expert_S, counts_E, offsets_E1
+    # the scatter's program 0 writes every entry of these two
+    counts_E = torch.empty(E, dtype=torch.long, device=device)
+    offsets_E1 = torch.empty(E + 1, dtype=torch.long, device=device)
     flat_S = experts_TK.reshape(-1).contiguous()
     block_s, block_b, chunks, n_programs = _grid(S, E + 1)
     table = torch.empty(n_programs, block_b, dtype=torch.int32, device=device)
