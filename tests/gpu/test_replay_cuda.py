@@ -71,3 +71,23 @@ def test_updated_weights_are_seen_and_moved_weights_recaptured():
         x32 = x.float()
         torch.testing.assert_close(moe(x32)[0], eager(x32)[0], rtol=1e-3, atol=1e-3)
     assert len(moe.replay._entries) == 2
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_hf_experts_replay_equals_eager(family):
+    pytest.importorskip("transformers")
+    from tests.integrations.hf_models import VOCAB, hf_model
+
+    from moekit.integrations.hf.experts import _BOUND, register
+
+    register()
+    model = hf_model(family).cuda().eval()
+    x = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        model.set_experts_implementation("eager")
+        want = model(x).logits
+        model.set_experts_implementation("moekit")
+        got = model(x).logits
+    experts = model.model.layers[0].mlp.experts
+    assert _BOUND[id(experts)][1][("replay", "auto")]._entries, "the call did not replay"
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -7,7 +7,9 @@ with weights gate_up_proj [E, 2H, D] and down_proj [E, D, H] ([E, D, 2H] / [E, H
 transposed views (no copies) by stage 3 of the layer; gradients reach HF's parameters and the
 router's weights through the backend's autograd. A module flag moekit cannot honour exactly
 raises a ValueError naming it. Flags and activation are checked on a module's first call and
-the backend resolved once per (backend, device, dtype): at decode sizes host work is the cost.
+the backend resolved once per (backend, device, dtype): at decode sizes host work is the cost,
+which is why inference calls of up to 64 tokens on CUDA replay a CUDA graph of plan and
+experts instead (`moekit.replay`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from torch import Tensor, nn
 
 from moekit.backends import available_backends, get_backend
 from moekit.dispatch import make_plan
+from moekit.replay import GraphReplay
 
 NAME = "moekit"
 _PLAIN = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 _GATED = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
 _PROBE = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)  # on the CPU: never a device sync
 _ACTIVATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+REPLAY_MAX_TOKENS = 64  # decode batches up to this size replay a CUDA graph (moekit.replay)
 
 
 def _sync_activation(act: Callable) -> str | None:
@@ -159,14 +163,52 @@ def experts_forward(
             f"top_k_weights must be [T, K] = [{T}, {K}] or [T, E] = [{T}, {E}], "
             f"got {tuple(top_k_weights.shape)}"
         )
-    bound, forwards = _bound(module)
+    bound, cache = _bound(module)
+    replay = cache.get(("replay", backend))
+    if replay is None:
+        replay = cache[("replay", backend)] = _graph_replay(module, backend)
+    if replay.usable(hidden_states, experts_TK, weights_TK):  # a decode step: one replay
+        out = replay(hidden_states, experts_TK, weights_TK)
+        if out is not None:
+            return out[0]
+    return _compute(module, bound, cache, backend, hidden_states, experts_TK, weights_TK)
+
+
+def _compute(
+    module: nn.Module,
+    bound: _Bound,
+    cache: dict,
+    backend: str,
+    hidden_states: Tensor,
+    experts_TK: Tensor,
+    weights_TK: Tensor,
+) -> Tensor:
+    """Plan and stage 3 with the module's weights: y [T, D]."""
     w1, w2, b1, b2 = _views(module, bound.names, bound.transposed)
-    plan = make_plan(experts_TK, weights_TK, weights_TK, E)  # dropless: priority unused
+    plan = make_plan(experts_TK, weights_TK, weights_TK, module.num_experts)  # dropless
     where = (backend, hidden_states.device, hidden_states.dtype)
-    forward = forwards.get(where)
+    forward = cache.get(where)
     if forward is None:
-        forward = forwards[where] = get_backend(*where)
+        forward = cache[where] = get_backend(*where)
     return forward(hidden_states, plan, w1, w2, b1, b2, bound.activation)
+
+
+def _graph_replay(module: nn.Module, backend: str) -> GraphReplay:
+    """Small inference batches of this module from CUDA graphs (`moekit.replay`); padded rows
+    route to expert 0 with weight 0. Holds the module weakly: the cache must not keep it."""
+    ref = weakref.ref(module)
+
+    def run(hidden_states: Tensor, experts_TK: Tensor, weights_TK: Tensor) -> tuple[Tensor]:
+        m = ref()
+        bound, cache = _bound(m)
+        return (_compute(m, bound, cache, backend, hidden_states, experts_TK, weights_TK),)
+
+    def state() -> tuple[Tensor, ...]:
+        m = ref()
+        bound = _bound(m)[0]
+        return tuple(t for t in _views(m, bound.names, bound.transposed) if t is not None)
+
+    return GraphReplay(run, state, REPLAY_MAX_TOKENS)
 
 
 def register(backend: str = "auto", name: str = NAME) -> str:
