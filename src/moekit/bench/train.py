@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from moekit.bench.charts import Chart, auto_chart
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
 from moekit.bench.train_models import SHAPES, Step, flops_per_token, hf_step, moekit_step
@@ -409,5 +410,17 @@ def _write(opts: TrainBench, values: dict[str, Any], peak: dict[str, Any], rows:
         text=text,
         notes=[*lines, TARGETS] if lines else [],
         out_dir=opts.out_dir,
-        chart=None if done[0] == done[1] else False,
+        chart=_chart(rows, f"MoE training step at size, {dev.type}")
+        if done[0] == done[1]
+        else False,
     )
+
+
+def _chart(rows: list[dict], title: str) -> Chart | bool:
+    """Step time, MFU and peak memory of the rows that ran (a failed row draws nothing)."""
+    points = [
+        {"run": f"{_label(r)} {r['shape']} ckpt={r['checkpointing']}", "step_ms": r["step_s"] * 1e3,
+         "mfu_percent": 100 * r["mfu"], "peak_gib": r["peak_gib"]}
+        for r in rows if "mfu" in r
+    ]  # fmt: skip
+    return auto_chart({"rows": points}, title) or False
