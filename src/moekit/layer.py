@@ -152,13 +152,20 @@ class MoE(nn.Module):
             else None
         )
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether each token's output depends on its own input alone: the router's class says
+        so and no capacity limit makes tokens compete. Batching, padding, chunking and prefix
+        reuse then leave every output as it would be alone."""
+        drops = self.cfg.capacity_factor is not None and self.router.uses_capacity
+        return not drops and bool(getattr(type(self.router), "batch_invariant", False))
+
     def _rows_independent(self) -> bool:
-        """Whether each token's output depends on its own input alone (padding is harmless),
-        with no side effect or host sync in the forward: then small batches may replay."""
+        """Batch-invariant with no side effect or host sync in the forward: then small batches
+        may replay a padded graph."""
         c = self.cfg
-        drops = c.capacity_factor is not None and self.router.uses_capacity
         side_effects = c.debug or c.track_coactivation or c.dedup_threshold is not None
-        return self.router.batch_invariant and not drops and not side_effects
+        return self.batch_invariant and not side_effects
 
     def _state(self) -> Iterator[Tensor]:
         return itertools.chain(self.parameters(), self.buffers())

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from moekit.layer import MoE
 from moekit.model.sampling import RowSampling, token_logprobs
 from moekit.model.transformer import Transformer
 from moekit.serve.config import EngineConfig
@@ -31,16 +30,7 @@ from moekit.serve.paged import PagedKVCache, kv_budget, page_bytes
 from moekit.serve.pages import block_hashes
 from moekit.serve.sequence import Logprobs, Sequence
 
-BATCH_DEPENDENT_ROUTERS = ("expert_choice", "sinkhorn")  # for routers without the attribute
 PAD_WASTE = 0.25  # a prefill group pads at most this fraction of its real positions
-
-
-def _layer_batch_invariant(moe: MoE) -> bool:
-    """The router's class says whether a token's routing ignores the other tokens."""
-    router = type(moe.router)
-    drops = moe.cfg.capacity_factor is not None and getattr(router, "uses_capacity", True)
-    default = moe.cfg.router.kind not in BATCH_DEPENDENT_ROUTERS
-    return not drops and bool(getattr(router, "batch_invariant", default))
 
 
 def batch_invariant(model: Transformer) -> bool:
@@ -50,7 +40,7 @@ def batch_invariant(model: Transformer) -> bool:
     batching, padding, chunking or prefix reuse would change results; the engine then runs
     one sequence at a time and feeds each prompt whole.
     """
-    return all(_layer_batch_invariant(b.ffn) for b in model.blocks if b.is_moe)
+    return all(b.ffn.batch_invariant for b in model.blocks if b.is_moe)
 
 
 def _sync_outputs(values: Tensor) -> list:
