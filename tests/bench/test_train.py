@@ -158,11 +158,19 @@ def torch_oom() -> BaseException:
      ({"checkpointing": ["all"]}, "checkpointing"), ({"steps": 0}, "steps"),
      ({"device": "tpu"}, "device"), ({"contenders": ["moekit:triton:fast"]}, "contenders"),
      ({"max_batch_contenders": ["hf:eager"]}, "max_batch_contenders"),
-     ({"checkpointing_contenders": ["hf:eager"]}, "checkpointing_contenders")],
+     ({"checkpointing_contenders": ["hf:eager"]}, "checkpointing_contenders"),
+     ({"loss_chunk_tokens": -1}, "loss_chunk_tokens")],
 )  # fmt: skip
 def test_bad_options_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         TrainBench(**kw)
+
+
+def test_chunked_loss_rows_say_so(tmp_path):
+    report = run(**TINY, contenders=["moekit:torch"], compile=False, loss_chunk_tokens=8,
+                 out_dir=str(tmp_path))  # fmt: skip
+    assert report["rows"][0]["step_s"] > 0
+    assert "LM loss 8 tokens at a time" in Path(report["files"][0]).read_text()
 
 
 def test_registered_as_moekit_bench_train():

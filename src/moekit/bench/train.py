@@ -61,6 +61,7 @@ class TrainBench:
     steps: int = option(10, "timed optimiser steps")
     warmup: int = option(3, "untimed steps first (compilation happens here)")
     max_batch: int = option(0, "also find the largest batch that fits, doubling up to this")
+    loss_chunk_tokens: int = option(0, "moekit models: LM loss in chunks of this many tokens")
     max_batch_contenders: list[str] = option(
         [], "contenders whose largest batch is searched, after every timed row ([]: all)"
     )
@@ -87,7 +88,7 @@ class TrainBench:
         for name in ("batch_size", "seq_len", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("layers", "warmup", "max_batch"):
+        for name in ("layers", "warmup", "max_batch", "loss_chunk_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
 
@@ -152,7 +153,8 @@ def _build(name: str, shape_family: str, cfg: ModelConfig, dev: torch.device, ba
            seq_len: int, mode: str, opts: TrainBench) -> Step:  # fmt: skip
     kind, impl, _ = CONTENDER.match(name).groups()  # type: ignore[union-attr]
     if kind == "moekit":
-        cfg = replace(cfg, moe=replace(cfg.moe, backend=impl))  # validated: names the backend
+        moe = replace(cfg.moe, backend=impl)  # validated: names the backend
+        cfg = replace(cfg, moe=moe, loss_chunk_tokens=opts.loss_chunk_tokens)
         return moekit_step(cfg, dev, batch, seq_len, mode, compiled(name, opts))
     if mode == "experts":
         raise ValueError("transformers has no experts-only checkpointing")
@@ -343,6 +345,7 @@ def run(
     warmup: int = 3,
     max_batch: int = 0,
     max_batch_contenders: Sequence[str] = (),
+    loss_chunk_tokens: int = 0,
     out_dir: str | None = DEFAULT_DIR,
 ) -> dict[str, Any]:
     """Times the planned contender x shape x checkpointing rows, then the largest-batch
@@ -395,6 +398,11 @@ def _write(opts: TrainBench, values: dict[str, Any], peak: dict[str, Any], rows:
         f"over {opts.steps} steps after {opts.warmup} warm-up steps; peak memory while timed. "
         "Largest batch: two steps fit; its step time is the second step's.",
     ]
+    if opts.loss_chunk_tokens:
+        text.append(
+            f"moekit models compute the LM loss {opts.loss_chunk_tokens} tokens at a time, each "
+            "chunk's logits recomputed in the backward (model.loss_chunk_tokens)."
+        )
     if done[0] < done[1]:
         text.append(f"Partial: {done[0]} of {done[1]} runs finished when this was written.")
     shown = {k: v for k, v in values.items() if k != "out_dir"}

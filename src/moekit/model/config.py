@@ -52,6 +52,9 @@ class ModelConfig:
     tie_embeddings: bool = False  # LM head shares the token embedding matrix
     aux_loss_weight: float = 1.0  # multiplies the sum of every MoE layer's (weighted) aux loss
     init_std: float = 0.02
+    # LM training loss over chunks of this many tokens, each chunk's logits recomputed in the
+    # backward, so the [tokens, vocab] logits never live whole (moekit.model.loss); 0 = off
+    loss_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -72,6 +75,7 @@ class ModelConfig:
         for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "d_ff"):
             _at_least(name, getattr(self, name), 1)
         _at_least("moe_every", self.moe_every, 0)
+        _at_least("loss_chunk_tokens", self.loss_chunk_tokens, 0)
         kv = self.kv_heads
         if kv < 1 or self.n_heads % kv:
             raise ValueError(f"model.n_kv_heads={self.n_kv_heads} must divide n_heads")

@@ -20,29 +20,45 @@ from moekit.layer import MoEInfo
 from moekit.model.cache import AttentionCache, KVCache
 from moekit.model.config import ModelConfig
 from moekit.model.layers import Block, build_norm
+from moekit.model.loss import chunked_cross_entropy
 
 
 @dataclass
 class ModelOutput:
-    """out: logits [B, S, V] or predictions [B, S, d_out]; loss = task_loss + w * aux_loss."""
+    """out: logits [B, S, V] or predictions [B, S, d_out]; loss = task_loss + w * aux_loss.
 
-    out: Tensor
+    With `ModelConfig.loss_chunk_tokens` the training loss is computed without the whole
+    logits; `out` is then computed from the kept head input when first read.
+    """
+
     layers: list[MoEInfo | None]  # one per block; None for dense blocks
     task_loss: Tensor | None = None
     loss: Tensor | None = None
+    logits: Tensor | None = field(default=None, repr=False)  # out, once computed
+    head_input: tuple[nn.Module, Tensor] | None = field(default=None, repr=False)
     _aux: Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
+    def out(self) -> Tensor:
+        if self.logits is None:
+            head, h = self.head_input  # type: ignore[misc]
+            self.logits = head(h)
+        return self.logits
 
     @property
     def aux_loss(self) -> Tensor:
         """Sum over MoE layers of their router-weighted aux losses; computed when first read,
         so generation and serving, which never read it, do not pay for it."""
         if self._aux is None:
-            aux = self.out.new_zeros((), dtype=torch.float32)
+            aux = torch.zeros((), dtype=torch.float32, device=self._device())
             for info in self.layers:
                 if info is not None:
                     aux = aux + info.aux_loss
             self._aux = aux
         return self._aux
+
+    def _device(self) -> torch.device:
+        return self.logits.device if self.logits is not None else self.head_input[1].device
 
 
 class Transformer(nn.Module):
@@ -100,10 +116,18 @@ class Transformer(nn.Module):
         for block in self.blocks:
             h, info = block(h, positions, cache)
             infos.append(info)
-        out = self.head(self.norm(h))  # [B, S, V] or [B, S, d_out]
-        result = ModelOutput(out=out, layers=infos)
+        h = self.norm(h)
+        chunk = self.cfg.loss_chunk_tokens
+        if targets is not None and self.is_lm and chunk:  # the logits never live whole
+            result = ModelOutput(layers=infos, head_input=(self.head, h))
+            b = self.head.bias
+            flat = h.flatten(0, -2), targets.flatten()
+            result.task_loss = chunked_cross_entropy(flat[0], self.head.weight, b, flat[1], chunk)
+        else:
+            result = ModelOutput(layers=infos, logits=self.head(h))  # [B, S, V] or [B, S, d_out]
+            if targets is not None:
+                result.task_loss = self.task_loss(result.out, targets)
         if targets is not None:
-            result.task_loss = self.task_loss(out, targets)
             result.loss = result.task_loss + self.cfg.aux_loss_weight * result.aux_loss
         return result
 
