@@ -19,6 +19,7 @@ HOT = [
     "parallel/comm.py",
     "dispatch.py",
     "layer.py",
+    "replay.py",
     "experts.py",
     "librarian.py",
     "model",
