@@ -53,3 +53,24 @@ def test_top_k_and_top_p_restrict_the_support():
     # p(0)=0.66, p(1)=0.24: top_p=0.7 keeps exactly tokens 0 and 1
     assert set(sample_next(logits, 1.0, top_p=0.7, generator=gen).tolist()) == {0, 1}
     assert sample_next(logits, 0.0).eq(0).all()
+
+
+def test_generation_computes_no_router_loss_or_metric(tiny_cfg, monkeypatch):
+    """Losses and metrics are computed when read; generation never reads them."""
+    import moekit.layer
+
+    calls = []
+
+    def counted(name):
+        real = getattr(moekit.layer, name)
+        return lambda *args: calls.append(name) or real(*args)
+
+    for name in ("router_losses", "routing_metrics"):
+        monkeypatch.setattr(moekit.layer, name, counted(name))
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg()).eval()
+    model.generate(torch.randint(0, 37, (2, 4)), 6, temperature=0)
+    assert calls == []
+    out = model(torch.randint(0, 37, (2, 4)))
+    assert out.layers[1].metrics["expert_load"].shape == (4,)
+    assert calls == ["router_losses", "routing_metrics"]
