@@ -85,7 +85,7 @@ def _unpack(buf: Tensor, slots: tuple[_Slot | None, ...], rows: int) -> tuple[Te
 class GraphReplay:
     """fn(*inputs, each [R, ...]) -> tuple of [R, ...] tensors (or None), from CUDA graphs.
 
-    `state` lists the tensors fn reads besides x (parameters, buffers): a graph reads them
+    `state` lists the tensors fn reads besides its inputs (parameters, buffers): a graph reads them
     where they lie, so in-place updates are seen, and a tensor moved elsewhere gets a new
     graph. At most `max_graphs` graphs are kept (least recently used goes first).
     """
