@@ -16,6 +16,7 @@ Shape legend: T tokens, K slots per token, S = T * K, E experts, D model dim, H 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,10 +40,32 @@ BACKENDS = ("triton", "grouped_mm", "torch")
 GRAPHABLE = ("triton", "grouped_mm", "dense-eq")
 
 
+SHAPE_FORM = "e<E>k<K>d<D>h<H> (e.g. e64k8d2048h1024)"
+_CUSTOM = re.compile(r"^e(\d+)k(\d+)d(\d+)h(\d+)$")  # e.g. e64k8d2048h1024: your own model
+
+
+def shape_of(name: str) -> dict[str, int]:
+    """A named shape from SHAPES, or E, K, D, H spelled out as `e<E>k<K>d<D>h<H>`."""
+    if name in SHAPES:
+        return SHAPES[name]
+    m = _CUSTOM.match(name)
+    if m is None:
+        raise ValueError(f"shape {name!r} is not one of {list(SHAPES)} nor e<E>k<K>d<D>h<H>")
+    E, K, D, H = (int(g) for g in m.groups())
+    if min(E, K, D, H) < 1 or K > E:
+        raise ValueError(f"shape {name!r} needs E, K, D, H >= 1 and K <= E")
+    return {"E": E, "K": K, "D": D, "H": H}
+
+
 def check_shapes(shapes: Sequence[str]) -> None:
-    """ValueError naming `shapes` unless it is a non-empty list of SHAPES keys."""
-    if not shapes or not set(shapes) <= set(SHAPES):
-        raise ValueError(f"shapes={shapes} must be a non-empty subset of {list(SHAPES)}")
+    """ValueError naming `shapes` unless each is a SHAPES key or an e<E>k<K>d<D>h<H> shape."""
+    if not shapes:
+        raise ValueError(f"shapes={shapes} must name at least one shape of {list(SHAPES)}")
+    for name in shapes:
+        try:
+            shape_of(name)
+        except ValueError as err:
+            raise ValueError(f"shapes={list(shapes)}: {err}") from err
 
 
 @dataclass
@@ -50,7 +73,7 @@ class KernelsBench:
     """Stage 3 (routed experts, bf16) on CUDA: each backend vs the naive loop and dense-eq;
     with --layer also the whole layer, the span from top-k and each stage."""
 
-    shapes: list[str] = option(list(SHAPES), f"model shapes, from {list(SHAPES)}")
+    shapes: list[str] = option(list(SHAPES), f"model shapes, from {list(SHAPES)} or {SHAPE_FORM}")
     tokens: list[int] = option(TOKENS, "token counts T timed for every shape")
     graph: bool = option(False, "also time CUDA-graph replay of the capturable methods")
     graph_max_tokens: int = option(128, "largest T whose graph replay is timed")
@@ -240,7 +263,7 @@ def run(
     print(f"device-to-device copy: {bytes_per_s / 1e12:.2f} TB/s", flush=True)
     results: dict[str, dict] = {}
     for name in shapes:
-        shape = SHAPES[name]
+        shape = shape_of(name)
         res: dict[str, Any] = {"dims": shape, "forward": []}
         for T in tokens:
             graph_T = graph and graph_max_tokens >= T

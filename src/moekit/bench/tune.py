@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from moekit.backends import get_backend
-from moekit.bench.kernels import SHAPES, check_shapes, setup
+from moekit.bench.kernels import SHAPE_FORM, SHAPES, check_shapes, setup, shape_of
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
 
@@ -33,7 +33,9 @@ class TuneBench:
     """Search Triton tile configs per shape class on this GPU; write them to the config cache."""
 
     out: str = option("", "JSON path to write ('' = the user's config cache for this GPU)")
-    shapes: list[str] = option(list(SHAPES), f"model shapes tuned for, from {list(SHAPES)}")
+    shapes: list[str] = option(
+        list(SHAPES), f"model shapes tuned for, from {list(SHAPES)} or {SHAPE_FORM}"
+    )
     classes: list[str] = option(list(CLASSES), f"shape classes, from {list(CLASSES)}")
     backward: bool = option(False, "also tune the backward kernels (dh, dx, wgrad)")
 
@@ -59,7 +61,7 @@ class TuneBackwardBench:
 class ProfileBench:
     """Per-kernel CUDA time of one triton fwd+bwd per shape (torch.profiler)."""
 
-    shapes: list[str] = option(list(SHAPES), f"model shapes, from {list(SHAPES)}")
+    shapes: list[str] = option(list(SHAPES), f"model shapes, from {list(SHAPES)} or {SHAPE_FORM}")
     tokens: int = option(4096, "tokens T of the profiled step")
     out_dir: str = option(DEFAULT_DIR, "directory of the .md and .json ('' writes none)")
 
@@ -76,6 +78,16 @@ _TUNE_T = {
     "medium": {"mixtral": 256, "qwen3-30b-a3b": 1024, "deepseek-v2-lite": 1024},
     "large": {"mixtral": 4096, "qwen3-30b-a3b": 4096, "deepseek-v2-lite": 4096},
 }
+# other shapes: sorted rows per expert (S / E) inside each class's range
+_ROWS_PER_EXPERT = {"decode": 2, "small": 16, "medium": 96, "large": 256}
+
+
+def tune_tokens(cls: str, name: str) -> int:
+    """T of the tuning case of one shape class for one shape."""
+    if name in _TUNE_T[cls]:
+        return _TUNE_T[cls][name]
+    shape = shape_of(name)
+    return max(1, -(-_ROWS_PER_EXPERT[cls] * shape["E"] // shape["K"]))
 
 
 def _candidates(cls: str) -> list[tuple[int, dict]]:
@@ -154,8 +166,8 @@ def _tune_forward(cls: str, shapes: Sequence[str]) -> dict:
 
     cases = []
     for name in shapes:
-        x, w1, w2, _, _, plan = setup(SHAPES[name], _TUNE_T[cls][name], torch.bfloat16)
-        a = torch.randn(plan.token_S.shape[0], SHAPES[name]["H"], device="cuda").bfloat16()
+        x, w1, w2, _, _, plan = setup(shape_of(name), tune_tokens(cls, name), torch.bfloat16)
+        a = torch.randn(plan.token_S.shape[0], shape_of(name)["H"], device="cuda").bfloat16()
         cases.append((x, w1, w2, a, plan))
     best: dict[tuple[int, str], tuple[float, dict]] = {}
     for block_m, cfg in _candidates(cls):
@@ -227,8 +239,8 @@ def _search_backward(
     for cls in classes:
         cases = []
         for name in shapes:
-            x, w1, w2, _, _, plan = setup(SHAPES[name], _TUNE_T[cls][name], torch.bfloat16)
-            S, H = plan.token_S.shape[0], SHAPES[name]["H"]
+            x, w1, w2, _, _, plan = setup(shape_of(name), tune_tokens(cls, name), torch.bfloat16)
+            S, H = plan.token_S.shape[0], shape_of(name)["H"]
             h1 = torch.randn(S, 2 * H, device="cuda").bfloat16()
             cases.append((x, w1, w2, h1, torch.randn_like(x), plan))
         block_m = (forward.get(cls) or config_by_key(torch.device("cuda"), cls))["block_m"]
@@ -290,7 +302,7 @@ def profile(
 
     tables, results = [], {}
     for name in shapes:
-        x, w1, w2, _, weights, plan = setup(SHAPES[name], tokens, torch.bfloat16)
+        x, w1, w2, _, weights, plan = setup(shape_of(name), tokens, torch.bfloat16)
         leaves = [t.detach().requires_grad_() for t in (x, w1, w2, weights)]
         fn = get_backend("triton", x.device, x.dtype)
 
