@@ -27,3 +27,10 @@ def test_a_spelled_out_shape_is_tuned_inside_each_class(cls, name):
     shape = shape_of(name)
     rows = tune_tokens(cls, name) * shape["K"]
     assert shape_class(rows, shape["E"]) == cls
+
+
+@pytest.mark.parametrize("cls", list(_TUNE_T))
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_named_shapes_are_tuned_inside_each_class(cls, name):
+    shape = shape_of(name)
+    assert shape_class(tune_tokens(cls, name) * shape["K"], shape["E"]) == cls

@@ -24,7 +24,7 @@ from moekit.bench.kernels import SHAPE_FORM, SHAPES, check_shapes, setup, shape_
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
 
-CLASSES = ("decode", "small", "medium", "large")
+CLASSES = ("decode", "small", "batch", "medium", "large")
 _PROFILE_ROWS = 14
 
 
@@ -74,12 +74,13 @@ class ProfileBench:
 # representative T per shape class (see moekit.backends.triton.configs.shape_class)
 _TUNE_T = {
     "decode": {"mixtral": 16, "qwen3-30b-a3b": 16, "deepseek-v2-lite": 16},
-    "small": {"mixtral": 128, "qwen3-30b-a3b": 256, "deepseek-v2-lite": 128},
+    "small": {"mixtral": 64, "qwen3-30b-a3b": 256, "deepseek-v2-lite": 128},
+    "batch": {"mixtral": 128, "qwen3-30b-a3b": 512, "deepseek-v2-lite": 384},
     "medium": {"mixtral": 256, "qwen3-30b-a3b": 1024, "deepseek-v2-lite": 1024},
     "large": {"mixtral": 4096, "qwen3-30b-a3b": 4096, "deepseek-v2-lite": 4096},
 }
 # other shapes: sorted rows per expert (S / E) inside each class's range
-_ROWS_PER_EXPERT = {"decode": 2, "small": 16, "medium": 96, "large": 256}
+_ROWS_PER_EXPERT = {"decode": 2, "small": 16, "batch": 32, "medium": 96, "large": 256}
 
 
 def tune_tokens(cls: str, name: str) -> int:
@@ -99,10 +100,10 @@ def _candidates(cls: str) -> list[tuple[int, dict]]:
             for bk in (128, 256)
             for st in (3, 5)
         ]
-    elif cls == "medium":
+    elif cls in ("batch", "medium"):
         grid = [
             (bm, bn, 64, 8, w, st)
-            for bm in (64, 128)
+            for bm in ((32, 64) if cls == "batch" else (64, 128))
             for bn in (128, 256)
             for w in (4, 8)
             for st in (3, 4)
