@@ -35,6 +35,33 @@ class Plan:
     n_experts: int
     capacity: int | None
 
+    @classmethod
+    def from_sort(
+        cls,
+        order_S: Tensor,
+        token_S: Tensor,
+        expert_S: Tensor,
+        counts_E: Tensor,
+        offsets_E1: Tensor,
+        kept_TK: Tensor,
+        used_TK: Tensor,
+        capacity: int | None,
+    ) -> Plan:
+        """A Plan from a sort of the slots: weight_S is read from used_TK [T, K] through
+        order_S (torch ops, so gradients reach the router), E from counts_E."""
+        return cls(
+            order_S=order_S,
+            token_S=token_S,
+            expert_S=expert_S,
+            weight_S=used_TK.reshape(-1)[order_S],
+            counts_E=counts_E,
+            offsets_E1=offsets_E1,
+            kept_TK=kept_TK,
+            weights_TK=used_TK,
+            n_experts=counts_E.shape[0],
+            capacity=capacity,
+        )
+
 
 def make_plan(
     experts_TK: Tensor,
@@ -83,18 +110,8 @@ def make_plan(
         used_TK = used_TK * (before_T / after_T.clamp_min(torch.finfo(used_TK.dtype).tiny))
     counts_E = counts_E1[:E] if capacity is None else counts_E1[:E].clamp_max(capacity)
     offsets_E1 = torch.cat([counts_E.new_zeros(1), torch.cumsum(counts_E, 0)])
-    return Plan(
-        order_S=order_S,
-        token_S=order_S // K if K else order_S,
-        expert_S=key_S,
-        weight_S=used_TK.reshape(-1)[order_S],
-        counts_E=counts_E,
-        offsets_E1=offsets_E1,
-        kept_TK=kept_TK,
-        weights_TK=used_TK,
-        n_experts=E,
-        capacity=capacity,
-    )
+    token_S = order_S // K if K else order_S
+    return Plan.from_sort(order_S, token_S, key_S, counts_E, offsets_E1, kept_TK, used_TK, capacity)
 
 
 def _counting_sort_available(device: torch.device) -> bool:

@@ -161,15 +161,5 @@ def make_plan_dropless(experts_TK: Tensor, weights_TK: Tensor, n_experts: int) -
     order_S, token_S, expert_S, counts_E, offsets_E1 = counting_sort(experts_TK, n_experts)
     kept_TK = (experts_TK >= 0) & (experts_TK < n_experts)
     used_TK = weights_TK * kept_TK
-    return Plan(
-        order_S=order_S,
-        token_S=token_S if experts_TK.shape[1] else order_S,
-        expert_S=expert_S,
-        weight_S=used_TK.reshape(-1)[order_S],
-        counts_E=counts_E,
-        offsets_E1=offsets_E1,
-        kept_TK=kept_TK,
-        weights_TK=used_TK,
-        n_experts=n_experts,
-        capacity=None,
-    )
+    token_S = token_S if experts_TK.shape[1] else order_S
+    return Plan.from_sort(order_S, token_S, expert_S, counts_E, offsets_E1, kept_TK, used_TK, None)
