@@ -20,6 +20,20 @@ async def _drain(seq: Sequence) -> None:
         pass
 
 
+def _run_one(model, prompt, params: SamplingParams) -> Sequence:
+    """One request through a started engine, to its end."""
+
+    async def main():
+        engine = Engine(model, EngineConfig())
+        engine.start()
+        seq = engine.submit(prompt, params)
+        await _drain(seq)
+        await engine.stop()
+        return seq
+
+    return asyncio.run(main())
+
+
 def _seq(prompt, max_new=8, **params) -> Sequence:
     return Sequence("s", prompt, SamplingParams(max_new_tokens=max_new, **params), 1e18)
 
@@ -100,15 +114,7 @@ def test_stop_tokens_end_a_sequence_without_emitting_them():
     stop = want[5]
     params = SamplingParams(max_new_tokens=12, stop_token_ids=(stop,))
 
-    async def main():
-        engine = Engine(model, EngineConfig())
-        engine.start()
-        seq = engine.submit(prompt, params)
-        await _drain(seq)
-        await engine.stop()
-        return seq
-
-    seq = asyncio.run(main())
+    seq = _run_one(model, prompt, params)
     assert seq.finish_reason == "stop" and seq.outputs == want[: want.index(stop)]
 
 
@@ -117,15 +123,7 @@ def test_logprobs_are_the_models_own():
     prompt = torch.tensor(list(b"import os"))
     params = SamplingParams(max_new_tokens=6, temperature=0.7, seed=3, logprobs=3)
 
-    async def main():
-        engine = Engine(model, EngineConfig())
-        engine.start()
-        seq = engine.submit(prompt, params)
-        await _drain(seq)
-        await engine.stop()
-        return seq
-
-    seq = asyncio.run(main())
+    seq = _run_one(model, prompt, params)
     full = torch.cat([prompt, torch.tensor(seq.outputs)])
     lp = model(full[None]).out[0, len(prompt) - 1 : -1].log_softmax(-1)  # [6, V]
     for i, (token, got) in enumerate(zip(seq.outputs, seq.logprobs_out, strict=True)):
