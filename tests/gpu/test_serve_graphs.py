@@ -7,15 +7,13 @@ with well-separated logits it gives the same tokens too, as does `Transformer.ge
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
+from tests.serve.conftest import serve_all
 
 import moekit
 from moekit.model import ModelConfig, Transformer
 from moekit.serve.config import EngineConfig
-from moekit.serve.engine import Engine
 from moekit.serve.sequence import SamplingParams
 
 pytestmark = [
@@ -41,18 +39,8 @@ def _model(dtype: torch.dtype) -> Transformer:
 
 
 def _serve(model: Transformer, mode: str, prompts, params) -> tuple[list[list], dict]:
-    async def main():
-        cfg = EngineConfig(max_batch=8, page_size=16, decode_mode=mode, prefill_chunk=32)
-        engine = Engine(model, cfg)
-        engine.start()
-        seqs = [engine.submit(p, params) for p in prompts]
-        for seq in seqs:
-            while (await seq.events.get()).kind != "done":
-                pass
-        await engine.stop()
-        return [s.outputs for s in seqs], engine.decode_info()
-
-    return asyncio.run(main())
+    cfg = EngineConfig(max_batch=8, page_size=16, decode_mode=mode, prefill_chunk=32)
+    return serve_all(model, cfg, prompts, params)
 
 
 def _prompts() -> list[torch.Tensor]:

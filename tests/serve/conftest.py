@@ -41,6 +41,25 @@ def make_model(seed: int = 0, **kw) -> Transformer:
     return Transformer(byte_config(**kw)).eval()
 
 
+def serve_all(model: Transformer, cfg, prompts, params) -> tuple[list[list], dict]:
+    """Every prompt through one started engine: each request's tokens and the decode info."""
+    import asyncio
+
+    from moekit.serve.engine import Engine
+
+    async def main():
+        engine = Engine(model, cfg)
+        engine.start()
+        seqs = [engine.submit(p, params) for p in prompts]
+        for seq in seqs:
+            while (await seq.events.get()).kind != "done":
+                pass
+        await engine.stop()
+        return [s.outputs for s in seqs], engine.decode_info()
+
+    return asyncio.run(main())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

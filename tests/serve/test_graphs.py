@@ -1,16 +1,13 @@
 """DecodeStep on CPU: the bucketed, padded decode that CUDA graphs hold equals the eager one."""
 
-import asyncio
-
 import torch
 
 from moekit.serve.config import EngineConfig
-from moekit.serve.engine import Engine
 from moekit.serve.graphs import DecodeStep, buckets_for
 from moekit.serve.paged import PagedKVCache
 from moekit.serve.sequence import SamplingParams
 
-from .conftest import make_model
+from .conftest import make_model, serve_all
 
 
 def test_buckets():
@@ -70,17 +67,11 @@ def test_engine_static_mode_gives_the_eager_tokens():
     prompts = [torch.randint(0, 256, (n,)) for n in (2, 9, 17, 30, 5)]
     params = SamplingParams(max_new_tokens=20, temperature=0.9, top_k=40, seed=5)
 
-    async def main(mode):
-        engine = Engine(model, EngineConfig(max_batch=4, page_size=4, decode_mode=mode))
-        engine.start()
-        seqs = [engine.submit(p, params) for p in prompts]
-        for seq in seqs:
-            while (await seq.events.get()).kind != "done":
-                pass
-        await engine.stop()
-        return [s.outputs for s in seqs], engine.decode_info()
+    def run(mode):
+        cfg = EngineConfig(max_batch=4, page_size=4, decode_mode=mode)
+        return serve_all(model, cfg, prompts, params)
 
-    static, info = asyncio.run(main("static"))
-    eager, _ = asyncio.run(main("eager"))
+    static, info = run("static")
+    eager, _ = run("eager")
     assert info["mode"] == "static" and info["buckets"] == [1, 2, 4]
     assert static == eager
