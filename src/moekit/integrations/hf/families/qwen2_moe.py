@@ -4,16 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moekit.integrations.hf.families import Family, register_family
-from moekit.integrations.hf.families.common import (
-    base_hf_config,
-    check_exportable,
-    context,
-    decoder_config,
-    refuse_layout,
-    sparse_hf_config,
-    sparse_step,
-)
+from moekit.integrations.hf.families import Family, common, register_family
 from moekit.integrations.hf.links import (
     DENSE_WEIGHTS,
     Link,
@@ -36,7 +27,7 @@ class Qwen2Moe(Family):
         if shared % d_hidden:
             what = f"shared_expert_intermediate_size={shared}"
             self.refuse(f"{what} is not a multiple of moe_intermediate_size={d_hidden}")
-        return decoder_config(
+        return common.decoder_config(
             self,
             hf,
             d_hidden=d_hidden,
@@ -44,26 +35,26 @@ class Qwen2Moe(Family):
             n_shared_experts=shared // d_hidden,
             shared_gate=True,
             qkv_bias=bool(hf.qkv_bias),
-            moe_every=sparse_step(self, hf),
-            max_seq_len=context(hf, max_seq_len),
+            moe_every=common.sparse_step(self, hf),
+            max_seq_len=common.context(hf, max_seq_len),
         )
 
     def claims(self, cfg: ModelConfig) -> bool:
         return cfg.moe.n_shared_experts > 0
 
     def check(self, cfg: ModelConfig) -> None:
-        check_exportable(cfg)
+        common.check_exportable(cfg)
         if cfg.qk_norm != "none" or cfg.head_size is not None:
             self.refuse("a gated shared expert needs plain attention (no qk_norm, head_size)")
-        refuse_layout(self, cfg, qkv_bias=True, sparse=True)
+        common.refuse_layout(self, cfg, qkv_bias=True, sparse=True)
 
     def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
         m = cfg.moe
         return {
-            **base_hf_config(self, cfg, "moe_intermediate_size"),
+            **common.base_hf_config(self, cfg, "moe_intermediate_size"),
             "num_experts": m.n_experts,
             "norm_topk_prob": m.router.renormalize,
-            **sparse_hf_config(cfg),
+            **common.sparse_hf_config(cfg),
             "shared_expert_intermediate_size": m.n_shared_experts * m.d_hidden,
             "qkv_bias": cfg.qkv_bias,
         }

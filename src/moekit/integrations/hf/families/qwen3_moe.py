@@ -4,17 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moekit.integrations.hf.families import Family, register_family
-from moekit.integrations.hf.families.common import (
-    base_hf_config,
-    check_exportable,
-    context,
-    decoder_config,
-    head_size,
-    refuse_layout,
-    sparse_hf_config,
-    sparse_step,
-)
+from moekit.integrations.hf.families import Family, common, register_family
 from moekit.integrations.hf.links import DENSE_WEIGHTS, Link, decoder, routed_experts
 from moekit.model.config import ModelConfig
 
@@ -25,31 +15,31 @@ class Qwen3Moe(Family):
     architecture = "Qwen3MoeForCausalLM"
 
     def model_config(self, hf: Any, max_seq_len: int | None = None) -> ModelConfig:
-        return decoder_config(
+        return common.decoder_config(
             self,
             hf,
             d_hidden=int(hf.moe_intermediate_size),
             renormalize=bool(hf.norm_topk_prob),
-            head_size=head_size(hf),
+            head_size=common.head_size(hf),
             qk_norm="head",
-            moe_every=sparse_step(self, hf),
-            max_seq_len=context(hf, max_seq_len),
+            moe_every=common.sparse_step(self, hf),
+            max_seq_len=common.context(hf, max_seq_len),
         )
 
     def claims(self, cfg: ModelConfig) -> bool:
         return not cfg.moe.n_shared_experts and cfg.qk_norm == "head"
 
     def check(self, cfg: ModelConfig) -> None:
-        check_exportable(cfg)
-        refuse_layout(self, cfg, qkv_bias=False, sparse=True)
+        common.check_exportable(cfg)
+        common.refuse_layout(self, cfg, qkv_bias=False, sparse=True)
 
     def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
         return {
-            **base_hf_config(self, cfg, "moe_intermediate_size"),
+            **common.base_hf_config(self, cfg, "moe_intermediate_size"),
             "num_experts": cfg.moe.n_experts,
             "norm_topk_prob": cfg.moe.router.renormalize,
             "head_dim": cfg.head_dim,
-            **sparse_hf_config(cfg),
+            **common.sparse_hf_config(cfg),
             "attention_bias": False,
         }
 
