@@ -16,6 +16,9 @@ family takes. The subclass provides:
   transform both ways (see links.py); conversion is one loop over these links;
 - `expert_weights`: the per-expert gate, up and down names, used also to read transformers 5's
   fused expert tensors as per-expert slices.
+
+The Llama-style families build these from `common` (the config fields they share, what none
+of them holds) and `links.decoder`; a family of another shape writes its own.
 """
 
 from __future__ import annotations
