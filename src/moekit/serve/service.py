@@ -99,8 +99,8 @@ class Handle:
         async with aclosing(_merge(self.engine, self.seqs, self.disconnected)) as events:
             async for i, event in events:
                 c = self.choices[i]
-                if event.kind == "done":
-                    yield Delta(i, None, c.close(), None, c.reason())
+                if event.kind == "done":  # its value: the reason, or 'cancelled' if the client left
+                    yield Delta(i, None, c.close(), None, c.reason(event.value))
                 elif not c.stopped:  # tokens drawn after a stop string are not the choice's
                     text = c.feed(event)
                     if c.stopped:
