@@ -8,6 +8,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+import moekit
+from moekit.model import ModelConfig, Transformer
 from moekit.serve.app import create_app
 from moekit.serve.config import EngineConfig
 from moekit.serve.engine import Engine
@@ -169,3 +171,24 @@ def test_a_client_that_leaves_cancels_every_choice(model):
     deltas, handle = asyncio.run(main())
     assert [(d.index, d.finish_reason) for d in deltas] == [(0, "cancelled"), (1, "cancelled")]
     assert all(seq.cancelled for seq in handle.seqs)
+
+
+def test_a_continuous_model_streams_vectors_without_text():
+    torch.manual_seed(0)
+    moe = moekit.MoEConfig(d_model=32, d_hidden=32, n_experts=4, k=2)
+    cfg = ModelConfig(d_in=3, d_out=3, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, moe=moe)
+    model = Transformer(cfg).eval()
+    x = torch.tensor([[0.1, 0.2, 0.3]])  # [P=1, d_in]
+
+    async def main():
+        engine = Engine(model, CFG)
+        engine.start()
+        handle = Service(engine, None).submit([x], SamplingParams(max_new_tokens=3), stops="x")
+        deltas = await deltas_of(handle)
+        await engine.stop()
+        return deltas, handle.choices[0]
+
+    deltas, choice = asyncio.run(main())
+    assert [d.text for d in deltas] == [None] * 4 and choice.text is None
+    assert [d.token for d in deltas[:3]] == choice.seq.outputs and deltas[3].token is None
+    assert choice.seq.outputs[0].shape == (3,) and deltas[3].finish_reason == "length"

@@ -74,16 +74,20 @@ def submit(
     """An OpenAI request's n choices of each prompt, queued on the app's service."""
     params = SamplingParams.from_request(body, max_tokens, logprobs)
     return s.service.submit(
-        prompts, params, body.n, body.stop, body.request_id, body.use_cache, request.is_disconnected
+        prompts,
+        params,
+        n=body.n,
+        stops=body.stop,
+        request_id=body.request_id,
+        use_cache=body.use_cache,
+        disconnected=request.is_disconnected,
     )
 
 
 def head(body: Sampled, prefix: str) -> dict:
     """The id, time and model every object of one answer carries."""
-    return {"id": body.request_id or f"{prefix}-{uuid.uuid4().hex}"} | {
-        "created": int(time.time()),
-        "model": body.model,
-    }
+    rid = body.request_id or f"{prefix}-{uuid.uuid4().hex}"
+    return {"id": rid, "created": int(time.time()), "model": body.model}
 
 
 async def stream_reply(
