@@ -157,19 +157,20 @@ def test_refusals_queue_nothing(model):
     assert all(seq.finish_reason == "cancelled" for seq in queued)  # retired, never run
 
 
-def test_a_client_that_leaves_cancels_every_choice(model):
+@pytest.mark.parametrize("n", [1, 2])  # one sequence is read in place, several merged
+def test_a_client_that_leaves_cancels_every_choice(model, n):
     async def gone() -> bool:
         return True
 
     async def main():
         engine = Engine(model, CFG)  # not started: nothing is generated before the client goes
         handle = Service(engine, ByteCodec()).submit(
-            [prompt()], SamplingParams(), 2, None, None, True, gone
+            [prompt()], SamplingParams(), n, disconnected=gone
         )
         return await deltas_of(handle), handle
 
     deltas, handle = asyncio.run(main())
-    assert [(d.index, d.finish_reason) for d in deltas] == [(0, "cancelled"), (1, "cancelled")]
+    assert [(d.index, d.finish_reason) for d in deltas] == [(i, "cancelled") for i in range(n)]
     assert all(seq.cancelled for seq in handle.seqs)
 
 

@@ -198,23 +198,38 @@ async def _follow(
         engine.cancel(seq)  # no-op once finished
 
 
+async def _events(
+    engine: Engine, seq: Sequence, disconnected: Disconnected | None
+) -> AsyncIterator[Event]:
+    """seq's events, ending with 'done' always: 'cancelled' when the client left first."""
+    last = None
+    async with aclosing(_follow(engine, seq, disconnected)) as events:
+        async for event in events:
+            last = event
+            yield event
+    if last is None or last.kind != "done":
+        yield Event("done", "cancelled")
+
+
 async def _merge(
     engine: Engine, seqs: list[Sequence], disconnected: Disconnected | None
 ) -> AsyncIterator[tuple[int, Event]]:
     """(choice index, event) of every sequence as they come, until each is done.
 
-    A client that goes away cancels them all; a sequence whose stream ends early reads 'done'.
+    One sequence is read in place; several are pumped into one queue by a task each. A client
+    that goes away cancels them all.
     """
+    if len(seqs) == 1:
+        async with aclosing(_events(engine, seqs[0], disconnected)) as events:
+            async for event in events:
+                yield 0, event
+        return
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
     async def pump(i: int, seq: Sequence) -> None:
-        last = None
-        async with aclosing(_follow(engine, seq, disconnected)) as events:
+        async with aclosing(_events(engine, seq, disconnected)) as events:
             async for event in events:
-                last = event
                 queue.put_nowait((i, event))
-        if last is None or last.kind != "done":  # the client left
-            queue.put_nowait((i, Event("done", "cancelled")))
 
     tasks = [asyncio.create_task(pump(i, seq)) for i, seq in enumerate(seqs)]
     left = len(seqs)
