@@ -1,7 +1,7 @@
 import torch
 from rich.console import Console
 
-from moekit.demo import make_regimes, purity, run_demo
+from moekit.demos.layer_demo import make_regimes, purity, run_demo
 
 
 def test_regimes_share_clusters_between_splits():

@@ -7,7 +7,7 @@ paths of the dashboard, specialisation heatmap and checkpoint it wrote.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-import moekit
+from moekit.commands import command, option
+from moekit.config import MoEConfig, RouterConfig
 from moekit.model import ModelConfig
 from moekit.tasks import TaskConfig
 from moekit.tasks.signals import CATEGORIES
@@ -24,14 +25,23 @@ from moekit.train.trainer import Trainer
 from moekit.viz import category_shares
 
 
+@dataclass
+class Demo:
+    """Where the outputs go, the seed and how long each model trains."""
+
+    out: str = option("moekit-out", "directory for plots and outputs")
+    seed: int = option(0, "random seed")
+    steps: int = option(1500, "training steps of each model")
+
+
 def demo_config(out: str, seed: int = 0, steps: int = 1500) -> RunConfig:
     """Small enough that both models train in under a minute on two idle CPU cores."""
-    moe = moekit.MoEConfig(
+    moe = MoEConfig(
         d_model=48,
         d_hidden=64,
         n_experts=8,
         k=2,
-        router=moekit.RouterConfig(load_balance_weight=0.01, z_loss_weight=1e-3),
+        router=RouterConfig(load_balance_weight=0.01, z_loss_weight=1e-3),
     )
     return RunConfig(
         task=TaskConfig(name="signals", seq_len=32, val_sequences=256),
@@ -92,3 +102,13 @@ def run_demo(out_dir: str | Path = "moekit-out", seed: int = 0, steps: int = 150
     for path in [*moe["plots"], results["dense (same active)"]["plots"][0], moe["checkpoint"]]:
         console.print(f"  {path}")
     return results
+
+
+@command(
+    "demo",
+    Demo,
+    help="Train a small MoE transformer and a dense one of equal active size on `signals` "
+    "(CPU, under a minute on an idle 2-core machine) and show what the experts learned.",
+)
+def demo(cfg: Demo) -> dict:
+    return run_demo(out_dir=cfg.out, seed=cfg.seed, steps=cfg.steps)
