@@ -45,13 +45,10 @@ def _add_options(p: ArgumentParser, config: type) -> None:
             p.add_argument("--config", action="config", help=help_text)
             p.add_class_arguments(meta["nested"], None)
         elif "given" in meta:  # each field a flag; one left out keeps the dataclass default
-            of = meta["given"]
-            for g, g_hint in (
-                (g, typing.get_type_hints(of)[g.name]) for g in dataclasses.fields(of)
-            ):
-                p.add_argument(
-                    _flag(g.name), type=g_hint | None, default=None, help=f"default {g.default}"
-                )
+            of_hints = typing.get_type_hints(meta["given"])
+            for g in dataclasses.fields(meta["given"]):
+                g_type, g_help = of_hints[g.name] | None, f"default {g.default}"
+                p.add_argument(_flag(g.name), type=g_type, default=None, help=g_help)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             if meta.get("flag"):
                 p.add_argument(_flag(f.name), type=hint, required=True, help=help_text)
