@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from moekit.commands import argument as argument  # a bench's fields: as any command's
-from moekit.commands import command, group
+from moekit.commands import command, group, register_once, require_dataclass
 from moekit.commands import option as option
 
 _BUILTIN = (
@@ -58,16 +58,10 @@ class BenchSpec:
 
 def register_bench(name: str, config: type) -> Callable[[F], F]:
     """Function decorator adding a benchmark under `name`, configured by `config`."""
-    if not dataclasses.is_dataclass(config):
-        raise TypeError(f"config of bench {name!r} must be a dataclass, got {config!r}")
+    require_dataclass("bench", name, config)
 
     def wrap(fn: F) -> F:
-        if fn.__module__ == "__main__":  # `python -m` runs a copy; the imported one registers
-            return fn
-        known = _BENCHES.get(name)
-        if known is not None and known.run is not fn:
-            raise ValueError(f"bench {name!r} is already registered by {known.run.__qualname__}")
-        _BENCHES[name] = BenchSpec(name, config, fn)
+        register_once(_BENCHES, "bench", BenchSpec(name, config, fn))
         return fn
 
     return wrap

@@ -81,20 +81,31 @@ def command(
     refusals: tuple[type[BaseException], ...] = (),
 ) -> Callable[[F], F]:
     """Function decorator adding `moekit NAME`, configured by the dataclass `config`."""
-    if not dataclasses.is_dataclass(config):
-        raise TypeError(f"config of command {name!r} must be a dataclass, got {config!r}")
+    require_dataclass("command", name, config)
 
     def wrap(fn: F) -> F:
-        if fn.__module__ == "__main__":  # `python -m` runs a copy; the imported one registers
-            return fn
-        known = _COMMANDS.get(name)
-        if known is not None and known.run != fn:  # == : a bound method registered again
-            raise ValueError(f"command {name!r} is already registered by {known.run.__qualname__}")
-        _COMMANDS[name] = Command(name, config, fn, help, argv, refusals)
-        _TOP.setdefault(name.split()[0])
+        if register_once(_COMMANDS, "command", Command(name, config, fn, help, argv, refusals)):
+            _TOP.setdefault(name.split()[0])
         return fn
 
     return wrap
+
+
+def require_dataclass(what: str, name: str, config: type) -> None:
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"config of {what} {name!r} must be a dataclass, got {config!r}")
+
+
+def register_once(table: dict[str, Any], what: str, entry: Any) -> bool:
+    """table[entry.name] = entry, unless `entry.run` is a `python -m` copy (False: the
+    imported module registers); a name another function holds is a ValueError."""
+    if entry.run.__module__ == "__main__":
+        return False
+    known = table.get(entry.name)
+    if known is not None and known.run != entry.run:  # == : a bound method registered again
+        raise ValueError(f"{what} {entry.name!r} is already registered by {known.run.__qualname__}")
+    table[entry.name] = entry
+    return True
 
 
 def group(name: str, help: str, load: Callable[[], Any] | None = None) -> None:

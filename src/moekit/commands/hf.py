@@ -43,32 +43,31 @@ class RouteReport:
     device: str = option("auto", "auto, cpu or cuda")
 
 
-@command(
+def convert(a: HfToMoekit | MoekitToHf) -> None:
+    """Either direction; the HF side needs moekit[hf]."""
+    from moekit.integrations.hf import hf_to_moekit, moekit_to_hf
+
+    if isinstance(a, HfToMoekit):
+        hf_to_moekit(a.hf_dir, a.out, a.max_seq_len, a.dtype)
+    else:
+        moekit_to_hf(a.ckpt, a.out, a.dtype)
+    print(f"wrote {a.out}")
+
+
+command(
     "convert hf-to-moekit",
     HfToMoekit,
     help="An HF MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) as a moekit checkpoint, its "
     "tokenizer files beside it.",
     refusals=REFUSALS,
-)
-def hf_to_moekit(a: HfToMoekit) -> None:
-    from moekit.integrations.hf import hf_to_moekit
-
-    hf_to_moekit(a.hf_dir, a.out, a.max_seq_len, a.dtype)
-    print(f"wrote {a.out}")
-
-
-@command(
+)(convert)
+command(
     "convert moekit-to-hf",
     MoekitToHf,
     help="A moekit checkpoint whose architecture maps onto Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE "
     "as an HF checkpoint AutoModelForCausalLM loads.",
     refusals=REFUSALS,
-)
-def moekit_to_hf(a: MoekitToHf) -> None:
-    from moekit.integrations.hf import moekit_to_hf
-
-    moekit_to_hf(a.ckpt, a.out, a.dtype)
-    print(f"wrote {a.out}")
+)(convert)
 
 
 @command(

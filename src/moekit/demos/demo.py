@@ -78,10 +78,16 @@ def routing_table(routing: dict[str, list[list[float]]], categories: list[str]) 
     return table
 
 
-def run_demo(out_dir: str | Path = "moekit-out", seed: int = 0, steps: int = 1500) -> dict:
+@command(
+    "demo",
+    Demo,
+    help="Train a small MoE transformer and a dense one of equal active size on `signals` "
+    "(CPU, under a minute on an idle 2-core machine) and show what the experts learned.",
+)
+def run_demo(options: Demo | None = None) -> dict:
     """Train both models, print the comparison, return both summaries."""
-    console = Console()
-    out = Path(out_dir)
+    options, console = options or Demo(), Console()
+    out, seed, steps = Path(options.out), options.seed, options.steps
     moe_cfg = demo_config(str(out / "moe"), seed, steps)
     dense_cfg = replace(moe_cfg, model=moe_cfg.model.dense_equivalent(), out=str(out / "dense"))
     results: dict[str, Any] = {}
@@ -102,13 +108,3 @@ def run_demo(out_dir: str | Path = "moekit-out", seed: int = 0, steps: int = 150
     for path in [*moe["plots"], results["dense (same active)"]["plots"][0], moe["checkpoint"]]:
         console.print(f"  {path}")
     return results
-
-
-@command(
-    "demo",
-    Demo,
-    help="Train a small MoE transformer and a dense one of equal active size on `signals` "
-    "(CPU, under a minute on an idle 2-core machine) and show what the experts learned.",
-)
-def demo(cfg: Demo) -> dict:
-    return run_demo(out_dir=cfg.out, seed=cfg.seed, steps=cfg.steps)

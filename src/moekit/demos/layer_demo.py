@@ -109,15 +109,10 @@ class LayerDemo:
     help="A bare MoE layer learns a 4-regime regression (< 1 min on a CPU); prints expert load "
     "and regime -> expert routing purity, writes a heatmap.",
 )
-def layer_demo(cfg: LayerDemo) -> dict:
-    return run_demo(out_dir=cfg.out, seed=cfg.seed, steps=cfg.steps)
-
-
-def run_demo(
-    out_dir: str = "moekit-out", seed: int = 0, steps: int = 600, console: Console | None = None
-) -> dict:
+def run_demo(options: LayerDemo | None = None, console: Console | None = None) -> dict:
     """Train, report, plot. Returns the numbers it printed."""
-    console = console or Console()
+    options, console = options or LayerDemo(), console or Console()
+    seed, steps = options.seed, options.steps
     torch.manual_seed(seed)
     d_in, E = 8, 8
     cfg = MoEConfig(
@@ -178,7 +173,7 @@ def run_demo(
     heatmap = plot_specialisation(
         {"0": counts.tolist()},
         list(REGIMES),
-        Path(out_dir) / "regime_expert_heatmap.png",
+        Path(options.out) / "regime_expert_heatmap.png",
         title="share of each regime's tokens by top expert",
     )
     result = {
