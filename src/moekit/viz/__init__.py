@@ -32,7 +32,7 @@ def plot_task(run_dir: str | Path) -> list[Path]:
     from moekit.model.io import load_files
     from moekit.tasks import build_task
     from moekit.train.checkpoint import pick_checkpoint
-    from moekit.train.commands import run_config_of
+    from moekit.train.rundir import run_config_of
 
     ckpt = pick_checkpoint(run_dir)
     cfg = run_config_of(ckpt)
