@@ -77,8 +77,7 @@ def load_target(path: str | Path, device: torch.device) -> tuple[Any, torch.nn.M
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such config, checkpoint or run directory")
     if path.is_dir():
-        from moekit.model.io import load_files
-        from moekit.train.checkpoint import pick_checkpoint
+        from moekit.model.store import load_files, pick_checkpoint
         from moekit.train.commands import run_config_of
 
         ckpt = pick_checkpoint(path)

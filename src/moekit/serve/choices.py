@@ -15,12 +15,12 @@ from contextlib import aclosing
 from fastapi import Request
 from torch import Tensor
 
+from moekit.model.codec import Codec
 from moekit.serve.engine import Engine
 from moekit.serve.inputs import ApiError, StopMatcher
 from moekit.serve.schemas import Usage
 from moekit.serve.sequence import Event, Logprobs, SamplingParams, Sequence
 from moekit.serve.stream import follow, submit_n
-from moekit.serve.text import Codec
 
 MAX_STOPS = 4
 

@@ -15,6 +15,7 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from moekit.model.codec import Codec
 from moekit.serve.choices import ChoiceText, collect, follow_all, stop_strings, submit_all, usage
 from moekit.serve.inputs import ApiError, check_max_new, check_prompt_length, text_ids
 from moekit.serve.openai_compat import sampling
@@ -34,7 +35,6 @@ from moekit.serve.security import log_exchange
 from moekit.serve.sequence import Logprobs, Sequence
 from moekit.serve.state import ServerState
 from moekit.serve.stream import SSE_HEADERS, sse
-from moekit.serve.text import Codec
 
 router = APIRouter()
 

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from torch import Tensor
 
+from moekit.model.codec import Codec
 from moekit.serve.choices import ChoiceText, collect, follow_all, stop_strings, submit_all, usage
 from moekit.serve.inputs import (
     ApiError,
@@ -33,7 +34,6 @@ from moekit.serve.security import log_exchange
 from moekit.serve.sequence import Logprobs, SamplingParams, Sequence
 from moekit.serve.state import ServerState
 from moekit.serve.stream import SSE_HEADERS, sse
-from moekit.serve.text import Codec
 
 router = APIRouter()
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from moekit.model.codec import Decoder
 from moekit.serve.inputs import ApiError, check_max_new, model_input
 from moekit.serve.schemas import (
     GenerateRequest,
@@ -25,7 +26,6 @@ from moekit.serve.security import log_exchange
 from moekit.serve.sequence import SamplingParams, Sequence
 from moekit.serve.state import ServerState
 from moekit.serve.stream import SSE_HEADERS, follow, sse, submit
-from moekit.serve.text import Decoder
 
 router = APIRouter()
 

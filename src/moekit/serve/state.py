@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
+from moekit.model.codec import ByteCodec, Codec
 from moekit.model.transformer import Transformer
 from moekit.serve.config import EngineConfig
 from moekit.serve.engine import Engine
-from moekit.serve.text import ByteCodec, Codec
 
 
 @dataclass

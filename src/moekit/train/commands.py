@@ -16,11 +16,10 @@ from typing import Any
 import torch
 
 from moekit.errors import CheckpointError
-from moekit.model.io import load_files
 from moekit.model.sampling_rules import check_sampling
+from moekit.model.store import RUN_FILE, load_files, pick_checkpoint
 from moekit.model.transformer import Transformer
 from moekit.tasks import build_task
-from moekit.train.checkpoint import RUN_FILE, pick_checkpoint
 from moekit.train.config import RunConfig
 from moekit.train.metrics import evaluate_model
 from moekit.train.rundir import claim_run_dir
@@ -169,7 +168,7 @@ def _text_prompt(prompt: str | None, model: Transformer) -> torch.Tensor:
 
 def _tokenizer_codec(model: Transformer, ckpt: Any) -> Any:
     """The tokenizer carried by the checkpoint (as `moekit serve` reads it), else None."""
-    from moekit.serve.text import ByteCodec, load_codec
+    from moekit.model.codec import ByteCodec, load_codec
 
     codec = load_codec(model, ckpt)
     return None if codec is None or isinstance(codec, ByteCodec) else codec

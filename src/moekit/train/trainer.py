@@ -42,8 +42,9 @@ import numpy as np
 import torch
 
 from moekit.model import ModelConfig, ModelOutput, Transformer
+from moekit.model.store import RUN_FILE
 from moekit.tasks import Batch, Task, build_task
-from moekit.train.checkpoint import RUN_FILE, Checkpointer
+from moekit.train.checkpoint import Checkpointer
 from moekit.train.clock import TrainClock
 from moekit.train.config import RunConfig
 from moekit.train.data import Prefetcher

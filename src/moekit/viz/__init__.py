@@ -29,9 +29,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 def plot_task(run_dir: str | Path) -> list[Path]:
     """The task's own analysis plots (`Task.plots`) of a run's best checkpoint, in plots/."""
-    from moekit.model.io import load_files
+    from moekit.model.store import load_files, pick_checkpoint
     from moekit.tasks import build_task
-    from moekit.train.checkpoint import pick_checkpoint
     from moekit.train.commands import run_config_of
 
     ckpt = pick_checkpoint(run_dir)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from moekit.serve.text import ByteCodec, TokenizerCodec, load_codec
+from moekit.model.codec import ByteCodec, TokenizerCodec, load_codec
 
-from .conftest import make_model
+from tests.serve.conftest import make_model
 
 
 def test_bytes_wait_for_whole_characters_and_chat_has_a_fixed_template():
