@@ -24,10 +24,12 @@ from moekit.model.store import (
     checkpoint_name,
     intact_checkpoints,
     is_checkpoint_dir,
+    pick_checkpoint,
     prune_checkpoints,
     write_checkpoint,
 )
 from moekit.model.transformer import Transformer
+from moekit.train.config import RunConfig
 
 if TYPE_CHECKING:
     from moekit.train.parallelism import SingleProcess
@@ -135,3 +137,16 @@ class Checkpointer:
                 continue
             return ckpt, state
         raise CheckpointError(f"no intact checkpoint to resume in {path}: every one is damaged")
+
+
+def run_config_of(path: str | Path) -> RunConfig:
+    """The run config saved beside a checkpoint; a missing or broken one is named."""
+    file = pick_checkpoint(path) / RUN_FILE
+    try:
+        return RunConfig(**json.loads(file.read_bytes()))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{file}: missing (eval needs a checkpoint written by training)"
+        ) from None
+    except (ValueError, TypeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: not a run config ({err})") from None

@@ -15,15 +15,16 @@ from typing import Any
 
 import torch
 
-from moekit.errors import CheckpointError
 from moekit.model.sampling_rules import check_sampling
-from moekit.model.store import RUN_FILE, load_files, pick_checkpoint
+from moekit.model.store import load_files, pick_checkpoint
 from moekit.model.transformer import Transformer
 from moekit.tasks import build_task
+from moekit.train.checkpoint import run_config_of
 from moekit.train.config import RunConfig
 from moekit.train.metrics import evaluate_model
 from moekit.train.rundir import claim_run_dir
 from moekit.train.trainer import Trainer
+from moekit.viz import plot_training
 
 DEFAULT_TEXT_PROMPT = "def "
 # what the generate options are called on the command line
@@ -57,7 +58,7 @@ def train(args: Any) -> dict[str, Any]:
     moved = claim_run_dir(cfg.out, resume, bool(args.get("overwrite")), is_main)
     if moved is not None:
         print(f"moved the previous run in {cfg.out} to {moved}", file=sys.stderr)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, plotter=plot_training)
     try:
         summary = trainer.fit(resume=resume)
     finally:
@@ -74,19 +75,6 @@ def train(args: Any) -> dict[str, Any]:
     for path in summary["plots"]:
         print(f"plot: {path}")
     return summary
-
-
-def run_config_of(path: Any) -> RunConfig:
-    """The run config saved beside a checkpoint; a missing or broken one is named."""
-    file = pick_checkpoint(path) / RUN_FILE
-    try:
-        return RunConfig(**json.loads(file.read_bytes()))
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{file}: missing (eval needs a checkpoint written by training)"
-        ) from None
-    except (ValueError, TypeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file}: not a run config ({err})") from None
 
 
 def evaluate(path: str, batch_size: int = 64) -> dict[str, Any]:

@@ -15,23 +15,23 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-import moekit
+from moekit.config import MoEConfig, RouterConfig
 from moekit.model import ModelConfig
-from moekit.tasks import TaskConfig
+from moekit.model.task import TaskConfig
 from moekit.tasks.signals import CATEGORIES
 from moekit.train.config import RunConfig, TrainConfig
 from moekit.train.trainer import Trainer
-from moekit.viz import category_shares
+from moekit.viz import category_shares, plot_training
 
 
 def demo_config(out: str, seed: int = 0, steps: int = 1500) -> RunConfig:
     """Small enough that both models train in under a minute on two idle CPU cores."""
-    moe = moekit.MoEConfig(
+    moe = MoEConfig(
         d_model=48,
         d_hidden=64,
         n_experts=8,
         k=2,
-        router=moekit.RouterConfig(load_balance_weight=0.01, z_loss_weight=1e-3),
+        router=RouterConfig(load_balance_weight=0.01, z_loss_weight=1e-3),
     )
     return RunConfig(
         task=TaskConfig(name="signals", seq_len=32, val_sequences=256),
@@ -77,7 +77,7 @@ def run_demo(out_dir: str | Path = "moekit-out", seed: int = 0, steps: int = 150
     results: dict[str, Any] = {}
     for name, cfg in (("MoE 8x top-2", moe_cfg), ("dense (same active)", dense_cfg)):
         console.print(f"[bold]training {name} on signals for {steps} steps[/bold]")
-        results[name] = Trainer(cfg, title=name).fit()
+        results[name] = Trainer(cfg, title=name, plotter=plot_training).fit()
     table = Table(title=f"signals, {steps} steps, batch 16 x 32 positions, seed {seed}")
     for col in ("model", "val MSE", "total params", "active params", "tokens/s"):
         table.add_column(col, justify="right" if col != "model" else "left")
