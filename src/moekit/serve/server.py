@@ -14,7 +14,7 @@ import torch
 import uvicorn
 
 from moekit.model.codec import load_codec
-from moekit.model.store import CONFIG_FILE, DTYPES, load
+from moekit.model.store import CONFIG_FILE, DTYPES, load, pick_checkpoint
 from moekit.serve.app import create_app, default_device
 from moekit.serve.config import EngineConfig
 from moekit.serve.limits import DrainingServer
@@ -48,8 +48,6 @@ def _checkpoint_dir(ckpt: str) -> Path:
     path = Path(ckpt)
     if (path / CONFIG_FILE).exists():
         return path
-    from moekit.model.store import pick_checkpoint
-
     return pick_checkpoint(path)
 
 
