@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moekit.progress import progress
-from moekit.tasks.finance import plots
+from moekit.viz import finance as plots
 from moekit.tasks.finance.data import (
     ASSET_CLASSES,
     Instrument,
