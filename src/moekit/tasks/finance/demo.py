@@ -23,7 +23,6 @@ from rich.console import Console
 from rich.table import Table
 
 from moekit.progress import progress
-from moekit.viz import finance as plots
 from moekit.tasks.finance.data import (
     ASSET_CLASSES,
     Instrument,
@@ -45,6 +44,7 @@ from moekit.tasks.finance.features import FeatureConfig, build_panel
 from moekit.tasks.finance.model import ForecastConfig
 from moekit.tasks.finance.rules import RuleConfig
 from moekit.tasks.finance.stats import dm_by_group, mean_ci
+from moekit.viz import finance as plots
 
 METHOD_NAMES = {"moe": "MoE", "dense": "Dense", "garch": "GARCH(1,1)", "persist": "Persistence"}
 
