@@ -7,12 +7,14 @@
     5 views    viz/
     6 entry    bench/ cli commands demos ...
 
-Nothing imports the top-level `moekit` package: its __init__ only re-exports.
+Nothing imports the top-level `moekit` package: its __init__ only re-exports. Every import
+counts wherever it stands: inside functions and under `TYPE_CHECKING` too.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import moekit
@@ -91,20 +93,21 @@ KNOWN_VIOLATIONS: set[str] = {
 }
 
 
-def _module_name(file: Path) -> str:
-    parts = list(file.relative_to(SRC.parent).with_suffix("").parts)
+def _module_name(file: Path, root: Path = SRC) -> str:
+    parts = list(file.relative_to(root.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _modules() -> dict[str, Path]:
-    return {_module_name(f): f for f in sorted(SRC.rglob("*.py"))}
+@functools.cache
+def _modules(root: Path = SRC) -> dict[str, Path]:
+    return {_module_name(f, root): f for f in sorted(root.rglob("*.py"))}
 
 
-def _imports(file: Path) -> set[str]:
+def _imports(file: Path, root: Path = SRC) -> set[str]:
     """Every moekit module `file` imports, anywhere in it; `from a import b` names a.b when
     b is a module, relative imports resolved."""
-    modules = _modules()
-    package = _module_name(file).split(".")
+    modules = _modules(root)
+    package = _module_name(file, root).split(".")
     if file.name != "__init__.py":
         package = package[:-1]
     found = set()
@@ -121,7 +124,7 @@ def _imports(file: Path) -> set[str]:
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
                 found.add(sub if sub in modules else base)
-    return found - {_module_name(file)}
+    return found - {_module_name(file, root)}
 
 
 def _floor(module: str) -> tuple[int, str]:
@@ -243,3 +246,18 @@ def test_import_graph_has_no_cycles():
 def test_cycle_finder_sees_a_circle():
     edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(edges) == [["a", "b", "c"]]
+
+
+def test_imports_are_found_inside_functions_and_relative_ones_resolved(tmp_path):
+    root = tmp_path / "moekit"
+    (root / "train").mkdir(parents=True)
+    for name in ("__init__.py", "viz.py", "train/__init__.py", "train/step.py"):
+        (root / name).write_text("")
+    (root / "train" / "trainer.py").write_text(
+        "from . import step\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    import moekit\n"
+        "def plot():\n    from ..viz import figure\n"
+    )
+    found = _imports(root / "train" / "trainer.py", root)
+    assert found == {"moekit", "moekit.train.step", "moekit.viz"}
