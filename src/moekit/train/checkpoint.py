@@ -1,6 +1,6 @@
-"""What training adds to a checkpoint of `moekit.model.store`: its own state.
+"""What training adds to a checkpoint of `moekit.model.store`: its own state and run config.
 
-    checkpoints/step-0000100/  ...the model store's files...  trainer_state.pt
+    checkpoints/step-0000100/  ...the model store's files...  trainer_state.pt  run.json
 
 The trainer state (step, optimizer, scaler, RNG) holds tensors and plain Python values only and
 loads with `weights_only=True`: a state file holding anything else is refused, never unpickled.
