@@ -127,13 +127,13 @@ def hf_model(cfg: ModelConfig, family: str, experts: str, device: torch.device) 
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moekit.integrations.hf.families import FAMILIES, hf_config
+    from moekit.integrations.hf.families import FAMILIES
 
     if experts == "moekit":
         from moekit.integrations.hf.experts import register
 
         register("auto")
-    config = AutoConfig.for_model(family, **hf_config(cfg, FAMILIES[family]))
+    config = AutoConfig.for_model(family, **FAMILIES[family].hf_config(cfg))
     config.output_router_logits = True
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from torch import Tensor
 
@@ -100,6 +100,70 @@ class Engine:
             "graphs": sorted(d.graphs),
             "buckets": list(d.buckets),
             "fallback": d.fallback,
+        }
+
+    def info(self) -> dict[str, Any]:
+        """How this engine is set up: its config, then what it chose (rows, caches, decode)."""
+        return {
+            **self.cfg.to_dict(),
+            "batch_invariant": self.batch_invariant,
+            "effective_max_batch": self.runner.kv.n_rows,
+            "prefix_cache": self.prefix_cache,
+            "decode": self.decode_info(),
+            "kv": self.runner.kv.usage(),
+        }
+
+    def report(self) -> dict[str, Any]:
+        """Counts since start: requests, tokens, batches, KV pages, latencies, cache, experts.
+
+        Reads the expert counts back from the device (a host sync); only /v1/stats and
+        /metrics call it.
+        """
+        s = self.stats
+        uptime = time.monotonic() - s.started
+        kv = self.runner.kv
+        return {
+            "uptime_s": uptime,
+            "requests": {
+                "accepted": s.requests,
+                "rejected": s.rejected,
+                "finished": dict(s.finished),
+                "active": self.active,
+                "queued": self.queue_depth,
+            },
+            "queue_depth": self.queue_depth,
+            "tokens": {"prompt": s.prompt_tokens, "generated": s.generated_tokens},
+            "tokens_per_s": s.tokens_per_s(),
+            "tokens_per_s_since_start": s.generated_tokens / max(uptime, 1e-9),
+            "batch": {
+                "steps": s.steps,
+                "mean_size": s.batched_sequences / s.steps if s.steps else 0.0,
+                "occupancy": s.occupancy(),
+                "prefill_tokens": s.prefill_tokens,
+            },
+            "kv": kv.usage(),
+            "latency_s": s.latency.summary(),
+            "ttft_s": s.ttft.summary(),
+            "inter_token_s": s.itl.summary(),
+            "prefix_cache": self._prefix_report() if self.prefix_cache else None,
+            "expert_load": s.expert_load(),
+        }
+
+    def _prefix_report(self) -> dict[str, Any]:
+        kv = self.runner.kv
+        pool, pc = kv.pool, kv.pool.stats
+        return {
+            "lookups": pc.lookups,
+            "hits": pc.hits,
+            "hit_rate": pc.hits / pc.lookups if pc.lookups else 0.0,
+            "tokens_reused": pc.tokens_reused,
+            "token_hit_rate": pc.tokens_reused / pc.tokens_looked_up
+            if pc.tokens_looked_up
+            else 0.0,
+            "blocks": len(pool.index),
+            "cached_tokens": len(pool.cached) * kv.page,
+            "capacity_tokens": pool.cache_pages * kv.page,
+            "evictions": pc.evictions,
         }
 
     # requests -----------------------------------------------------------------------------

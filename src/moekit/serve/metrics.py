@@ -30,7 +30,7 @@ class EngineCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        e, s = self.engine, self.engine.stats
+        s, r = self.engine.stats, self.engine.report()
         done = CounterMetricFamily(
             "moekit_requests", "Requests finished, by reason", labels=["reason"]
         )
@@ -42,22 +42,24 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(
             "moekit_generated_tokens", "Generated positions", s.generated_tokens
         )
-        yield GaugeMetricFamily("moekit_queue_depth", "Requests waiting", e.queue_depth)
-        yield GaugeMetricFamily("moekit_active_sequences", "Sequences decoding", e.active)
+        yield GaugeMetricFamily("moekit_queue_depth", "Requests waiting", r["queue_depth"])
         yield GaugeMetricFamily(
-            "moekit_tokens_per_second", "Generated tokens/s over 10 s", s.tokens_per_s()
+            "moekit_active_sequences", "Sequences decoding", r["requests"]["active"]
+        )
+        yield GaugeMetricFamily(
+            "moekit_tokens_per_second", "Generated tokens/s over 10 s", r["tokens_per_s"]
         )
         yield CounterMetricFamily(
             "moekit_prefill_tokens", "Prompt positions fed (not reused)", s.prefill_tokens
         )
-        occupancy = s.occupancy()
+        occupancy = r["batch"]["occupancy"]
         yield GaugeMetricFamily(
             "moekit_batch_occupancy", "Decode batch / max_batch, latest step", occupancy["last"]
         )
         yield GaugeMetricFamily(
             "moekit_batch_occupancy_mean", "Decode batch / max_batch, mean", occupancy["mean"]
         )
-        kv = e.runner.kv.usage()
+        kv = r["kv"]
         yield GaugeMetricFamily("moekit_kv_pages", "KV pages in all", kv["pages"])
         used = GaugeMetricFamily("moekit_kv_pages_used", "KV pages by state", labels=["state"])
         for state in ("held", "cached", "free", "reserved"):
@@ -68,12 +70,11 @@ class EngineCollector(Collector):
             "Fraction of KV pages held by running sequences",
             kv["held"] / kv["pages"],
         )
-        if e.prefix_cache:
-            pc = e.runner.kv.pool.stats
-            yield CounterMetricFamily("moekit_prefix_cache_lookups", "Lookups", pc.lookups)
-            yield CounterMetricFamily("moekit_prefix_cache_hits", "Hits", pc.hits)
+        if (pc := r["prefix_cache"]) is not None:
+            yield CounterMetricFamily("moekit_prefix_cache_lookups", "Lookups", pc["lookups"])
+            yield CounterMetricFamily("moekit_prefix_cache_hits", "Hits", pc["hits"])
             yield CounterMetricFamily(
-                "moekit_prefix_cache_reused_tokens", "Prompt positions reused", pc.tokens_reused
+                "moekit_prefix_cache_reused_tokens", "Prompt positions reused", pc["tokens_reused"]
             )
             yield GaugeMetricFamily(
                 "moekit_prefix_cache_tokens",
@@ -83,7 +84,7 @@ class EngineCollector(Collector):
         load = CounterMetricFamily(
             "moekit_expert_tokens", "Token-slots routed to each expert", labels=["layer", "expert"]
         )
-        for row in s.expert_load():
+        for row in r["expert_load"]:
             for j, n in enumerate(row["tokens"]):
                 load.add_metric([str(row["layer"]), str(j)], n)
         yield load

@@ -7,18 +7,12 @@ may run to the server's max_new_tokens (or the tokenizer's end-of-sequence token
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import AsyncIterator
-
 import torch
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from moekit.model.codec import Codec
-from moekit.serve.choices import ChoiceText, collect, follow_all, stop_strings, submit_all, usage
 from moekit.serve.inputs import ApiError, check_max_new, check_prompt_length, text_ids
-from moekit.serve.openai_compat import sampling
+from moekit.serve.openai_compat import head, stream_reply, submit
 from moekit.serve.openai_schemas import (
     ChatChoice,
     ChatChunk,
@@ -32,9 +26,10 @@ from moekit.serve.openai_schemas import (
     TopChatLogprob,
 )
 from moekit.serve.security import log_exchange
-from moekit.serve.sequence import Logprobs, Sequence
-from moekit.serve.state import ServerState
-from moekit.serve.stream import SSE_HEADERS, sse
+from moekit.serve.sequence import Logprobs
+from moekit.serve.service import Delta
+from moekit.serve.sse import sse_response
+from moekit.serve.state import Security, ServerState, State
 
 router = APIRouter()
 
@@ -82,67 +77,43 @@ def _logprobs(items: list[tuple[int, Logprobs]], codec: Codec) -> ChatLogprobs:
     summary="OpenAI-compatible chat completion (JSON, or SSE with stream=true)",
     response_model=ChatCompletion,
 )
-async def chat(body: ChatRequest, request: Request):
-    s: ServerState = request.app.state.serve
+async def chat(body: ChatRequest, request: Request, s: State, security: Security):
+    codec: Codec = s.codec  # type: ignore[assignment]
     prompt = _prompt(body, s)
-    top = (body.top_logprobs or 0) if body.logprobs else None
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(422, "top_logprobs: needs logprobs=true", "top_logprobs")
-    params = sampling(body, _max_tokens(body, s), top, s.codec)  # type: ignore[arg-type]
-    stops = stop_strings(body.stop)
-    seqs = submit_all(s.engine, [prompt], params, body.n, body.request_id, body.use_cache)
-    choices = [ChoiceText(s.codec, stops) for _ in seqs]  # type: ignore[arg-type]
-    head = {"id": body.request_id or f"chatcmpl-{uuid.uuid4().hex}"}
-    head |= {"created": int(time.time()), "model": body.model}
+    handle = submit(s, body, [prompt], _max_tokens(body, s), top_logprobs, request)
+    top = head(body, "chatcmpl")
     if body.stream:
-        include = body.stream_options is not None and body.stream_options.include_usage
-        chunks = _chunks(s, seqs, choices, request, head, include, prompt, body)
-        return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-    await collect(s.engine, seqs, choices, request)
-    out = []
-    for i, (choice, seq) in enumerate(zip(choices, seqs, strict=True)):
-        choice.close()
-        lp = _logprobs(choice.logprobs, s.codec) if body.logprobs else None  # type: ignore[arg-type]
-        reply = ChatReply(content=choice.text)
-        out.append(
-            ChatChoice(index=i, message=reply, logprobs=lp, finish_reason=choice.reason(seq))
+
+        def chunk(d: Delta) -> ChatChunkChoice | None:
+            lp = _logprobs([(d.token, d.logprobs)], codec) if d.logprobs is not None else None
+            if d.finish_reason is not None:
+                delta = ChatDelta(content=d.text or None)
+            elif d.text or lp is not None:
+                delta = ChatDelta(content=d.text)
+            else:
+                return None
+            return ChatChunkChoice(
+                index=d.index, delta=delta, logprobs=lp, finish_reason=d.finish_reason
+            )
+
+        roles = [
+            ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+            for i in range(len(handle.choices))
+        ]
+        chunks = stream_reply(handle, top, ChatChunk, body, chunk, security, body.messages, roles)
+        return sse_response(chunks)
+    choices = await handle.result()
+    out = [
+        ChatChoice(
+            index=i,
+            message=ChatReply(content=c.text),
+            logprobs=_logprobs(c.logprobs, codec) if body.logprobs else None,
+            finish_reason=c.reason(),
         )
-    log_exchange(request.app.state.security, head["id"], body.messages, [c.text for c in choices])
-    return ChatCompletion(**head, choices=out, usage=usage([prompt], seqs))
-
-
-async def _chunks(
-    s: ServerState,
-    seqs: list[Sequence],
-    choices: list[ChoiceText],
-    request: Request,
-    head: dict,
-    include_usage: bool,
-    prompt: torch.Tensor,
-    body: ChatRequest,
-) -> AsyncIterator[str]:
-    codec: Codec = s.codec  # type: ignore[assignment]
-
-    def chunk(i: int, delta: ChatDelta, reason: str | None = None, lp=None) -> str:
-        choice = ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=reason)
-        return sse(ChatChunk(**head, choices=[choice]).model_dump(exclude={"usage"}))
-
-    for i in range(len(seqs)):
-        yield chunk(i, ChatDelta(role="assistant", content=""))
-    async for i, event in follow_all(s.engine, seqs, request):
-        c = choices[i]
-        if event.kind == "done":
-            tail = c.close()
-            yield chunk(i, ChatDelta(content=tail or None), c.reason(seqs[i]))
-            continue
-        seen = len(c.logprobs)
-        piece = c.feed(event)
-        if c.stop.stopped:
-            s.engine.cancel(seqs[i])
-        lp = _logprobs(c.logprobs[seen:], codec) if len(c.logprobs) > seen else None
-        if piece or lp is not None:
-            yield chunk(i, ChatDelta(content=piece), None, lp)
-    log_exchange(request.app.state.security, head["id"], body.messages, [c.text for c in choices])
-    if include_usage:
-        yield sse(ChatChunk(**head, choices=[], usage=usage([prompt], seqs)).model_dump())
-    yield sse("[DONE]")
+        for i, c in enumerate(choices)
+    ]
+    log_exchange(security, top["id"], body.messages, [c.text for c in choices])
+    return ChatCompletion(**top, choices=out, usage=handle.usage())

@@ -1,50 +1,43 @@
 """OpenAI-compatible GET /v1/models and POST /v1/completions (n choices, logprobs, streaming).
 
 Text goes through the model's codec (its tokenizer, or UTF-8 bytes for byte-level models);
-token-id prompts work for any token model. Chat lives in `openai_chat`.
+token-id prompts work for any token model. Generation goes through the app's `Service`; this
+module and `openai_chat` only translate OpenAI's schemas, and share the streaming here.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 
 import torch
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 from torch import Tensor
 
 from moekit.model.codec import Codec
-from moekit.serve.choices import ChoiceText, collect, follow_all, stop_strings, submit_all, usage
-from moekit.serve.inputs import (
-    ApiError,
-    check_ids,
-    check_max_new,
-    check_prompt_length,
-    text_ids,
-)
+from moekit.serve.inputs import ApiError, check_ids, check_max_new, check_prompt_length, text_ids
 from moekit.serve.openai_schemas import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    ResponseHead,
+    Sampled,
 )
-from moekit.serve.security import log_exchange
-from moekit.serve.sequence import Logprobs, SamplingParams, Sequence
-from moekit.serve.state import ServerState
-from moekit.serve.stream import SSE_HEADERS, sse
+from moekit.serve.security import SecurityConfig, log_exchange
+from moekit.serve.sequence import Logprobs, SamplingParams
+from moekit.serve.service import Delta, Handle
+from moekit.serve.sse import sse, sse_response
+from moekit.serve.state import Security, ServerState, State
 
 router = APIRouter()
 
 
-def state(request: Request) -> ServerState:
-    return request.app.state.serve
-
-
 @router.get("/v1/models", summary="The served model, as OpenAI lists models")
-async def models(request: Request) -> dict:
-    s = state(request)
+async def models(s: State) -> dict:
     entry = {"id": s.name, "object": "model", "created": int(s.started), "owned_by": "moekit"}
     return {"object": "list", "data": [entry]}
 
@@ -70,12 +63,56 @@ def _prompts(body: CompletionRequest, s: ServerState) -> list[Tensor]:
     return out
 
 
-def sampling(body, max_tokens: int, logprobs: int | None, codec: Codec) -> SamplingParams:
-    """SamplingParams of an OpenAI request: top_p 1 is off, the tokenizer's EOS stops."""
-    top_p = body.top_p if body.top_p < 1.0 else None
-    return SamplingParams(
-        max_tokens, body.temperature, None, top_p, body.seed, logprobs, codec.eos_ids
+def submit(
+    s: ServerState,
+    body: Sampled,
+    prompts: list[Tensor],
+    max_tokens: int,
+    logprobs: int | None,
+    request: Request,
+) -> Handle:
+    """An OpenAI request's n choices of each prompt, queued on the app's service."""
+    params = SamplingParams.from_request(body, max_tokens, logprobs)
+    return s.service.submit(
+        prompts,
+        params,
+        n=body.n,
+        stops=body.stop,
+        request_id=body.request_id,
+        use_cache=body.use_cache,
+        disconnected=request.is_disconnected,
     )
+
+
+def head(body: Sampled, prefix: str) -> dict:
+    """The id, time and model every object of one answer carries."""
+    rid = body.request_id or f"{prefix}-{uuid.uuid4().hex}"
+    return {"id": rid, "created": int(time.time()), "model": body.model}
+
+
+async def stream_reply(
+    handle: Handle,
+    top: dict,
+    reply: type[ResponseHead],
+    body: Sampled,
+    chunk: Callable[[Delta], BaseModel | None],
+    security: SecurityConfig,
+    prompt: object,
+    opening: list[BaseModel] | None = None,
+) -> AsyncIterator[str]:
+    """OpenAI's SSE: `opening` choices, a chunk per delta that carries something (`chunk`
+    None: skip it), the usage when stream_options asks, then [DONE]."""
+    for choice in opening or []:
+        yield sse(reply(**top, choices=[choice]).model_dump(exclude={"usage"}))
+    async with aclosing(handle.stream()) as deltas:
+        async for d in deltas:
+            choice = chunk(d)
+            if choice is not None:
+                yield sse(reply(**top, choices=[choice]).model_dump(exclude={"usage"}))
+    log_exchange(security, top["id"], prompt, [c.text for c in handle.choices])
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield sse(reply(**top, choices=[], usage=handle.usage()).model_dump())
+    yield sse("[DONE]")
 
 
 @router.post(
@@ -83,32 +120,41 @@ def sampling(body, max_tokens: int, logprobs: int | None, codec: Codec) -> Sampl
     summary="OpenAI-compatible text completion (JSON, or SSE with stream=true)",
     response_model=Completion,
 )
-async def completions(body: CompletionRequest, request: Request):
-    s = state(request)
+async def completions(body: CompletionRequest, request: Request, s: State, security: Security):
+    codec: Codec = s.codec  # type: ignore[assignment]
     prompts = _prompts(body, s)
     check_max_new(body.max_tokens, "max_tokens", s.model, s.cfg)
-    stops = stop_strings(body.stop)
-    params = sampling(body, body.max_tokens, body.logprobs, s.codec)  # type: ignore[arg-type]
-    seqs = submit_all(s.engine, prompts, params, body.n, body.request_id, body.use_cache)
-    cid = body.request_id or f"cmpl-{uuid.uuid4().hex}"
-    choices = [ChoiceText(s.codec, stops) for _ in seqs]  # type: ignore[arg-type]
-    head = {"id": cid, "created": int(time.time()), "model": body.model}
+    handle = submit(s, body, prompts, body.max_tokens, body.logprobs, request)
+    top = head(body, "cmpl")
     if body.stream:
-        include = body.stream_options is not None and body.stream_options.include_usage
-        chunks = _chunks(s, seqs, choices, request, head, include, prompts, body.prompt)
-        return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-    await collect(s.engine, seqs, choices, request)
-    out = []
-    for i, (choice, seq) in enumerate(zip(choices, seqs, strict=True)):
-        choice.close()
-        lp = _logprobs(choice.logprobs, s.codec) if body.logprobs is not None else None  # type: ignore[arg-type]
-        out.append(
-            CompletionChoice(
-                text=choice.text, index=i, logprobs=lp, finish_reason=choice.reason(seq)
+        offsets = [0] * len(handle.choices)  # text sent so far by each choice
+
+        def chunk(d: Delta) -> CompletionChoice | None:
+            lp = None
+            if d.logprobs is not None:  # this token's logprobs go with whatever text it released
+                lp = _logprobs([(d.token, d.logprobs)], codec, offsets[d.index])
+            offsets[d.index] += len(d.text)  # type: ignore[arg-type]
+            if not d.text and lp is None and d.finish_reason is None:
+                return None
+            return CompletionChoice(
+                text=d.text, index=d.index, logprobs=lp, finish_reason=d.finish_reason
             )
+
+        return sse_response(
+            stream_reply(handle, top, Completion, body, chunk, security, body.prompt)
         )
-    log_exchange(request.app.state.security, cid, body.prompt, [c.text for c in out])
-    return Completion(**head, choices=out, usage=usage(prompts, seqs))
+    choices = await handle.result()
+    out = [
+        CompletionChoice(
+            text=c.text,
+            index=i,
+            logprobs=_logprobs(c.logprobs, codec) if body.logprobs is not None else None,
+            finish_reason=c.reason(),
+        )
+        for i, c in enumerate(choices)
+    ]
+    log_exchange(security, top["id"], body.prompt, [c.text for c in out])
+    return Completion(**top, choices=out, usage=handle.usage())
 
 
 def _logprobs(
@@ -126,42 +172,3 @@ def _logprobs(
         top_logprobs=[{codec.token_text(t): v for t, v in lp.top} for _, lp in items],
         text_offset=offsets,
     )
-
-
-async def _chunks(
-    s: ServerState,
-    seqs: list[Sequence],
-    choices: list[ChoiceText],
-    request: Request,
-    head: dict,
-    include_usage: bool,
-    prompts: list[Tensor],
-    prompt_text: object,
-) -> AsyncIterator[str]:
-    codec: Codec = s.codec  # type: ignore[assignment]
-    offsets = [0] * len(seqs)
-
-    def chunk(i: int, text: str, reason: str | None, lp: CompletionLogprobs | None) -> str:
-        choice = CompletionChoice(text=text, index=i, logprobs=lp, finish_reason=reason)
-        return sse(Completion(**head, choices=[choice]).model_dump(exclude={"usage"}))
-
-    async for i, event in follow_all(s.engine, seqs, request):
-        c = choices[i]
-        if event.kind == "done":
-            tail = c.close()
-            yield chunk(i, tail, c.reason(seqs[i]), None)
-            continue
-        seen = len(c.logprobs)
-        piece = c.feed(event)
-        if c.stop.stopped:
-            s.engine.cancel(seqs[i])
-        lp = None
-        if len(c.logprobs) > seen:  # this token's logprobs go with whatever text it released
-            lp = _logprobs(c.logprobs[seen:], codec, offsets[i])
-        offsets[i] += len(piece)
-        if piece or lp is not None:
-            yield chunk(i, piece, None, lp)
-    log_exchange(request.app.state.security, head["id"], prompt_text, [c.text for c in choices])
-    if include_usage:
-        yield sse(Completion(**head, choices=[], usage=usage(prompts, seqs)).model_dump())
-    yield sse("[DONE]")

@@ -10,16 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from moekit.serve.schemas import (
-    INT_MAX,
-    MAX_LOGPROBS,
-    Strict,
-    Usage,
-    request_id_field,
-    use_cache_field,
-)
-
-MAX_CHOICES = 16  # n: continuations of one prompt per request
+from moekit.serve.schemas import Strict, Usage, bounded, request_id_field, use_cache_field
 
 
 class StreamOptions(Strict):
@@ -30,10 +21,10 @@ class Sampled(Strict):
     """Fields every OpenAI-compatible request shares."""
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=MAX_CHOICES, description="continuations of each prompt")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="choice i uses seed + i")
+    temperature: float = bounded("openai_temperature", 1.0)
+    top_p: float = bounded("top_p", 1.0)
+    n: int = bounded("n", 1, description="continuations of each prompt")
+    seed: int | None = bounded("seed", None, description="choice i uses seed + i")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="up to 4 strings ending the text")
@@ -49,8 +40,8 @@ class CompletionRequest(Sampled):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="a text, texts, token ids, or lists of token ids (one choice set each)"
     )
-    max_tokens: int = Field(16, ge=1, le=INT_MAX)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="best tokens reported")
+    max_tokens: int = bounded("max_new_tokens", 16)
+    logprobs: int | None = bounded("logprobs", None, description="best tokens reported")
     echo: Literal[False] = False
 
 
@@ -61,6 +52,15 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class ResponseHead(BaseModel):
+    """The fields OpenAI's response objects open with; `object` names the kind."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int = 0
@@ -68,11 +68,8 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(ResponseHead):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -98,10 +95,10 @@ class ChatRequest(Sampled):
     """POST /v1/chat/completions: messages in (through the chat template), a message out."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=INT_MAX)
-    max_completion_tokens: int | None = Field(None, ge=1, le=INT_MAX)
+    max_tokens: int | None = bounded("max_new_tokens", None)
+    max_completion_tokens: int | None = bounded("max_new_tokens", None)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = bounded("logprobs", None)
 
 
 class TopChatLogprob(BaseModel):
@@ -130,11 +127,8 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(ResponseHead):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -151,10 +145,7 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatChunk(BaseModel):
-    id: str
+class ChatChunk(ResponseHead):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None

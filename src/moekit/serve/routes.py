@@ -1,4 +1,7 @@
-"""Native endpoints: health, model, generate (JSON or SSE), route, stats, metrics."""
+"""Native endpoints: health, model, generate (JSON or SSE), route, stats, metrics.
+
+Generation goes through the app's `Service`; these handlers only translate the schemas.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,8 @@ from contextlib import aclosing
 
 import torch
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from moekit.model.codec import Decoder
 from moekit.serve.inputs import ApiError, check_max_new, model_input
 from moekit.serve.schemas import (
     GenerateRequest,
@@ -22,42 +23,37 @@ from moekit.serve.schemas import (
     TopLogprob,
     Usage,
 )
-from moekit.serve.security import log_exchange
-from moekit.serve.sequence import SamplingParams, Sequence
-from moekit.serve.state import ServerState
-from moekit.serve.stream import SSE_HEADERS, follow, sse, submit
+from moekit.serve.security import SecurityConfig, log_exchange
+from moekit.serve.sequence import SamplingParams
+from moekit.serve.service import Choice, Handle
+from moekit.serve.sse import sse, sse_response
+from moekit.serve.state import Security, ServerState, State
 
 router = APIRouter()
 
 
-def state(request: Request) -> ServerState:
-    return request.app.state.serve
-
-
 @router.get("/health", summary="Liveness and readiness")
-async def health(request: Request) -> dict:
-    s = state(request)
+async def health(s: State) -> dict:
     return {"status": "draining" if s.engine.stopping else "ok", "model": s.name}
 
 
 @router.get("/v1/model", summary="Config, parameter counts and experts per layer")
-async def model_info(request: Request) -> dict:
-    return state(request).model_info()
+async def model_info(s: State) -> dict:
+    return s.model_info()
 
 
 @router.get("/v1/stats", summary="Requests, tokens/s, queue, cache hit rates, expert load")
-async def stats(request: Request) -> dict:
-    return state(request).stats()
+async def stats(s: State) -> dict:
+    return s.engine.report()
 
 
 @router.get("/metrics", summary="Prometheus text exposition", response_class=Response)
-async def metrics(request: Request) -> Response:
-    return Response(generate_latest(state(request).registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(s: State) -> Response:
+    return Response(generate_latest(s.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _response(s: ServerState, seq: Sequence, text: str | None) -> GenerateResponse:
-    lm = s.model.is_lm
-    n = len(seq.outputs)
+def _response(s: ServerState, choice: Choice, usage: Usage) -> GenerateResponse:
+    lm, seq = s.model.is_lm, choice.seq
     logprobs = None
     if seq.params.logprobs is not None:
         logprobs = [
@@ -70,14 +66,12 @@ def _response(s: ServerState, seq: Sequence, text: str | None) -> GenerateRespon
         ]
     return GenerateResponse(
         id=seq.id,
-        text=text,
+        text=choice.text,
         token_ids=list(seq.outputs) if lm else None,
         outputs=None if lm else [v.tolist() for v in seq.outputs],
         logprobs=logprobs,
-        finish_reason=seq.finish_reason or "cancelled",
-        usage=Usage(
-            prompt_tokens=len(seq.prompt), completion_tokens=n, total_tokens=len(seq.prompt) + n
-        ),
+        finish_reason=choice.reason(unfinished="cancelled"),
+        usage=usage,
         prefix_cache_tokens=seq.prefix_hit,
         ttft_s=None if seq.t_first is None else seq.t_first - seq.t_submit,
         latency_s=(seq.t_done or seq.t_submit) - seq.t_submit,
@@ -89,68 +83,53 @@ def _response(s: ServerState, seq: Sequence, text: str | None) -> GenerateRespon
     summary="Continue a prompt (JSON, or Server-Sent Events with stream=true)",
     response_model=GenerateResponse,
 )
-async def generate(body: GenerateRequest, request: Request):
-    s = state(request)
+async def generate(body: GenerateRequest, request: Request, s: State, security: Security):
     x = model_input(body, s.model, s.cfg, s.codec)
     check_max_new(body.max_new_tokens, "max_new_tokens", s.model, s.cfg)
-    stop_ids = s.codec.eos_ids if s.codec is not None else ()
-    params = SamplingParams(
-        body.max_new_tokens,
-        body.temperature,
-        body.top_k,
-        body.top_p,
-        body.seed,
-        body.logprobs if s.model.is_lm else None,
-        stop_ids,
+    logprobs = body.logprobs if s.model.is_lm else None
+    params = SamplingParams.from_request(body, body.max_new_tokens, logprobs)
+    handle = s.service.submit(
+        [x],
+        params,
+        request_id=body.request_id,
+        use_cache=body.use_cache,
+        disconnected=request.is_disconnected,
     )
-    seq = submit(s.engine, x, params, body.request_id, body.use_cache)
-    decoder = s.codec.decoder() if s.codec is not None else None
     if body.stream:
-        return StreamingResponse(
-            _stream(s, seq, request, decoder, body),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
-    text = ""
-    async with aclosing(follow(s.engine, seq, request)) as events:
-        async for event in events:
-            if event.kind == "token" and decoder is not None:
-                text += decoder.feed(event.value)
-    return _logged(request, body, _response(s, seq, text + decoder.flush() if decoder else None))
+        return sse_response(_stream(s, handle, body, security))
+    (choice,) = await handle.result()
+    return _logged(security, body, _response(s, choice, handle.usage()))
 
 
-def _logged(request: Request, body: GenerateRequest, resp: GenerateResponse) -> GenerateResponse:
+def _logged(
+    security: SecurityConfig, body: GenerateRequest, resp: GenerateResponse
+) -> GenerateResponse:
     """The answer, after logging its text when the server was started with --log-prompts."""
     prompt = next(p for p in (body.prompt, body.token_ids, body.inputs) if p is not None)
     completion = next(c for c in (resp.text, resp.token_ids, resp.outputs) if c is not None)
-    log_exchange(request.app.state.security, resp.id, prompt, completion)
+    log_exchange(security, resp.id, prompt, completion)
     return resp
 
 
 async def _stream(
-    s: ServerState,
-    seq: Sequence,
-    request: Request,
-    decoder: Decoder | None,
-    body: GenerateRequest,
+    s: ServerState, handle: Handle, body: GenerateRequest, security: SecurityConfig
 ) -> AsyncIterator[str]:
-    text, index = "", 0
-    async with aclosing(follow(s.engine, seq, request)) as events:
-        async for event in events:
-            if event.kind == "done":
-                break
+    """One event per new position, then 'done' with the whole answer."""
+    index = 0
+    async with aclosing(handle.stream()) as deltas:
+        async for d in deltas:
+            if d.finish_reason is not None:  # the end: its held-back text is in the answer
+                continue
             if s.model.is_lm:
-                piece = decoder.feed(event.value) if decoder else None
-                text += piece or ""
-                data = {"index": index, "token_id": event.value, "text": piece}
-                if event.logprobs is not None:
-                    data |= {"logprob": event.logprobs.logprob, "top": event.logprobs.top}
-                yield sse(data)
+                data = {"index": index, "token_id": d.token, "text": d.text}
+                if d.logprobs is not None:
+                    data |= {"logprob": d.logprobs.logprob, "top": d.logprobs.top}
             else:
-                yield sse({"index": index, "output": event.value.tolist()})
+                data = {"index": index, "output": d.token.tolist()}
+            yield sse(data)
             index += 1
-    tail = decoder.flush() if decoder else ""
-    done = _logged(request, body, _response(s, seq, text + tail if decoder else None))
+    (choice,) = handle.choices
+    done = _logged(security, body, _response(s, choice, handle.usage()))
     yield sse(done.model_dump(), event="done")
 
 
@@ -159,8 +138,7 @@ async def _stream(
     summary="Experts and gate weights chosen for each input position, per MoE layer",
     response_model=RouteResponse,
 )
-async def route(body: RouteRequest, request: Request) -> RouteResponse:
-    s = state(request)
+async def route(body: RouteRequest, s: State) -> RouteResponse:
     x = model_input(body, s.model, s.cfg, s.codec)
     if len(x) > s.model.cfg.max_seq_len:
         field = "inputs" if not s.model.is_lm else ("prompt" if body.prompt else "token_ids")

@@ -6,10 +6,23 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moekit.model.sampling_rules import SAMPLING_BOUNDS
+from moekit.model.sampling_rules import SAMPLING_BOUNDS, Bound
 
-INT_MAX = 2**31 - 1
 MAX_LOGPROBS = 20  # best alternatives a request may ask for with each token
+MAX_CHOICES = 16  # n: continuations of one prompt per request
+# every numeric limit of a request body: the sampling options `moekit generate` checks too,
+# then the server's own; OpenAI's temperature range is narrower than ours
+BOUNDS = {
+    **SAMPLING_BOUNDS,
+    "openai_temperature": Bound(ge=0.0, le=2.0),
+    "logprobs": Bound(ge=0, le=MAX_LOGPROBS),
+    "n": Bound(ge=1, le=MAX_CHOICES),
+}
+
+
+def bounded(name: str, default: Any, **kw: Any) -> Any:
+    """A pydantic `Field` holding the limits `BOUNDS[name]`."""
+    return Field(default, **BOUNDS[name].field_kwargs(), **kw)
 
 
 def request_id_field() -> Any:
@@ -42,19 +55,14 @@ class ModelInput(Strict):
 
 
 class GenerateRequest(ModelInput):
-    # the limits `moekit generate` checks too (SAMPLING_BOUNDS)
-    max_new_tokens: int = Field(
-        16, **SAMPLING_BOUNDS["max_new_tokens"].field_kwargs(), description="positions to generate"
-    )
-    temperature: float = Field(
-        0.0, **SAMPLING_BOUNDS["temperature"].field_kwargs(), description="0 = greedy"
-    )
-    top_k: int | None = Field(None, **SAMPLING_BOUNDS["top_k"].field_kwargs())
-    top_p: float | None = Field(None, **SAMPLING_BOUNDS["top_p"].field_kwargs())
-    seed: int | None = Field(None, **SAMPLING_BOUNDS["seed"].field_kwargs())
+    max_new_tokens: int = bounded("max_new_tokens", 16, description="positions to generate")
+    temperature: float = bounded("temperature", 0.0, description="0 = greedy")
+    top_k: int | None = bounded("top_k", None)
+    top_p: float | None = bounded("top_p", None)
+    seed: int | None = bounded("seed", None)
     stream: bool = Field(False, description="Server-Sent Events, one per new position")
-    logprobs: int | None = Field(
-        None, ge=0, le=MAX_LOGPROBS, description="report each token's logprob and this many best"
+    logprobs: int | None = bounded(
+        "logprobs", None, description="report each token's logprob and this many best"
     )
     request_id: str | None = request_id_field()
     use_cache: bool = use_cache_field()

@@ -25,6 +25,13 @@ class SamplingParams:
     logprobs: int | None = None  # best alternatives reported with each token; None = none
     stop_token_ids: tuple[int, ...] = ()  # ends the sequence ('stop'), not emitted: e.g. EOS
 
+    @classmethod
+    def from_request(cls, body: Any, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The sampling of any request body (native or OpenAI): top_p 1 and no top_k are off."""
+        top_p = body.top_p if body.top_p is not None and body.top_p < 1.0 else None
+        top_k = getattr(body, "top_k", None)  # OpenAI's requests have none
+        return cls(max_new_tokens, body.temperature, top_k, top_p, body.seed, logprobs)
+
 
 @dataclass
 class Logprobs:

@@ -1,18 +1,25 @@
-"""`ServerState`: what the endpoints share (model, engine, metrics registry), one per app."""
+"""`ServerState`: what the endpoints share (model, engine, service, metrics), one per app.
+
+Endpoints reach it, and the app's `SecurityConfig`, through FastAPI dependencies (`State`,
+`Security`), so a handler's signature says what it uses.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 
 from moekit.model.codec import ByteCodec, Codec
 from moekit.model.transformer import Transformer
 from moekit.serve.config import EngineConfig
 from moekit.serve.engine import Engine
+from moekit.serve.security import SecurityConfig
+from moekit.serve.service import Service
 
 
 @dataclass
@@ -25,6 +32,10 @@ class ServerState:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     codec: Codec | None = None  # text in and out; None: token ids or vectors only
     started: float = field(default_factory=time.time)  # wall clock, for /v1/models
+    service: Service = field(init=False)  # every generation endpoint submits here
+
+    def __post_init__(self) -> None:
+        self.service = Service(self.engine, self.codec)
 
     @property
     def byte_level(self) -> bool:
@@ -54,58 +65,17 @@ class ServerState:
             "params": m.num_params(),
             "moe_layers": layers,
             "device": str(self.device),
-            "engine": {
-                **self.cfg.to_dict(),
-                "batch_invariant": self.engine.batch_invariant,
-                "effective_max_batch": self.engine.runner.kv.n_rows,
-                "prefix_cache": self.engine.prefix_cache,
-                "decode": self.engine.decode_info(),
-                "kv": self.engine.runner.kv.usage(),
-            },
+            "engine": self.engine.info(),
         }
 
-    def stats(self) -> dict[str, Any]:
-        e, s = self.engine, self.engine.stats
-        uptime = time.monotonic() - s.started
-        pool = e.runner.kv.pool
-        pc = pool.stats if e.prefix_cache else None
-        return {
-            "uptime_s": uptime,
-            "requests": {
-                "accepted": s.requests,
-                "rejected": s.rejected,
-                "finished": dict(s.finished),
-                "active": e.active,
-                "queued": e.queue_depth,
-            },
-            "queue_depth": e.queue_depth,
-            "tokens": {"prompt": s.prompt_tokens, "generated": s.generated_tokens},
-            "tokens_per_s": s.tokens_per_s(),
-            "tokens_per_s_since_start": s.generated_tokens / max(uptime, 1e-9),
-            "batch": {
-                "steps": s.steps,
-                "mean_size": s.batched_sequences / s.steps if s.steps else 0.0,
-                "occupancy": s.occupancy(),
-                "prefill_tokens": s.prefill_tokens,
-            },
-            "kv": e.runner.kv.usage(),
-            "latency_s": s.latency.summary(),
-            "ttft_s": s.ttft.summary(),
-            "inter_token_s": s.itl.summary(),
-            "prefix_cache": None
-            if pc is None
-            else {
-                "lookups": pc.lookups,
-                "hits": pc.hits,
-                "hit_rate": pc.hits / pc.lookups if pc.lookups else 0.0,
-                "tokens_reused": pc.tokens_reused,
-                "token_hit_rate": pc.tokens_reused / pc.tokens_looked_up
-                if pc.tokens_looked_up
-                else 0.0,
-                "blocks": len(pool.index),
-                "cached_tokens": len(pool.cached) * e.runner.kv.page,
-                "capacity_tokens": pool.cache_pages * e.runner.kv.page,
-                "evictions": pc.evictions,
-            },
-            "expert_load": s.expert_load(),
-        }
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.serve
+
+
+def _security(request: Request) -> SecurityConfig:
+    return request.app.state.security
+
+
+State = Annotated[ServerState, Depends(_state)]
+Security = Annotated[SecurityConfig, Depends(_security)]

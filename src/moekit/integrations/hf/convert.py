@@ -1,4 +1,4 @@
-"""Hugging Face MoE checkpoints into moekit and back, through one link table per family.
+"""Hugging Face MoE checkpoints into moekit and back, one loop over the family's links.
 
 `read_hf` reads an HF directory (config.json + safetensors, sharded or not) into a moekit
 `ModelConfig` and state dict; `hf_to_moekit` writes that as a moekit checkpoint with the
@@ -24,13 +24,11 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from moekit.integrations.hf.families import (
+    Family,
     UnsupportedCheckpoint,
     family_for,
     family_of,
-    hf_config,
-    model_config,
 )
-from moekit.integrations.hf.links import links
 from moekit.integrations.hf.tokenizer import copy_tokenizer_files
 from moekit.integrations.hf.weights import HFWeights, write_hf_weights
 from moekit.model.config import ModelConfig
@@ -108,12 +106,12 @@ def read_hf(
 ) -> tuple[ModelConfig, dict[str, Tensor]]:
     """(moekit config, moekit state dict) of an HF checkpoint directory; nothing left unread."""
     hf = read_hf_config(hf_dir)
-    cfg = model_config(hf, max_seq_len)
     family = family_of(hf.model_type)
+    cfg = family.model_config(hf, max_seq_len)
     with HFWeights(hf_dir) as weights:
         source = _Source(weights, family.expert_weights)
         state = {
-            link.ours: link.join([source(n) for n in link.theirs]) for link in links(cfg, family)
+            link.ours: link.join([source(n) for n in link.theirs]) for link in family.links(cfg)
         }
         tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()
         left = sorted(n for n in weights.names() - source.read - tied_head if not _DERIVED.match(n))
@@ -204,12 +202,12 @@ def _load_as_saved(ckpt: str | Path) -> Transformer:
     return model
 
 
-def hf_state(model: Transformer) -> tuple[Any, dict[str, Tensor]]:
+def hf_state(model: Transformer) -> tuple[Family, dict[str, Tensor]]:
     """(family, HF tensors by save_pretrained name) of a moekit model; refuses unmappable ones."""
     family = family_for(model.cfg)
     state = model.state_dict()
     tensors = {}
-    for link in links(model.cfg, family):
+    for link in family.links(model.cfg):
         tensors.update(zip(link.theirs, link.split(state[link.ours].detach()), strict=True))
     return family, tensors
 
@@ -228,7 +226,7 @@ def moekit_to_hf(
     model, src_dir = (src, None) if isinstance(src, Transformer) else (_load_as_saved(src), src)
     family, tensors = hf_state(model)
     tensors = _cast(tensors, dtype)
-    config = _transformers().AutoConfig.for_model(family.model_type, **hf_config(model.cfg, family))
+    config = _transformers().AutoConfig.for_model(family.model_type, **family.hf_config(model.cfg))
     config.dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     with _staged(out) as tmp:
         config.save_pretrained(str(tmp))

@@ -2,8 +2,9 @@
 
 The names on the HF side are those `save_pretrained` writes (per-expert matrices, Mixtral's
 `block_sparse_moe`); `join` turns them into moekit's tensor and `split` turns it back, so
-both directions of the conversion read the same table. Linear weights are [out, in] in HF
-and experts [in, out] in moekit (w1 [E, D, 2H] = gate then up, w2 [E, H, D]).
+both directions of the conversion read the same list. Linear weights are [out, in] in HF
+and experts [in, out] in moekit (w1 [E, D, 2H] = gate then up, w2 [E, H, D]). A family file
+builds its list from these pieces; `decoder` is the Llama-style skeleton they share.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moekit.integrations.hf.families import Family
 from moekit.model.config import ModelConfig
 
 DENSE_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # dense and shared MLPs of every family
@@ -28,16 +28,16 @@ class Link:
     split: Callable[[Tensor], list[Tensor]]  # ours -> HF tensors
 
 
-def _same(ours: str, theirs: str) -> Link:
+def same(ours: str, theirs: str) -> Link:
     return Link(ours, (theirs,), lambda ts: ts[0], lambda t: [t])
 
 
-def _rows(ours: str, theirs: list[str], sizes: list[int]) -> Link:
+def rows(ours: str, theirs: list[str], sizes: list[int]) -> Link:
     """Ours stacks theirs along dim 0 (the fused q/k/v projection)."""
     return Link(ours, tuple(theirs), lambda ts: torch.cat(ts), lambda t: list(t.split(sizes)))
 
 
-def _gated_mlps(w1: str, w2: str, prefixes: list[str], names: tuple[str, ...]) -> list[Link]:
+def gated_mlps(w1: str, w2: str, prefixes: list[str], names: tuple[str, ...]) -> list[Link]:
     """w1 [E, D, 2H] and w2 [E, H, D] from E HF MLPs named prefix + gate / up / down."""
     gate, up, down = names
 
@@ -65,47 +65,47 @@ def _gated_mlps(w1: str, w2: str, prefixes: list[str], names: tuple[str, ...]) -
     ]
 
 
-def _attention(ours: str, theirs: str, cfg: ModelConfig) -> list[Link]:
+def attention(ours: str, theirs: str, cfg: ModelConfig) -> list[Link]:
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     proj = [f"{theirs}{p}_proj" for p in "qkv"]
     out = [
-        _rows(f"{ours}qkv.weight", [f"{p}.weight" for p in proj], [q, kv, kv]),
-        _same(f"{ours}proj.weight", f"{theirs}o_proj.weight"),
+        rows(f"{ours}qkv.weight", [f"{p}.weight" for p in proj], [q, kv, kv]),
+        same(f"{ours}proj.weight", f"{theirs}o_proj.weight"),
     ]
     if cfg.qkv_bias:
-        out.append(_rows(f"{ours}qkv.bias", [f"{p}.bias" for p in proj], [q, kv, kv]))
+        out.append(rows(f"{ours}qkv.bias", [f"{p}.bias" for p in proj], [q, kv, kv]))
     if cfg.qk_norm != "none":
-        out += [_same(f"{ours}{n}.weight", f"{theirs}{n}.weight") for n in ("q_norm", "k_norm")]
+        out += [same(f"{ours}{n}.weight", f"{theirs}{n}.weight") for n in ("q_norm", "k_norm")]
     return out
 
 
-def _moe(ours: str, theirs: str, cfg: ModelConfig, family: Family) -> list[Link]:
+def routed_experts(ours: str, theirs: str, cfg: ModelConfig, names: tuple[str, ...]) -> list[Link]:
+    """The router and E experts of an MoE block whose experts are HF MLPs named `names`."""
     experts = [f"{theirs}experts.{e}." for e in range(cfg.moe.n_experts)]
-    out = [_same(f"{ours}router.weight", f"{theirs}gate.weight")]
-    out += _gated_mlps(f"{ours}experts.w1", f"{ours}experts.w2", experts, family.expert_weights)
-    if cfg.moe.n_shared_experts:
-        shared = [f"{theirs}shared_expert."]
-        out += _gated_mlps(f"{ours}shared.w1", f"{ours}shared.w2", shared, DENSE_WEIGHTS)
-        out.append(_same(f"{ours}shared.gate", f"{theirs}shared_expert_gate.weight"))
-    return out
+    out = [same(f"{ours}router.weight", f"{theirs}gate.weight")]
+    return out + gated_mlps(f"{ours}experts.w1", f"{ours}experts.w2", experts, names)
 
 
-def links(cfg: ModelConfig, family: Family) -> list[Link]:
-    """Every moekit weight of a model of `family` with config `cfg`, in checkpoint order."""
-    out = [_same("embed.weight", "model.embed_tokens.weight")]
+def decoder(cfg: ModelConfig, moe: Callable[[str, str], list[Link]]) -> list[Link]:
+    """Every moekit weight of a Llama-style decoder, in checkpoint order.
+
+    `moe(ours, theirs)` gives an MoE layer's links from its block prefixes (`blocks.{i}.ffn.`,
+    `model.layers.{i}.`); dense layers are gated MLPs under `mlp.`.
+    """
+    out = [same("embed.weight", "model.embed_tokens.weight")]
     for i in range(cfg.n_layers):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         out += [
-            _same(f"{ours}norm1.weight", f"{theirs}input_layernorm.weight"),
-            _same(f"{ours}norm2.weight", f"{theirs}post_attention_layernorm.weight"),
+            same(f"{ours}norm1.weight", f"{theirs}input_layernorm.weight"),
+            same(f"{ours}norm2.weight", f"{theirs}post_attention_layernorm.weight"),
         ]
-        out += _attention(f"{ours}attn.", f"{theirs}self_attn.", cfg)
+        out += attention(f"{ours}attn.", f"{theirs}self_attn.", cfg)
         if cfg.is_moe_layer(i):
-            out += _moe(f"{ours}ffn.", f"{theirs}{family.moe_block}.", cfg, family)
+            out += moe(f"{ours}ffn.", theirs)
         else:
             mlp = [f"{theirs}mlp."]
-            out += _gated_mlps(f"{ours}ffn.w1", f"{ours}ffn.w2", mlp, DENSE_WEIGHTS)
-    out.append(_same("norm.weight", "model.norm.weight"))
+            out += gated_mlps(f"{ours}ffn.w1", f"{ours}ffn.w2", mlp, DENSE_WEIGHTS)
+    out.append(same("norm.weight", "model.norm.weight"))
     if not cfg.tie_embeddings:
-        out.append(_same("head.weight", "lm_head.weight"))
+        out.append(same("head.weight", "lm_head.weight"))
     return out
