@@ -93,9 +93,8 @@ def load_target(path: str | Path, device: torch.device) -> tuple[Any, torch.nn.M
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such config, checkpoint or run directory")
     if path.is_dir():
-        from moekit.model.io import load_files
-        from moekit.train.checkpoint import pick_checkpoint
-        from moekit.train.rundir import run_config_of
+        from moekit.model.store import load_files, pick_checkpoint
+        from moekit.train.checkpoint import run_config_of
 
         ckpt = pick_checkpoint(path)
         return run_config_of(ckpt), load_files(ckpt, device)

@@ -17,15 +17,16 @@ from typing import Any
 import torch
 
 from moekit.commands import argument, command, nested, option
-from moekit.model.io import load_files
 from moekit.model.sampling_rules import check_sampling
+from moekit.model.store import load_files, pick_checkpoint
 from moekit.model.transformer import Transformer
 from moekit.tasks import available_tasks, build_task, task_class
-from moekit.train.checkpoint import pick_checkpoint
+from moekit.train.checkpoint import run_config_of
 from moekit.train.config import RunConfig
 from moekit.train.metrics import evaluate_model
-from moekit.train.rundir import claim_run_dir, run_config_of
+from moekit.train.rundir import claim_run_dir
 from moekit.train.trainer import Trainer
+from moekit.viz import plot_training
 
 DEFAULT_TEXT_PROMPT = "def "
 # what the generate options are called on the command line
@@ -90,7 +91,7 @@ def train(args: Train) -> dict[str, Any]:
     moved = claim_run_dir(cfg.out, resume, args.overwrite, is_main)
     if moved is not None:
         print(f"moved the previous run in {cfg.out} to {moved}", file=sys.stderr)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, plotter=plot_training)
     try:
         summary = trainer.fit(resume=resume)
     finally:
@@ -199,7 +200,7 @@ def _text_prompt(prompt: str | None, model: Transformer) -> torch.Tensor:
 
 def _tokenizer_codec(model: Transformer, ckpt: Any) -> Any:
     """The tokenizer carried by the checkpoint (as `moekit serve` reads it), else None."""
-    from moekit.serve.text import ByteCodec, load_codec
+    from moekit.model.codec import ByteCodec, load_codec
 
     codec = load_codec(model, ckpt)
     return None if codec is None or isinstance(codec, ByteCodec) else codec

@@ -18,11 +18,11 @@ from rich.table import Table
 from moekit.commands import command, option
 from moekit.config import MoEConfig, RouterConfig
 from moekit.model import ModelConfig
-from moekit.tasks import TaskConfig
+from moekit.model.task import TaskConfig
 from moekit.tasks.signals import CATEGORIES
 from moekit.train.config import RunConfig, TrainConfig
 from moekit.train.trainer import Trainer
-from moekit.viz import category_shares
+from moekit.viz import category_shares, plot_training
 
 
 @dataclass
@@ -93,7 +93,7 @@ def run_demo(options: Demo | None = None) -> dict:
     results: dict[str, Any] = {}
     for name, cfg in (("MoE 8x top-2", moe_cfg), ("dense (same active)", dense_cfg)):
         console.print(f"[bold]training {name} on signals for {steps} steps[/bold]")
-        results[name] = Trainer(cfg, title=name).fit()
+        results[name] = Trainer(cfg, title=name, plotter=plot_training).fit()
     table = Table(title=f"signals, {steps} steps, batch 16 x 32 positions, seed {seed}")
     for col in ("model", "val MSE", "total params", "active params", "tokens/s"):
         table.add_column(col, justify="right" if col != "model" else "left")

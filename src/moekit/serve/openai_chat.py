@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from fastapi import APIRouter, Request
 
+from moekit.model.codec import Codec
 from moekit.serve.inputs import ApiError, check_max_new, check_prompt_length, text_ids
 from moekit.serve.openai_compat import head, stream_reply, submit
 from moekit.serve.openai_schemas import (
@@ -29,7 +30,6 @@ from moekit.serve.sequence import Logprobs
 from moekit.serve.service import Delta
 from moekit.serve.sse import sse_response
 from moekit.serve.state import Security, ServerState, State
-from moekit.serve.text import Codec
 
 router = APIRouter()
 

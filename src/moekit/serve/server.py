@@ -13,12 +13,12 @@ from typing import Any
 import torch
 import uvicorn
 
-from moekit.model.io import CONFIG_FILE, DTYPES, load
+from moekit.model.codec import load_codec
+from moekit.model.store import CONFIG_FILE, DTYPES, load, pick_checkpoint
 from moekit.serve.app import create_app, default_device
 from moekit.serve.config import EngineConfig
 from moekit.serve.limits import DrainingServer
 from moekit.serve.security import SecurityConfig, check_bind, tls_options
-from moekit.serve.text import load_codec
 
 DRAIN_TIMEOUT_S = 300  # SIGTERM: in-flight requests get this long to finish
 log = logging.getLogger(__name__)
@@ -48,8 +48,6 @@ def _checkpoint_dir(ckpt: str) -> Path:
     path = Path(ckpt)
     if (path / CONFIG_FILE).exists():
         return path
-    from moekit.train.checkpoint import pick_checkpoint
-
     return pick_checkpoint(path)
 
 

@@ -7,15 +7,11 @@ sibling directory. Nothing is ever deleted.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
-from typing import Any
 
-from moekit.errors import CheckpointError
-from moekit.train.checkpoint import RUN_FILE, list_checkpoints, pick_checkpoint
-from moekit.train.config import RunConfig
+from moekit.model.store import RUN_FILE, list_checkpoints
 from moekit.train.logging import LOG_FILE
 
 
@@ -69,16 +65,3 @@ def claim_run_dir(
 def _inside(path: Path, run_dir: Path) -> bool:
     path, run_dir = path.resolve(), run_dir.resolve()
     return path == run_dir or run_dir in path.parents
-
-
-def run_config_of(path: Any) -> RunConfig:
-    """The run config saved beside a checkpoint; a missing or broken one is named."""
-    file = pick_checkpoint(path) / RUN_FILE
-    try:
-        return RunConfig(**json.loads(file.read_bytes()))
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{file}: missing (eval needs a checkpoint written by training)"
-        ) from None
-    except (ValueError, TypeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file}: not a run config ({err})") from None

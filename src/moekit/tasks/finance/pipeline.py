@@ -22,7 +22,6 @@ from rich.console import Console
 from rich.table import Table
 
 from moekit.progress import progress
-from moekit.tasks.finance import plots
 from moekit.tasks.finance.data import (
     ASSET_CLASSES,
     Instrument,
@@ -44,6 +43,7 @@ from moekit.tasks.finance.features import FeatureConfig, build_panel
 from moekit.tasks.finance.model import ForecastConfig
 from moekit.tasks.finance.rules import RuleConfig
 from moekit.tasks.finance.stats import dm_by_group, mean_ci
+from moekit.viz import finance as plots
 
 METHOD_NAMES = {"moe": "MoE", "dense": "Dense", "garch": "GARCH(1,1)", "persist": "Persistence"}
 

@@ -1,4 +1,4 @@
-"""Text in and out: the codec that a served token model's prompts and completions pass through.
+"""Text in and out: the codec a token model's prompts and completions pass through.
 
 A checkpoint that carries a tokenizer (a converted Hugging Face checkpoint, or any directory
 with `tokenizer.json` / `tokenizer_config.json`) is served with it: its ids, its chat template
