@@ -12,7 +12,15 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from moekit.viz.figure import save_figure
-from moekit.viz.style import HEATMAP, colorbar, new_figure, styled, text_inches
+from moekit.viz.style import (
+    HEATMAP,
+    colorbar,
+    grid_cols,
+    hide_unused,
+    new_figure,
+    styled,
+    text_inches,
+)
 
 
 def category_shares(counts: list[list[float]]) -> np.ndarray:
@@ -25,28 +33,37 @@ def category_shares(counts: list[list[float]]) -> np.ndarray:
 def specialisation_figure(
     routing: dict[str, list[list[float]]], categories: list[str], title: str = ""
 ) -> Figure:
-    """Heatmap per layer: rows = input categories, columns = experts, colour = share."""
+    """Heatmap per layer on a grid: rows = input categories, columns = experts, colour = share,
+    one colour scale and one colour bar for every layer."""
     layers = sorted(routing, key=int)
     E = len(next(iter(routing.values()))[0]) if routing else 1
-    panel = (1.6 + 0.42 * E, 0.9 + 0.32 * len(categories))
+    label_w = max((text_inches(c, 8)[0] for c in categories), default=0.0)
+    panel = (1.2 + label_w + 0.42 * E, 0.9 + 0.32 * len(categories))
+    cols = max(1, min(grid_cols(len(layers), most=4), int(17 // panel[0])))
+    rows = -(-max(1, len(layers)) // cols)
     fig, axes = new_figure(
-        1,
-        max(1, len(layers)),
+        rows,
+        cols,
         panel=panel,
         title=title or ("routing specialisation: share of each category's tokens per expert"),
     )
+    shares = {layer: category_shares(routing[layer]) for layer in layers}
+    top = max([0.5, *(float(share.max()) for share in shares.values())])
+    im = None
     for ax, layer in zip(axes.flat, layers, strict=False):
-        share = category_shares(routing[layer])
-        im = ax.imshow(share, cmap=HEATMAP, vmin=0, vmax=max(0.5, float(share.max())))
+        share = shares[layer]
+        im = ax.imshow(share, cmap=HEATMAP, vmin=0, vmax=top)
         ax.set_xticks(range(share.shape[1]))
         ax.set_yticks(range(len(categories)), categories)
         ax.set(title=f"layer {layer}", xlabel="expert")
         ax.grid(False)
         for (i, j), v in np.ndenumerate(share):
             if v >= 0.2:
-                colour = "black" if v > 0.6 * max(0.5, share.max()) else "white"
+                colour = "black" if v > 0.6 * top else "white"
                 ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=6, color=colour)
-        colorbar(fig, im, ax, "share of the category's token-slots")
+    hide_unused(axes, len(layers))
+    if im is not None:
+        colorbar(fig, im, list(axes.flat[: len(layers)]), "share of the category's token-slots")
     return fig
 
 

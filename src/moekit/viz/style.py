@@ -44,6 +44,7 @@ STYLE: dict[str, Any] = {
     "figure.dpi": 110,
     "image.cmap": "viridis",
 }
+FIGURE_WIDTH_PANELS = 4.6  # inches of one panel's width in a grid
 PALETTE = tuple(matplotlib.colormaps["tab10"](i) for i in range(10))
 HEATMAP = "viridis"  # sequential maps for every heatmap: shares, loads, counts
 
@@ -85,7 +86,17 @@ def colors(names: Iterable[str]) -> dict[str, Any]:
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
 
 
-def colorbar(fig: Figure, mappable: Any, ax: Axes | Sequence[Axes], label: str) -> Colorbar:
+def grid_cols(n: int, most: int = 3) -> int:
+    """Columns for n panels: all in one row up to `most`, else the count from 2 to `most`
+    that leaves the fewest cells empty (the wider on a tie)."""
+    if n <= most:
+        return max(1, n)
+    return min(range(2, most + 1), key=lambda c: (-n % c, -c))
+
+
+def colorbar(
+    fig: Figure | SubFigure, mappable: Any, ax: Axes | Sequence[Axes], label: str
+) -> Colorbar:
     """A colour bar beside `ax`; the label is required so no colour goes unexplained."""
     if not label:
         raise ValueError("label must say what the colour means")
