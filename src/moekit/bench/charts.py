@@ -1,10 +1,12 @@
 """The charts of benchmark reports: a declarative `Chart` drawn as one PNG in the viz style.
 
 A benchmark may describe its own chart (lines with a spread band and a floor, bars with
-whiskers); otherwise `auto_chart` draws one from the report's `rows`: each varying metric
-against the first numeric column every row label repeats over (concurrency, size, T,
-threshold), one line per label, or as bars per row label when there is none. Percentile
-dicts ({"p50": .., "p99": ..}) draw as the median with a band.
+whiskers, `grouped_bars`: a group per shape, a bar per contender); otherwise `auto_chart`
+draws one from the report's `rows`: each varying metric against the first numeric column
+every row label repeats over (concurrency, size, T, threshold), one line per label, or as
+bars per row label when there is none. Percentile
+dicts ({"p50": .., "p99": ..}) draw as the median with a band. Bar labels stay level, wrapped
+at spaces, and the panels grow to hold them.
 """
 
 from __future__ import annotations
