@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from tests.viz.test_plots import _records
 
+from moekit.bench import layer, memory, moe_vs_dense, system
 from moekit.bench.charts import Chart, Panel, Series, auto_chart, chart_figure, grouped_bars
 from moekit.bench.serve_report import serve_chart
 from moekit.tasks.finance import ASSET_CLASSES
@@ -21,7 +22,7 @@ from moekit.viz import (
 )
 from moekit.viz.figure import settle
 from moekit.viz.routing import expert_load_figure
-from moekit.viz.style import clipped_texts, drawn_texts, text_overlaps
+from moekit.viz.style import clipped_texts, drawn_texts, styled, text_overlaps
 
 RNG = np.random.default_rng(0)
 
@@ -62,7 +63,38 @@ def _layer_chart():
                            Panel("stages", [bars], "", "ms", kind="barh")])  # fmt: skip
 
 
+def _layer_rows():
+    names = ["moekit[torch]", "moekit[grouped_mm]", "naive loop (HF Mixtral style)",
+             "dense-eq (same FLOPs, no routing)"]  # fmt: skip
+    return [
+        {"shape": "mixtral-ish (E8 k2)", "contender": c, "tokens": t, "fwd_bwd_ms": ms,
+         "fwd_bwd_ms_min": ms * 0.9, "fwd_bwd_ms_max": ms * 1.1, "speedup_vs_naive_fwd_bwd": 2.0,
+         "saved_mib": 3.0 * t / 64, "peak_mib": None}
+        for c in names for t in (64, 256, 1024) for ms in [RNG.uniform(1, 10) * t / 64]
+    ]  # fmt: skip
+
+
+def _system_rows():
+    return [
+        {"variant": v, "tokens_per_s": RNG.uniform(1e3, 1e4), "tokens_per_s_min": 900.0,
+         "tokens_per_s_max": 1.2e4, "first_step_s": RNG.uniform(0.1, 30), "saved_mib": 12.0,
+         "peak_mib": None}
+        for v in ("default", "compile", "activation checkpointing", "compile + checkpointing")
+    ]  # fmt: skip
+
+
+def _memory_runs():
+    return [
+        {"nodes": n, "query_median_ms": n / 1e3, "query_min_ms": n / 2e3, "query_p95_ms": n / 5e2,
+         "query_batched_ms_per_query": n / 1e4, "fill_rows_per_s": 1e5, "open_s": 0.01 * n,
+         "db_mib": n / 100} for n in (100, 1000, 10000)
+    ]  # fmt: skip
+
+
 BENCH = {
+    "bench layer": lambda: layer._chart(_layer_rows(), "cpu", 5),
+    "bench system": lambda: system._chart(_system_rows(), "cpu", 10),
+    "bench memory": lambda: memory._chart(_memory_runs(), 32),
     "train": lambda: grouped_bars(
         "MoE training step at size, cuda",
         _train_rows(),
@@ -173,6 +205,14 @@ def _figures():
         "route-report large": lambda: expert_load_figure(
             [f"model.layers.{i}.mlp.gate" for i in range(24)], loads
         ),
+        "moe vs dense curves": lambda: styled(moe_vs_dense._curves_figure)(
+            {
+                (m, seed): {"time_s": [60.0, 120.0, 180.0], "val_loss": [2.0, 1.5, 1.2]}
+                for m in moe_vs_dense.MODELS
+                for seed in (0, 1)
+            },
+            "MoE vs dense",
+        ),  # fmt: skip
         "sweep": lambda: sweep.sweep_figure(_sweep(), "val loss"),
         "signals forecasts": lambda: signals.forecasts_figure(truth, guess, names),
         "signals errors": lambda: signals.errors_figure(truth, guess, names),
