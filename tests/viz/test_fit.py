@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from tests.viz.test_plots import _records
 
-from moekit.bench import layer, memory, moe_vs_dense, system
-from moekit.bench.charts import Chart, Panel, Series, auto_chart, chart_figure, grouped_bars
+from moekit.bench import hf, layer, memory, moe_vs_dense, system, train
+from moekit.bench.charts import Chart, Panel, Series, auto_chart, chart_figure
 from moekit.bench.serve_report import serve_chart
 from moekit.tasks.finance import ASSET_CLASSES
 from moekit.viz import (
@@ -37,13 +37,28 @@ def readable(fig):
         return clipped_texts(fig), text_overlaps(fig)
 
 
+SHAPES = ("qwen3-30b-a3b", "Mixtral-8x7B layers (E8 k2 D4096 H14336)")
+
+
 def _train_rows():
-    rows = []
-    for shape in ("qwen3-30b-a3b", "Mixtral-8x7B layers (E8 k2 D4096 H14336)"):
-        for name in ("moekit:triton (compiled)", "moekit:grouped_mm", "hf:grouped_mm (compiled)"):
-            rows.append({"shape": shape, "contender": name, "step_ms": RNG.uniform(50, 400),
-                         "mfu": RNG.uniform(5, 40), "peak": RNG.uniform(10, 70)})  # fmt: skip
-    return rows
+    """Rows as `bench train` records them: contender x shape x checkpointing."""
+    return [
+        {"shape": shape, "contender": name, "compiled": name.startswith("moekit"),
+         "checkpointing": ckpt, "step_s": RNG.uniform(0.05, 0.4), "mfu": RNG.uniform(0.05, 0.4),
+         "peak_gib": RNG.uniform(10, 70)}
+        for shape in SHAPES for name in ("moekit:triton", "moekit:grouped_mm", "hf:grouped_mm")
+        for ckpt in ("none", "blocks")
+    ]  # fmt: skip
+
+
+def _hf_rows():
+    """Rows as `bench hf` records them: shape x experts_implementation."""
+    return [
+        {"shape": shape, "implementation": impl, "fwd_tok_s": RNG.uniform(1e4, 1e6),
+         "fwd_bwd_tok_s": RNG.uniform(1e4, 3e5), "decode_b1_tok_s": RNG.uniform(100, 500),
+         "decode_b32_tok_s": RNG.uniform(500, 2e4)}
+        for shape in SHAPES for impl in ("eager", "grouped_mm", "moekit")
+    ]  # fmt: skip
 
 
 def _serve(peer=True):
@@ -95,20 +110,9 @@ BENCH = {
     "bench layer": lambda: layer._chart(_layer_rows(), "cpu", 5),
     "bench system": lambda: system._chart(_system_rows(), "cpu", 10),
     "bench memory": lambda: memory._chart(_memory_runs(), 32),
-    "train": lambda: grouped_bars(
-        "MoE training step at size, cuda",
-        _train_rows(),
-        "shape",
-        "contender",
-        [
-            ("step_ms", "step time", "ms"),
-            ("mfu", "MFU", "% of peak"),
-            ("peak", "peak memory", "GiB"),
-        ],
-    ),  # fmt: skip
-    "one contender": lambda: grouped_bars(
-        "one", _train_rows()[:1], "shape", "contender", [("step_ms", "step time", "ms")]
-    ),  # fmt: skip
+    "bench train": lambda: train._chart(_train_rows(), "MoE training step at size, cuda"),
+    "bench hf": lambda: hf._chart(_hf_rows(), [1, 32], 4096, "HF MoE layers, cuda"),
+    "one contender": lambda: train._chart(_train_rows()[:1], "one"),
     "serve": lambda: serve_chart(*_serve(), "Serving benchmark: ckpt, cuda"),
     "serve alone": lambda: serve_chart(*_serve(peer=False), "Serving benchmark: ckpt, cpu"),
     "auto bars": lambda: auto_chart(
@@ -130,11 +134,15 @@ def test_bench_charts_fit(name):
 
 
 def test_grouped_bars_name_each_contender_in_one_legend_under_level_labels():
-    fig = chart_figure(BENCH["train"]())
+    fig = chart_figure(BENCH["bench train"]())
     (legend,) = fig.legends
-    assert [t.get_text() for t in legend.get_texts()][0] == "moekit:triton (compiled)"
+    assert [t.get_text() for t in legend.get_texts()][:2] == [
+        "moekit:triton (compiled), ckpt none",
+        "moekit:triton (compiled), ckpt blocks",
+    ]
     ticks = fig.axes[0].get_xticklabels()
     assert [t.get_rotation() for t in ticks] == [0, 0] and "\n" in ticks[1].get_text()
+    assert [ax.get_title() for ax in fig.axes] == ["step time", "MFU", "peak memory"]
 
 
 def test_serve_chart_plots_results_against_concurrency_with_the_peer():
