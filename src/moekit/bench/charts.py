@@ -231,6 +231,15 @@ def _metrics(rows: list[dict[str, Any]], skip: set[str]) -> list[str]:
     return out[:MAX_PANELS]
 
 
+UNITS = (("tok_s", "tokens/s"), ("per_s", "per second"), ("_ms", "ms"), ("_s", "s"),
+         ("_gib", "GiB"), ("_mib", "MiB"), ("percent", "%"))  # fmt: skip
+
+
+def unit_of(key: str) -> str:
+    """The unit a row key's name ends in ("ttft_s" -> "s", "fwd_tok_s" -> "tokens/s"), or ""."""
+    return next((unit for end, unit in UNITS if key.endswith(end)), "")
+
+
 def _positive_span(values: list[float]) -> float:
     pos = [v for v in values if v > 0]
     return max(pos) / min(pos) if len(pos) == len(values) and pos else 1.0
@@ -281,6 +290,7 @@ def auto_chart(results: dict[str, Any], title: str) -> Chart | None:
                 title=key.replace("_", " "),
                 series=list(series.values()),
                 xlabel=x.replace("_", " ") if x else "",
+                ylabel=unit_of(key),
                 kind="line" if x else "bar",
                 logx=bool(x) and _positive_span([r[x] for r in rows]) >= 8,
                 logy=_positive_span(values) >= 20,
