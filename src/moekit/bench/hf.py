@@ -256,9 +256,10 @@ def run(
         implementations=list(implementations),
         repeats=repeats,
     )
+    title = f"Hugging Face MoE layers per experts_implementation, {dev.type}"
     return write_report(
         f"hf-{dev.type}",
-        f"Hugging Face MoE layers per experts_implementation, {dev.type}",
+        title,
         command,
         [_table(rows, list(decode_batches), tokens)],
         {"rows": rows, "shapes": [asdict(s) for s in picked]},
@@ -270,10 +271,5 @@ def run(
             f"steps after a {context}-token prefill, rows x steps / time."
         ],
         out_dir=out_dir,
-        chart=_chart(
-            rows,
-            list(decode_batches),
-            tokens,
-            f"HF MoE layers by experts_implementation, {dev.type}",
-        ),
+        chart=_chart(rows, list(decode_batches), tokens, title),
     )
