@@ -108,6 +108,7 @@ def expert_load_figure(
     L = len(loads)
     cell_w, cell_h = min(0.55, 11.0 / E), min(0.42, 9.0 / L)
     labels = [layer_name(n) for n in names]
+    labels = labels if len(set(labels)) == len(labels) else list(names)  # two in one layer
     label_w = max(text_inches(t, 8)[0] for t in labels)
     fig, axes = new_figure(
         1, 1, panel=(1.6 + label_w + cell_w * E, 1.5 + cell_h * L),
