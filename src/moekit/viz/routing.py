@@ -39,7 +39,7 @@ def specialisation_figure(
     E = len(next(iter(routing.values()))[0]) if routing else 1
     label_w = max((text_inches(c, 8)[0] for c in categories), default=0.0)
     panel = (1.2 + label_w + 0.42 * E, 0.9 + 0.32 * len(categories))
-    cols = max(1, min(grid_cols(len(layers), most=4), int(17 // panel[0])))
+    cols = grid_cols(len(layers), most=max(1, min(3, int(17 // panel[0]))))  # <= 17 in wide
     rows = -(-max(1, len(layers)) // cols)
     fig, axes = new_figure(
         rows,

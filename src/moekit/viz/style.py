@@ -89,8 +89,8 @@ def colors(names: Iterable[str]) -> dict[str, Any]:
 def grid_cols(n: int, most: int = 3) -> int:
     """Columns for n panels: all in one row up to `most`, else the count from 2 to `most`
     that leaves the fewest cells empty (the wider on a tie)."""
-    if n <= most:
-        return max(1, n)
+    if n <= most or most < 2:
+        return max(1, min(n, most))
     return min(range(2, most + 1), key=lambda c: (-n % c, -c))
 
 
