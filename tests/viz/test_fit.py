@@ -261,3 +261,14 @@ def test_one_seed_draws_no_interval_and_says_one_seed():
     assert not [c for c in fig.axes[0].containers if c.errorbar is not None and c.errorbar.lines[0]]
     summary = summary.assign(low=summary["mean"] * 0.8, high=summary["mean"] * 1.2)
     assert finance.seeds_figure(summary, dm, 3).get_suptitle() == "Over 3 training seeds"
+
+
+def test_specialisation_lays_four_layers_out_two_by_two_on_one_colour_scale():
+    routing = {str(layer): RNG.integers(0, 20, (3, 8)).tolist() for layer in range(4)}
+    fig = specialisation_figure(routing, ["a", "b", "c"])
+    heatmaps = [ax for ax in fig.axes if ax.get_title()]
+    spots = {(ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start)
+             for ax in heatmaps}  # fmt: skip
+    assert spots == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert len({ax.images[0].get_clim() for ax in heatmaps}) == 1
+    assert len(fig.axes) == 5  # one colour bar
