@@ -66,9 +66,6 @@ KNOWN_VIOLATIONS: set[str] = {
     "bench/layer_cuda.py: moekit",
     # the HF report draws with viz (floor 5) from floor 4
     "integrations/hf/report.py: moekit.viz.figure",
-    # reading tokenizer.json (`load_tokenizer`) lives in integrations/hf/tokenizer.py; it
-    # belongs in model/codec.py beside the codec that calls it
-    "model/codec.py: moekit.integrations.hf",
     # the finance forecaster trains through train.step (its demo is an entry command)
     "tasks/finance/model.py: moekit.train.step",
     # the finance demo is an entry command living in tasks/: it draws with viz
