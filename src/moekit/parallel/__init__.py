@@ -3,19 +3,27 @@
 from moekit.parallel.comm import all_to_all
 from moekit.parallel.expert_parallel import (
     EXPERT_PARALLEL_ATTR,
+    AllToAllDispatcher,
     ExpertParallelMoE,
     gather_experts,
+    is_expert_parallel,
     parallelize_experts,
+    shard,
     share_router_load,
     split_expert_params,
+    to_dense,
 )
 
 __all__ = [
     "EXPERT_PARALLEL_ATTR",
+    "AllToAllDispatcher",
     "ExpertParallelMoE",
     "all_to_all",
     "gather_experts",
+    "is_expert_parallel",
     "parallelize_experts",
+    "shard",
     "share_router_load",
     "split_expert_params",
+    "to_dense",
 ]
