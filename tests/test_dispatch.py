@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tests.oracle import forward_backward, make_moe
 
 import moekit
-from moekit.dispatch import LocalDispatcher, combine, gather, make_plan
+from moekit.dispatch import Dispatcher, LocalDispatcher, combine, gather, make_plan
 
 
 @st.composite
@@ -138,19 +138,15 @@ def test_combine_accumulates_half_rows_in_the_weights_dtype():
     assert y[0, 0].item() == 1.0 + 2.0**-7 and y[1, 0].item() == 1.5
 
 
-class _SlotsThenCombine:
+class _SlotsThenCombine(Dispatcher):
     """A dispatcher that never lets the backend fuse: per-slot outputs, then `combine`."""
 
     def __init__(self) -> None:
         self.calls = 0
 
-    def combined(self, x_TD, plan, experts, overlap=None):
+    def slots(self, x_TD, plan, run, overlap=None):
         self.calls += 1
-        out_ND, extra = self.slots(x_TD, plan, experts, overlap)
-        return combine(out_ND, plan.token_S, plan.weight_S, x_TD.shape[0]), extra
-
-    def slots(self, x_TD, plan, experts, overlap=None):
-        out_ND = experts.per_slot(gather(x_TD, plan.token_S), plan.offsets_E1)
+        out_ND = run.per_slot(gather(x_TD, plan.token_S), plan.offsets_E1)
         return out_ND, overlap() if overlap is not None else None
 
     def extra_repr(self) -> str:

@@ -114,33 +114,39 @@ def combine(out_ND: Tensor, token_S: Tensor, weight_S: Tensor | None, n_tokens: 
     return y_TD.index_add(0, token_S[:N], contrib_ND).to(out_ND.dtype)
 
 
-class LocalDispatcher:
-    """Stage 3 on this device: rows never leave it, so the backend may fuse gather, experts
-    and combine into one call. `overlap` (e.g. the shared experts) runs beside the experts;
-    its result comes back untouched for the layer to add once."""
+# work a dispatcher runs while rows are in flight (the shared experts), its result returned
+Overlap = Callable[[], Tensor] | None
+Rows = tuple[Tensor, Tensor | None]  # (stage 3's output, overlap() or None)
 
-    def combined(
-        self,
-        x_TD: Tensor,
-        plan: Plan,
-        experts: SlotExperts,
-        overlap: Callable[[], Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+
+def _run(overlap: Overlap) -> Tensor | None:
+    return overlap() if overlap is not None else None
+
+
+class Dispatcher:
+    """Stage 3's data movement: rows to the experts and back. Subclasses implement `slots`;
+    `combined` is slots then `combine` unless a subclass can fuse them."""
+
+    def slots(self, x_TD: Tensor, plan: Plan, run: SlotExperts, overlap: Overlap = None) -> Rows:
+        """(unweighted outputs [N, D] of the plan's N leading sorted slots, overlap() or None)."""
+        raise NotImplementedError
+
+    def combined(self, x_TD: Tensor, plan: Plan, run: SlotExperts, overlap: Overlap = None) -> Rows:
         """(y_TD [T, D] weighted and combined, overlap() or None)."""
-        y_TD = experts.forward(x_TD, plan)
-        return y_TD, overlap() if overlap is not None else None
-
-    def slots(
-        self,
-        x_TD: Tensor,
-        plan: Plan,
-        experts: SlotExperts,
-        overlap: Callable[[], Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """(unweighted outputs [N, D] of the plan's sorted slots, overlap() or None)."""
-        out_ND = experts.per_slot(gather(x_TD, plan.token_S), plan.offsets_E1)
-        return out_ND, overlap() if overlap is not None else None
+        out_ND, overlap_TD = self.slots(x_TD, plan, run, overlap)
+        return combine(out_ND, plan.token_S, plan.weight_S, x_TD.shape[0]), overlap_TD
 
     def extra_repr(self) -> str:
-        """What the layer's repr adds for this dispatcher: nothing."""
+        """What the layer's repr adds for this dispatcher."""
         return ""
+
+
+class LocalDispatcher(Dispatcher):
+    """Stage 3 on this device: rows never leave it, so the backend fuses gather, experts and
+    combine into one call."""
+
+    def slots(self, x_TD: Tensor, plan: Plan, run: SlotExperts, overlap: Overlap = None) -> Rows:
+        return run.per_slot(gather(x_TD, plan.token_S), plan.offsets_E1), _run(overlap)
+
+    def combined(self, x_TD: Tensor, plan: Plan, run: SlotExperts, overlap: Overlap = None) -> Rows:
+        return run.forward(x_TD, plan), _run(overlap)

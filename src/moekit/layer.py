@@ -9,17 +9,16 @@ the rows (`dispatch.LocalDispatcher` here; expert parallelism swaps in an all-to
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import fields, replace
 from functools import partial
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from moekit.backends.base import Backend, Bound, get_backend
 from moekit.config import MoEConfig, RouterConfig
-from moekit.dispatch import LocalDispatcher, SlotExperts, make_plan
+from moekit.dispatch import Dispatcher, LocalDispatcher, make_plan
 from moekit.experts import DenseMLP, Experts, GatedDenseMLP, build_experts
 from moekit.librarian import deduplicate
 from moekit.ranges import stage
@@ -115,21 +114,6 @@ def autocast_input(x: Tensor) -> Tensor:
     if torch.is_autocast_enabled(device_type):
         return x.to(torch.get_autocast_dtype(device_type))
     return x
-
-
-class Dispatcher(Protocol):
-    """Moves a plan's rows to the experts and back (`dispatch.LocalDispatcher`, or the
-    all-to-all one of `moekit.parallel`). `overlap` runs while rows are in flight."""
-
-    def combined(
-        self, x_TD: Tensor, plan: Plan, experts: SlotExperts, overlap: Callable[[], Tensor] | None
-    ) -> tuple[Tensor, Tensor | None]: ...
-
-    def slots(
-        self, x_TD: Tensor, plan: Plan, experts: SlotExperts, overlap: Callable[[], Tensor] | None
-    ) -> tuple[Tensor, Tensor | None]: ...
-
-    def extra_repr(self) -> str: ...
 
 
 class _PerExpert(Backend):

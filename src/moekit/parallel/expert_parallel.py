@@ -13,7 +13,6 @@ M slots it receives, R ranks in the group, L = E / R experts per rank, D model d
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from moekit.config import MoEConfig
-from moekit.dispatch import SlotExperts, combine, gather
+from moekit.dispatch import Dispatcher, Overlap, Rows, SlotExperts, gather
 from moekit.layer import MoE
 from moekit.parallel.comm import _sync_split_sizes, all_to_all, all_to_all_start
 from moekit.types import Plan
@@ -36,7 +35,7 @@ def _group_size_and_rank(group: ProcessGroup | None) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(Dispatcher):
     """Stage 3's rows over `group`: kept slots travel to the rank owning their expert, run
     through the backend's per-slot half there, travel back, and `dispatch.combine` sums them.
 
@@ -50,24 +49,7 @@ class AllToAllDispatcher:
     def first_expert(self) -> int:
         return self.ep_rank * self.n_local
 
-    def combined(
-        self,
-        x_TD: Tensor,
-        plan: Plan,
-        experts: SlotExperts,
-        overlap: Callable[[], Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """(y_TD combined as the single-process layer combines, overlap() run in flight)."""
-        out_ND, overlap_TD = self.slots(x_TD, plan, experts, overlap)
-        return combine(out_ND, plan.token_S, plan.weight_S, x_TD.shape[0]), overlap_TD
-
-    def slots(
-        self,
-        x_TD: Tensor,
-        plan: Plan,
-        experts: SlotExperts,
-        overlap: Callable[[], Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+    def slots(self, x_TD: Tensor, plan: Plan, run: SlotExperts, overlap: Overlap = None) -> Rows:
         """(slot outputs [N, D], overlap() or None): `overlap` runs while the rows are away."""
         counts_RL = plan.counts_E.view(self.ep_size, self.n_local)
         send_R, recv_R, recv_counts_RL = _sync_split_sizes(counts_RL, self.group)
@@ -79,12 +61,12 @@ class AllToAllDispatcher:
         x_MD, work = all_to_all_start(x_ND, send_R, recv_R, self.group)
         overlap_TD = overlap() if overlap is not None else None
         work.wait()
-        out_MD = self._local_experts(x_MD, recv_counts_RL, experts)
+        out_MD = self._local_experts(x_MD, recv_counts_RL, run)
         if x_MD.shape[0] == 0:  # backends return a constant here; keep the graph through x_MD
             out_MD = out_MD + x_MD
         return all_to_all(out_MD, recv_R, send_R, self.group), overlap_TD
 
-    def _local_experts(self, x_MD: Tensor, recv_counts_RL: Tensor, experts: SlotExperts) -> Tensor:
+    def _local_experts(self, x_MD: Tensor, recv_counts_RL: Tensor, run: SlotExperts) -> Tensor:
         """Unweighted expert outputs for received rows, in received order.
 
         Rows arrive grouped by source rank, then by local expert: a stable sort by local expert
@@ -97,7 +79,7 @@ class AllToAllDispatcher:
         counts_L = recv_counts_RL.sum(0)
         offsets_L1 = torch.cat([counts_L.new_zeros(1), torch.cumsum(counts_L, 0)])
         x_SD = gather(x_MD, order_M)  # every received row is kept: S = M
-        out_SD = experts.per_slot(x_SD, offsets_L1)
+        out_SD = run.per_slot(x_SD, offsets_L1)
         return torch.zeros_like(out_SD).index_copy(0, order_M, out_SD)
 
     def extra_repr(self) -> str:

@@ -15,8 +15,9 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="the triton backend needs the triton package")
 
+from tests.oracle import by_weights  # noqa: E402
+
 from moekit import MoE, MoEConfig, reference  # noqa: E402
-from moekit.backends.base import Backend  # noqa: E402
 from moekit.backends.torch import TorchBackend  # noqa: E402
 from moekit.backends.triton import TritonBackend  # noqa: E402
 from moekit.backends.triton.align import schedule  # noqa: E402
@@ -27,25 +28,10 @@ from moekit.backends.triton.down import down  # noqa: E402
 from moekit.backends.triton.up import Tiles, gemm_down, gemm_dx, gemm_up, up  # noqa: E402
 from moekit.dispatch import combine as combine_rows  # noqa: E402
 from moekit.dispatch import make_plan  # noqa: E402
-from moekit.types import GATED_ACTIVATIONS, ExpertWeights  # noqa: E402
+from moekit.types import GATED_ACTIVATIONS  # noqa: E402
 
-
-def _forward(backend: Backend):
-    """backend.forward with the weights passed one by one, as these tests build them."""
-    return lambda x, plan, w1, w2, b1, b2, act: backend.forward(
-        x, plan, ExpertWeights(w1, w2, b1, b2), act
-    )
-
-
-def _per_slot(backend: Backend):
-    """backend.per_slot with the weights passed one by one."""
-    return lambda x, offsets, w1, w2, b1, b2, act: backend.per_slot(
-        x, offsets, ExpertWeights(w1, w2, b1, b2), act
-    )
-
-
-torch_experts, torch_per_slot = _forward(TorchBackend()), _per_slot(TorchBackend())
-triton_experts, triton_per_slot = _forward(TritonBackend()), _per_slot(TritonBackend())
+torch_experts, torch_per_slot = by_weights(TorchBackend())
+triton_experts, triton_per_slot = by_weights(TritonBackend())
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tests run under TRITON_INTERPRET=1"
