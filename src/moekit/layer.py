@@ -102,18 +102,16 @@ def check_input(x: Tensor, d_model: int) -> None:
         )
 
 
-def autocast_input(x: Tensor) -> Tensor:
-    """float32 x in the autocast dtype when autocast is on for its device, else x as it is.
-
-    The expert GEMMs then run in bf16 / fp16 under autocast as an nn.Linear's would; backends
-    are custom ops that autocast does not reach.
-    """
+def expert_dtype(x: Tensor) -> torch.dtype:
+    """The dtype stage 3 runs in: autocast's for float32 x when autocast is on for its device,
+    else x's. The expert GEMMs then run in bf16 / fp16 under autocast as an nn.Linear's would;
+    backends are custom ops that autocast does not reach."""
     device_type = x.device.type
     if device_type not in ("cuda", "cpu") or x.dtype != torch.float32:
-        return x
+        return x.dtype
     if torch.is_autocast_enabled(device_type):
-        return x.to(torch.get_autocast_dtype(device_type))
-    return x
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 class _PerExpert(Backend):
@@ -185,8 +183,9 @@ class MoE(nn.Module):
         return (y_TD, plan.kept_TK, plan.weights_TK, *parts)
 
     def backend(self, x_TD: Tensor) -> Backend:
-        """The configured backend for x's device and dtype, resolved once per (device, dtype)."""
-        key = (self.cfg.backend, x_TD.device, x_TD.dtype)
+        """The configured backend for x's device and stage 3's dtype (`expert_dtype`), resolved
+        once per (device, dtype)."""
+        key = (self.cfg.backend, x_TD.device, expert_dtype(x_TD))
         if self._backend_key != key:
             self._backend, self._backend_key = get_backend(*key), key
         return self._backend
@@ -201,7 +200,7 @@ class MoE(nn.Module):
     # stage 1 + 2 -----------------------------------------------------------------------
     def route(self, x_TD: Tensor, backend: Backend | None = None) -> tuple[Routing, Plan]:
         """Routing of x_TD [T, D] and its plan; `backend` may fuse the selection and the sort."""
-        backend = backend if backend is not None else self.backend(autocast_input(x_TD))
+        backend = backend if backend is not None else self.backend(x_TD)
         with stage("moe.router"):
             routing = self.router(x_TD, backend.select)
         capacity = self.cfg.capacity(x_TD.shape[0]) if self.router.uses_capacity else None
@@ -223,8 +222,8 @@ class MoE(nn.Module):
     ) -> tuple[Tensor, Tensor | None, Plan, dict[str, Tensor]]:
         """dispatch -> experts -> combine: (y_TD, shared experts' output or None, the plan as
         used, extra metrics). The shared experts run while the dispatcher moves the rows."""
-        x_in = autocast_input(x_TD)
-        experts = self.bind(x_in, backend if backend is not None else self.backend(x_in))
+        x_in = x_TD.to(expert_dtype(x_TD))  # the one cast of the forward (autocast only)
+        experts = self.bind(x_in, backend if backend is not None else self.backend(x_TD))
         overlap = None if self.shared is None else partial(self.shared, x_TD)
         threshold = self.cfg.dedup_threshold
         if threshold is None or self.training:
@@ -247,7 +246,7 @@ class MoE(nn.Module):
 
     def stages(self, x_TD: Tensor) -> tuple[Tensor, Routing, Plan, dict[str, Tensor]]:
         """The forward on x_TD [T, D], one line: (y_TD, routing, plan as used, extra metrics)."""
-        backend = self.backend(autocast_input(x_TD))
+        backend = self.backend(x_TD)
         routing, plan = self.route(x_TD, backend)
         if self.cfg.track_coactivation:
             self.count_coactivation(routing.experts)

@@ -47,19 +47,10 @@ class Backend:
         """A plan equal to `dispatch.make_plan`'s, or None where this backend has no faster one."""
         return None
 
-    def select(
-        self,
-        logits_TE: Tensor,
-        k: int,
-        renormalize: bool,
-        scaling: float,
-        bias_E: Tensor | None = None,
-    ) -> Routing | None:
-        """The top-k / sigmoid router's choice from one kernel, or None (the router's torch code).
-
-        bias_E None: softmax top-k; else sigmoid scores chosen by score + bias_E.
-        """
-        return None
+    # optional: the top-k / sigmoid router's choice from one kernel, called as
+    # select(logits_TE, k, renormalize, scaling, bias_E=None) -> Routing, or None where it does
+    # not apply (bias_E None: softmax top-k, else sigmoid scores chosen by score + bias_E)
+    select: Callable[..., Routing | None] | None = None
 
 
 @dataclass(frozen=True)
