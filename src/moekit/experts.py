@@ -96,7 +96,7 @@ class Experts(nn.Module):
 
     def per_slot(self, x_SD: Tensor, offsets_E1: Tensor) -> Tensor:
         """Unweighted outputs [S, D] of rows sorted by expert, one `expert` call per expert;
-        zero past the kept rows (the `experts_per_slot` contract of `moekit.backends`)."""
+        zero past the kept rows (the `Backend.per_slot` contract of `moekit.backends`)."""
         out_SD = torch.zeros_like(x_SD)
         for e, (lo, hi) in enumerate(_sync_bounds(offsets_E1)):
             if hi > lo:
