@@ -17,7 +17,13 @@ from torch import Tensor
 from moekit import MoE, MoEConfig, RouterConfig
 from moekit.backends import unsupported_reason
 from moekit.dispatch import combine
-from moekit.parallel import ExpertParallelMoE, gather_experts, split_expert_params, to_dense
+from moekit.parallel import (
+    AllToAllDispatcher,
+    ExpertParallelMoE,
+    gather_experts,
+    split_expert_params,
+    to_dense,
+)
 
 REL_TOL = 1e-6
 
@@ -193,6 +199,20 @@ def _bad_group(rank: int, world: int) -> None:
 
 def test_experts_not_divisible_by_group_size(launch):
     launch(_bad_group, 4)
+
+
+def _swapped_dispatcher(rank: int, world: int) -> None:
+    """The expert-parallel layer is a plain MoE with the all-to-all dispatcher swapped in."""
+    cfg = MoEConfig(d_model=8, d_hidden=6, n_experts=4, k=2, backend="torch")
+    ep, dense = ExpertParallelMoE(cfg), MoE(cfg)
+    assert type(ep) is MoE and isinstance(ep.dispatcher, AllToAllDispatcher)
+    assert isinstance(ep, ExpertParallelMoE) and not isinstance(dense, ExpertParallelMoE)
+    assert ep.dispatcher.first_expert == rank * 2 and ep.replay is None
+    assert "ep_size=2, local_experts=2" in repr(ep)
+
+
+def test_expert_parallel_layer_is_an_moe_with_another_dispatcher(launch):
+    launch(_swapped_dispatcher, 2)
 
 
 def _subgroups(rank: int, world: int) -> None:
