@@ -7,8 +7,9 @@ with weights gate_up_proj [E, 2H, D] and down_proj [E, D, H] ([E, D, 2H] / [E, H
 transposed views (no copies) by stage 3 of the layer; gradients reach HF's parameters and the
 router's weights through the backend's autograd. A module flag moekit cannot honour exactly
 raises a ValueError naming it. Flags and activation are checked on a module's first call and
-the backend resolved once per (backend, device, dtype): at decode sizes host work is the cost,
-which is why inference calls of up to 64 tokens on CUDA replay a CUDA graph of plan and
+the backend object resolved once per (backend, device, dtype); it makes the plan and computes
+the experts, as in the layer. At decode sizes host work is the cost, which is why inference
+calls of up to `MoEConfig.graph_max_tokens` tokens on CUDA replay a CUDA graph of plan and
 experts instead (`moekit.replay`).
 """
 
