@@ -12,8 +12,8 @@ import warnings
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
-ACTIVATIONS = ("gelu", "relu", "silu", "swiglu", "geglu", "reglu")
-GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu")
+from moekit.types import ACTIVATIONS, GATED_ACTIVATIONS, capacity
+
 NOISES = ("none", "gaussian", "gumbel", "jitter")
 PRE_NORMS = ("none", "rms")
 # options a router schedule may anneal: capacity_factor is MoEConfig's, the rest RouterConfig's
@@ -339,9 +339,7 @@ class MoEConfig:
 
     def capacity(self, n_tokens: int) -> int | None:
         """Per-expert capacity C = ceil(cf * T * k / E), or None when dropless."""
-        if self.capacity_factor is None:
-            return None
-        return math.ceil(self.capacity_factor * n_tokens * self.k / self.n_experts)
+        return capacity(n_tokens, self.k, self.n_experts, self.capacity_factor)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moekit import reference_routing  # noqa: F401  (attaches the built-in routers' oracles)
 from moekit.layer import MoE, MoEInfo, check_input
 from moekit.routing.base import Router, router_dtype
 

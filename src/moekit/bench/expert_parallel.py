@@ -116,7 +116,7 @@ def all_to_all_stats(ep: ExpertParallelMoE, x: Tensor, repeats: int) -> dict[str
     R, device = dist.get_world_size(), x.device
     with torch.no_grad():
         _, plan = ep.route(x.detach())
-    counts_RL = plan.counts_E.view(R, ep.n_local)
+    counts_RL = plan.counts_E.view(R, ep.dispatcher.n_local)
     send_R, recv_R, _ = _sync_split_sizes(counts_RL, None)
     rows = _sync_max(sum(send_R), device)
     even = -(-rows // R)  # every rank sends the largest rank's rows, split evenly

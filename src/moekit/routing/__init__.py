@@ -11,7 +11,8 @@ from dataclasses import is_dataclass
 from typing import TYPE_CHECKING
 
 from moekit.config import RouterOptions
-from moekit.routing.base import Router, Routing
+from moekit.routing.base import Router
+from moekit.types import Routing
 
 if TYPE_CHECKING:
     from moekit.config import MoEConfig

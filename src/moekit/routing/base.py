@@ -7,7 +7,7 @@ E for expert choice), D model dim.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -15,26 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+from moekit.types import Routing
 
 # scheduled options the router reads as device scalars (capacity_factor stays a Python number:
 # the plan's capacity is a size)
 LIVE_OPTIONS = ("temperature", "noise_std")
-
-
-@dataclass
-class Routing:
-    """Which experts each token uses, with what weight.
-
-    ``experts`` holds -1 in slots that carry no expert (expert choice leaves slots empty,
-    capacity drops empty them); ``weights`` is 0 there. ``priority`` orders capacity drops:
-    within an expert, higher priority is kept first, whatever the token's position.
-    """
-
-    experts: Tensor  # [T, K] int64, -1 = empty slot
-    weights: Tensor  # [T, K] router dtype (float32, float64 for float64 inputs)
-    priority: Tensor  # [T, K] score deciding capacity drops
-    logits: Tensor  # [T, E] clean logits (after temperature, before noise)
-    probs: Tensor  # [T, E] scores normalised over experts, used by the balance losses
+# a backend's fused selection: (logits_TE, k, renormalize, scaling, bias_E) -> Routing or None
+FusedSelect = Callable[..., "Routing | None"]
 
 
 def router_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -179,14 +166,16 @@ class Router(nn.Module):
         dtype = router_dtype(x_TD.dtype)
         return F.linear(x_TD.to(dtype), self.weight.to(dtype)) / self.live("temperature")
 
-    def forward(self, x_TD: Tensor) -> Routing:
+    def forward(self, x_TD: Tensor, fused: FusedSelect | None = None) -> Routing:
+        """Routing of x_TD [T, D]; `fused` is a backend's one-kernel selection (its `select`),
+        tried by routers that have one before their torch code."""
         device_type = x_TD.device.type
         if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
             with torch.autocast(device_type, enabled=False):  # router math stays float32
-                return self._route(x_TD)
-        return self._route(x_TD)
+                return self._route(x_TD, fused)
+        return self._route(x_TD, fused)
 
-    def _route(self, x_TD: Tensor) -> Routing:
+    def _route(self, x_TD: Tensor, fused: FusedSelect | None) -> Routing:
         if self.norm is not None:
             x_TD = self.norm(x_TD)
         if self.training and self.rcfg.dropout > 0:
@@ -202,7 +191,9 @@ class Router(nn.Module):
         elif noisy and noise == "gumbel":
             u = torch.rand_like(logits_TE).clamp_(1e-9, 1.0 - 1e-9)
             scored_TE = logits_TE - torch.log(-torch.log(u)) * std
-        routing = self.select(scored_TE)
+        routing = self.select_fused(scored_TE, fused) if fused is not None else None
+        if routing is None:
+            routing = self.select(scored_TE)
         routing.logits = logits_TE
         if self.training and self.rcfg.expert_dropout > 0:
             routing = drop_slots(routing, self.rcfg.expert_dropout)
@@ -210,6 +201,10 @@ class Router(nn.Module):
 
     def select(self, logits_TE: Tensor) -> Routing:
         raise NotImplementedError
+
+    def select_fused(self, logits_TE: Tensor, fused: FusedSelect) -> Routing | None:
+        """`select` by a backend's kernel where it computes this router's choice, else None."""
+        return None
 
 
 def _jitter(x_TD: Tensor, std: float | Tensor) -> Tensor:

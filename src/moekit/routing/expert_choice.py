@@ -6,21 +6,20 @@ when expert e chose the token, -1 otherwise.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from moekit.config import RouterOptions
-from moekit.reference_routing import expert_choice_reference
 from moekit.routing import register_router
-from moekit.routing.base import Router, Routing
+from moekit.routing.base import Router
+from moekit.types import Routing, capacity
 
 
 def expert_choice_capacity(n_tokens: int, k: int, n_experts: int, factor: float) -> int:
     """C = ceil(factor * T * k / E), at most T."""
-    return min(n_tokens, math.ceil(factor * n_tokens * k / n_experts))
+    return min(n_tokens, capacity(n_tokens, k, n_experts, factor))
 
 
 @dataclass
@@ -41,7 +40,6 @@ class ExpertChoiceRouter(Router):
 
     uses_capacity = False
     batch_invariant = False  # an expert's top-C depends on every token of the pass
-    reference = staticmethod(expert_choice_reference)
 
     def select(self, logits_TE: Tensor) -> Routing:
         T, E = logits_TE.shape

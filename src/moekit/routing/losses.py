@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import RouterConfig
-from moekit.routing.base import Routing
+from moekit.types import Routing
 
 LOSS_NAMES = ("load_balance", "z_loss", "entropy", "seq_balance")
 

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moekit.backends.triton import fused_routing
 from moekit.config import MoEConfig, RouterOptions
-from moekit.reference_routing import sigmoid_reference
 from moekit.routing import register_router
-from moekit.routing.base import Router, Routing, group_limited, renormalize
+from moekit.routing.base import FusedSelect, Router, group_limited, renormalize
+from moekit.types import Routing
 
 
 @dataclass
@@ -38,7 +37,6 @@ class SigmoidRouter(Router):
 
     uses_capacity = True
     batch_invariant = True  # in inference: the bias is fixed, each token routes alone
-    reference = staticmethod(sigmoid_reference)
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__(cfg)
@@ -47,12 +45,13 @@ class SigmoidRouter(Router):
         # load_E [E] -> load_E: set by moekit.parallel to sum the load over the router's replicas
         self.load_reduce: Callable[[Tensor], Tensor] | None = None
 
+    def select_fused(self, logits_TE: Tensor, fused: FusedSelect) -> Routing | None:
+        if self.training or self.rcfg.n_groups != 1:  # the bias moves in training
+            return None
+        rcfg = self.rcfg
+        return fused(logits_TE, self.k, rcfg.renormalize, rcfg.scaling_factor, self.expert_bias)
+
     def select(self, logits_TE: Tensor) -> Routing:
-        if not self.training and self.rcfg.n_groups == 1:  # one kernel on CUDA inference
-            rcfg, bias_E = self.rcfg, self.expert_bias
-            fused = fused_routing(logits_TE, self.k, rcfg.renormalize, rcfg.scaling_factor, bias_E)
-            if fused is not None:
-                return fused
         scores_TE = logits_TE.sigmoid()
         biased_TE = scores_TE.detach() + self.expert_bias.to(scores_TE.dtype)
         biased_TE = group_limited(biased_TE, self.rcfg.n_groups, self.rcfg.topk_groups)
