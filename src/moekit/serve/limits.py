@@ -12,6 +12,7 @@ the server stops. Both sit inside the API-key check.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from types import FrameType
@@ -24,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moekit.serve.inputs import error_response
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt the engine accepts
 # a JSON escape of a UTF-16 surrogate; only these can put invalid Unicode into a parsed str
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -198,25 +200,35 @@ class DrainGate:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, but the first SIGTERM / SIGINT drains: new requests get 503 while those in
-    flight finish (at most `timeout_s`), then the server stops as uvicorn does. A second
-    signal stops it at once."""
+    """uvicorn, but the first SIGTERM / SIGINT (Ctrl-C) drains: new requests get 503 while
+    those in flight finish (at most `timeout_s`), then the server stops as uvicorn does. A
+    second signal stops it at once (`forced`). The signal is not raised again afterwards,
+    so a drained stop ends the process normally, without a traceback."""
 
     def __init__(self, config: uvicorn.Config, drain: Drain, timeout_s: float) -> None:
         super().__init__(config)
         self.drain, self.timeout_s = drain, timeout_s
-        self._signal: tuple[int, FrameType | None] | None = None
+        self._signal: int | None = None
         self._deadline = 0.0
+        self.forced = False  # a second signal cut the requests still in flight
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._signal is not None or self.should_exit or self.drain.in_flight == 0:
-            super().handle_exit(sig, frame)  # nothing to drain, or asked twice
+        if self._signal is not None or self.should_exit:  # asked twice: stop now
+            self.forced = self.drain.in_flight > 0
+            self.should_exit = self.force_exit = True
             return
-        self._signal, self._deadline = (sig, frame), time.monotonic() + self.timeout_s
+        if self.drain.in_flight == 0:  # nothing to drain
+            self.should_exit = True
+            return
+        self._signal, self._deadline = sig, time.monotonic() + self.timeout_s
         self.drain.draining = True
+        log.warning(
+            "draining %d request(s) in flight; new ones get 503 (signal again to stop at once)",
+            self.drain.in_flight,
+        )
 
     async def on_tick(self, counter: int) -> bool:
         drained = self.drain.in_flight == 0 or time.monotonic() > self._deadline
         if self._signal is not None and not self.should_exit and drained:
-            super().handle_exit(*self._signal)
+            self.should_exit = True
         return await super().on_tick(counter)
