@@ -220,3 +220,43 @@ def test_sigterm_drains_a_streaming_request(byte_ckpt):
     assert "Traceback" not in srv.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(srv.url + "/health")
+
+
+def test_ctrl_c_drains_like_sigterm_and_exits_0(byte_ckpt):
+    srv = ServerProcess(byte_ckpt)
+    req = {"model": "m", "prompt": "x", "max_tokens": 60, "stream": True, "temperature": 0}
+    with (
+        httpx.Client(base_url=srv.url, timeout=60) as c,
+        c.stream("POST", "/v1/completions", json=req) as s,
+    ):
+        lines = s.iter_lines()
+        first = next(lines)
+        srv.proc.send_signal(signal.SIGINT)  # Ctrl-C while it streams
+        events = _sse([first, *lines])
+    assert events[-1][1] == "[DONE]"
+    chunks = [json.loads(d) for _, d in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert srv.proc.wait(30) == 0  # drained: a normal exit
+    out = srv.stop()
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+
+
+def test_a_second_ctrl_c_stops_at_once_with_130(byte_ckpt):
+    srv = ServerProcess(byte_ckpt)
+    req = {"prompt": "x", "max_new_tokens": 1000, "stream": True}
+    with (
+        httpx.Client(base_url=srv.url, timeout=60) as c,
+        c.stream("POST", "/v1/generate", json=req) as s,
+    ):
+        lines = s.iter_lines()
+        next(lines)
+        srv.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        srv.proc.send_signal(signal.SIGINT)  # again: stop now
+        events = _sse(lines)
+    done = json.loads(events[-1][1])  # the request ends early, and says why
+    assert events[-1][0] == "done" and done["finish_reason"] == "shutdown"
+    assert len(done["token_ids"]) < 1000
+    assert srv.proc.wait(30) == 130
+    out = srv.stop()
+    assert "Traceback" not in out and "stopped at once" in out

@@ -112,7 +112,8 @@ def create_app(
         try:
             yield
         finally:
-            await eng.stop()  # in-flight requests finish first
+            # in-flight requests finish first, unless a second signal asked to stop now
+            await eng.stop(timeout=0 if app.state.drain.stop_now else None)
 
     app = FastAPI(
         title="moekit inference server",
