@@ -56,6 +56,15 @@ class Engine:
             kv["bytes"] / 2**20,
             self.runner.window,
         )
+        if self.cfg.max_model_len is None and kv["pages"] * kv["page_size"] < (
+            self.runner.kv.n_rows * self.runner.window
+        ):  # memory, not the context, limits the batch: a smaller context may serve more
+            log.warning(
+                "KV memory holds fewer than %d full rows of max_seq_len=%d positions;"
+                " give max_model_len (--max-model-len) to size rows for shorter contexts",
+                self.runner.kv.n_rows,
+                self.runner.window,
+            )
         self.stats = ServeStats(
             self.runner.moe_layers, self.runner.n_experts, max_batch=self.runner.kv.n_rows
         )
