@@ -88,7 +88,8 @@ class PagedKVCache:
         if n_pages < self.row_pages + 1:
             raise ValueError(
                 f"{n_pages} KV pages cannot hold one sequence of {self.max_len} positions"
-                f" ({self.row_pages} pages of {page} + scratch): raise kv_memory or lower max_model_len"
+                f" ({self.row_pages} pages of {page} + scratch): raise kv_memory or lower"
+                " max_model_len"
             )
         shape = (n_pages * page, cfg.kv_heads, cfg.head_dim)  # [P * page, Hkv, Dh]
         # zeros, not empty: masked keys still pass through attention, and NaN * 0 is NaN
