@@ -267,6 +267,7 @@ def test_unreadable_messages_and_malformed_fields(client):
         ({"frequency_penalty": 3}, "frequency_penalty"),
         ({"logit_bias": {"1": 101}}, "logit_bias"),
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"²": 1}}, "logit_bias"),
         ({"logit_bias": {"256": 1}}, "logit_bias"),
         ({"best_of": "two"}, "best_of"),
         ({"no_such_field": 1}, "no_such_field"),

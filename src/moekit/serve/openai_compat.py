@@ -69,7 +69,7 @@ def logit_bias(body: OpenAIBody, s: ServerState) -> tuple[tuple[int, float], ...
     vocab = s.model.cfg.vocab_size or 0
     out = []
     for key, bias in (body.logit_bias or {}).items():
-        token = int(key) if key.isdigit() else -1
+        token = int(key) if key.isascii() and key.isdigit() else -1
         if not 0 <= token < vocab:
             msg = f"logit_bias: key {key!r} is not a token id in [0, vocab_size={vocab})"
             raise ApiError(422, msg, "logit_bias")
