@@ -263,6 +263,15 @@ def test_unreadable_messages_and_malformed_fields(client):
     ]:
         r = client.post("/v1/chat/completions", json={"model": "m", "messages": messages})
         assert r.status_code == 400 and r.json()["error"]["field"] == field
+    history = [  # an earlier refusal, and an assistant turn without content, are read past
+        {"role": "user", "content": "a", "name": "me"},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+        {"role": "assistant", "content": None, "tool_calls": []},
+    ]
+    r = client.post(
+        "/v1/chat/completions", json={"model": "m", "messages": history, "max_tokens": 1}
+    )
+    assert r.status_code == 200, r.text
     for extra, field in [
         ({"frequency_penalty": 3}, "frequency_penalty"),
         ({"logit_bias": {"1": 101}}, "logit_bias"),

@@ -46,7 +46,7 @@ def _refuse_unsupported(body: ChatRequest) -> None:
     """400 naming the first field, or part of a message, this server does not implement."""
     refuse_unsupported(body)
     for i, message in enumerate(body.messages):
-        problem = message.unsupported()
+        problem = message.unreadable()
         if problem is not None:
             field, why = f"messages.{i}.{problem[0]}", problem[1]
             raise ApiError(400, f"{field}: {why}", field)

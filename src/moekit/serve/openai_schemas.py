@@ -150,7 +150,8 @@ class TextPart(Strict):
 
 
 class OtherPart(BaseModel):
-    """A content part of a kind this server cannot read (refused with 400 naming it)."""
+    """A content part other than text: a refusal (of an earlier assistant turn) is skipped,
+    the others (images, audio, files) are refused with 400 naming it."""
 
     model_config = ConfigDict(extra="allow")
     type: Literal["image_url", "input_audio", "file", "refusal"]
@@ -173,7 +174,7 @@ class ChatMessage(Strict):
             return self.content
         return "".join(part.text for part in self.content if isinstance(part, TextPart))
 
-    def unsupported(self) -> tuple[str, str] | None:
+    def unreadable(self) -> tuple[str, str] | None:
         """(field, why) of the first thing in this message the server cannot read, or None."""
         if self.role in ("tool", "function"):
             return "role", f"{self.role!r} messages need tools, which this server does not run"
@@ -181,7 +182,7 @@ class ChatMessage(Strict):
             if getattr(self, name):
                 return name, "not supported by this server"
         for j, part in enumerate(self.content if isinstance(self.content, list) else []):
-            if isinstance(part, OtherPart):
+            if isinstance(part, OtherPart) and part.type != "refusal":  # refusals: not read
                 return f"content.{j}.type", f"{part.type!r} parts are not supported (text only)"
         return None
 
