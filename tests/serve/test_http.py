@@ -241,6 +241,13 @@ def test_ctrl_c_drains_like_sigterm_and_exits_0(byte_ckpt):
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
 
 
+def test_ctrl_c_on_an_idle_server_exits_0_without_a_traceback(byte_ckpt):
+    srv = ServerProcess(byte_ckpt)
+    srv.proc.send_signal(signal.SIGINT)
+    assert srv.proc.wait(30) == 0
+    assert "Traceback" not in srv.stop()
+
+
 def test_a_second_ctrl_c_stops_at_once_with_130(byte_ckpt):
     srv = ServerProcess(byte_ckpt)
     req = {"prompt": "x", "max_new_tokens": 1000, "stream": True}
