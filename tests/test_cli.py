@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moekit.cli import _normalise_train_argv, build_parser, main
+from moekit.cli import _prepare_argv, build_parser, main
 from moekit.train import RunConfig, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,14 +95,14 @@ def test_help_lists_options_with_defaults(capsys):
 
 
 def test_argv_normalisation():
-    assert _normalise_train_argv(["train", "c.yaml", "--resume"]) == [
+    assert _prepare_argv(["train", "c.yaml", "--resume"]) == [
         "train",
         "--config",
         "c.yaml",
         "--resume",
         "auto",
     ]
-    assert _normalise_train_argv(["plot", "x"]) == ["plot", "x"]
+    assert _prepare_argv(["plot", "x"]) == ["plot", "x"]
 
 
 def test_train_eval_generate_plot_end_to_end(tmp_path):

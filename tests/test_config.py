@@ -10,7 +10,7 @@ import moekit
 from moekit.cli import build_parser
 from moekit.config import LEGACY_ROUTER_KEYS, RouterOptions
 from moekit.model import ModelConfig, Transformer
-from moekit.model.io import save_model_files
+from moekit.model.store import save_model_files
 from moekit.routing.attention import AttentionOptions
 from moekit.routing.sinkhorn import SinkhornOptions
 

@@ -5,7 +5,7 @@ from moekit.config import ExpertConfig, MoEConfig, RouterConfig
 from moekit.experts import register_expert
 from moekit.integrations.hf.convert import load_hf
 from moekit.layer import MoE, MoEInfo
-from moekit.model.io import load
+from moekit.model.store import load
 from moekit.routing import Routing, register_router
 from moekit.system import System, SystemConfig
 

@@ -25,6 +25,7 @@ import torch
 import yaml
 from torch.autograd.profiler_util import FunctionEvent
 
+from moekit.commands import argument, command, option
 from moekit.ranges import stage
 
 MODES = ("train", "decode")
@@ -43,14 +44,16 @@ FORWARD_STAGES = (
 class ProfileConfig:
     """What to profile and where the files go."""
 
-    path: str  # a run config (YAML) or a checkpoint / run directory
-    mode: str = "train"  # train: one optimiser step; decode: one cached decode position
-    device: str = "cpu"
-    batch_size: int | None = None  # None: the config's train.batch_size
-    context: int | None = None  # decode: prompt positions before the step (None: seq_len - 1)
-    warmup: int = 2  # untimed steps first (allocator, caches, lazy init)
-    steps: int = 1  # profiled steps; the table shows the mean per step
-    out: str = "moekit-out/profile"
+    path: str = argument("run config (YAML) or checkpoint / run directory")
+    # train: one optimiser step; decode: one cached decode position
+    mode: str = option("train", f"one of {MODES}")
+    device: str = option("cpu", "cpu or cuda[:N]")
+    batch_size: int | None = option(None, "default: the config's")
+    # None: seq_len - 1 - warmup
+    context: int | None = option(None, "decode: prompt positions")
+    warmup: int = option(2, "untimed steps first")  # allocator, caches, lazy init
+    steps: int = option(1, "profiled steps (the table: per step)")
+    out: str = option("moekit-out/profile", "output directory")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -67,6 +70,19 @@ class ProfileConfig:
             raise ValueError(f"steps={self.steps} must be >= 1")
 
 
+@command(
+    "profile",
+    ProfileConfig,
+    help="Profile one training step or one decode step of a model by stage (router, plan, "
+    "experts, finish, attention, backward, optimizer): a Chrome/Perfetto trace, a stage table "
+    "and chart, memory. Per-kernel CUDA time of the Triton kernels alone is `moekit bench "
+    "profile`.",
+)
+def profile(cfg: ProfileConfig) -> None:
+    for path in profile_step(cfg)["files"].values():
+        print(f"wrote {path}")
+
+
 def load_target(path: str | Path, device: torch.device) -> tuple[Any, torch.nn.Module]:
     """(RunConfig, model): a YAML config builds a fresh model, a checkpoint loads its weights."""
     from moekit.model import Transformer
@@ -77,9 +93,8 @@ def load_target(path: str | Path, device: torch.device) -> tuple[Any, torch.nn.M
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such config, checkpoint or run directory")
     if path.is_dir():
-        from moekit.model.io import load_files
-        from moekit.train.checkpoint import pick_checkpoint
-        from moekit.train.commands import run_config_of
+        from moekit.model.store import load_files, pick_checkpoint
+        from moekit.train.checkpoint import run_config_of
 
         ckpt = pick_checkpoint(path)
         return run_config_of(ckpt), load_files(ckpt, device)

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from moekit.commands import argument, command, option
 from moekit.progress import progress
 
 RESULTS_FILE = "results.jsonl"
@@ -79,6 +80,34 @@ class SweepConfig:
             if not given.get(key):
                 given[key] = value if key == "steps" or isinstance(value, list) else [value]
         return cls(**{k: v for k, v in given.items() if v is not None})
+
+
+@dataclass
+class SweepOptions:
+    """`moekit sweep`'s options: the axes as flags, or from a --grid YAML file."""
+
+    config: str = argument("run config (YAML), as moekit train reads")
+    grid: str | None = option(None, "YAML with the axes below")
+    experts: list[int] = option([], "e.g. [4,8,16]")
+    k: list[int] = option([], "e.g. [1,2]")
+    capacity: list[float | str | None] = option([], "e.g. [1.0,1.25,none]")
+    router: list[str] = option([], "e.g. [topk,sinkhorn]")
+    steps: int | None = option(None, "steps per point (200)")
+    out: str = option("moekit-out/sweep", "output directory")
+
+
+@command(
+    "sweep",
+    SweepOptions,
+    help="Short training runs over experts x k x capacity factor x router from a run config; "
+    "a table and trade-off plots in --out. Finished points are not rerun.",
+)
+def sweep(opts: SweepOptions) -> None:
+    given = dataclasses.asdict(opts)
+    grid = given.pop("grid")
+    given["capacity_factor"] = given.pop("capacity")
+    for path in run_sweep(SweepConfig.with_grid(grid, **given))["files"].values():
+        print(f"wrote {path}")
 
 
 def base_config(path: str | Path) -> dict[str, Any]:

@@ -13,7 +13,8 @@ import torch
 from tests.tiny import tiny_model
 
 from moekit.cli import main
-from moekit.train.checkpoint import RUN_FILE, list_checkpoints, save_checkpoint
+from moekit.model.store import RUN_FILE, list_checkpoints
+from moekit.train.checkpoint import save_checkpoint
 from moekit.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]

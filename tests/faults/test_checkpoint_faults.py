@@ -8,7 +8,7 @@ import pytest
 from tests.faults.conftest import newest, one_error, run_cli, train_args
 
 from moekit.model.manifest import MANIFEST_FILE
-from moekit.train.checkpoint import list_checkpoints
+from moekit.model.store import list_checkpoints
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 

@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 from tests.parallel.runs import E, quiet_trainer, tiny_ep_run
 
+from moekit.model.store import checkpoint_name
 from moekit.train import Trainer, read_log
-from moekit.train.checkpoint import STATE_FILE, checkpoint_name, load_trainer_state
+from moekit.train.checkpoint import STATE_FILE, load_trainer_state
 
 
 def _train_records(run_dir: Path) -> list[tuple]:

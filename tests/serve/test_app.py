@@ -9,10 +9,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from moekit.model.codec import BYTE_CHAT_REPLY, ByteCodec
 from moekit.serve.app import create_app
 from moekit.serve.config import EngineConfig
 from moekit.serve.security import SecurityConfig
-from moekit.serve.text import BYTE_CHAT_REPLY, ByteCodec
 
 from .conftest import make_model
 

@@ -10,13 +10,13 @@ from fastapi.testclient import TestClient
 
 import moekit
 from moekit.model import ModelConfig, Transformer
+from moekit.model.codec import ByteCodec
 from moekit.serve.app import create_app
 from moekit.serve.config import EngineConfig
 from moekit.serve.engine import Engine
 from moekit.serve.inputs import ApiError
 from moekit.serve.sequence import SamplingParams
 from moekit.serve.service import MAX_STOPS, Service
-from moekit.serve.text import ByteCodec
 
 from .conftest import make_model
 

@@ -6,6 +6,7 @@ import moekit
 from moekit.model import ModelConfig
 from moekit.tasks import TaskConfig
 from moekit.train import RunConfig, TrainConfig, Trainer
+from moekit.viz import plot_training
 
 
 def _train_briefly(tmp_path, task: TaskConfig, steps: int, lr: float):
@@ -31,7 +32,7 @@ def _train_briefly(tmp_path, task: TaskConfig, steps: int, lr: float):
         ),
         out=str(tmp_path),
     )
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, plotter=plot_training)
     before = trainer.evaluate()
     return trainer, before, trainer.fit()
 

@@ -13,9 +13,10 @@ from tests.tiny import tiny_model
 from moekit.errors import CheckpointError
 from moekit.model import load
 from moekit.model.manifest import MANIFEST_FILE, verify_manifest
+from moekit.model.store import list_checkpoints, pick_checkpoint, prune_checkpoints
 from moekit.train import checkpoint as ckpt_mod
-from moekit.train import list_checkpoints, pick_checkpoint, save_checkpoint
-from moekit.train.checkpoint import Checkpointer, load_trainer_state, prune_checkpoints
+from moekit.train import save_checkpoint
+from moekit.train.checkpoint import Checkpointer, load_trainer_state
 from moekit.train.parallelism import SingleProcess
 
 

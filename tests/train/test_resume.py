@@ -6,8 +6,9 @@ import torch
 
 from moekit.model import load
 from moekit.model.manifest import write_manifest
+from moekit.model.store import RUN_FILE
 from moekit.train import Trainer, list_checkpoints, read_log
-from moekit.train.checkpoint import RUN_FILE, STATE_FILE, load_trainer_state
+from moekit.train.checkpoint import STATE_FILE, load_trainer_state
 
 
 def _losses(run_dir):

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from moekit.train import RunConfig, TrainConfig, Trainer, list_checkpoints, read_log
+from moekit.viz import plot_training
 
 
 def test_fit_writes_logs_checkpoints_and_plots(tmp_path, make_run):
     cfg = make_run(tmp_path, steps=10, log_interval=4, eval_interval=5, keep_last=1, keep_best=1)
-    summary = Trainer(cfg).fit()
+    summary = Trainer(cfg, plotter=plot_training).fit()
     records = read_log(tmp_path)
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 11))
@@ -37,7 +38,7 @@ def test_fit_writes_logs_checkpoints_and_plots(tmp_path, make_run):
     assert {p.name for p in summary["plots"]} == {
         "dashboard.png",
         "specialisation.png",
-        "signals_forecasts.png",  # the task's own analysis (Task.plots)
+        "signals_forecasts.png",  # the task's own analysis (viz.tasks)
         "signals_errors.png",
     }
     assert json.loads((tmp_path / "run.json").read_text())["moe_layers"] == [0, 1]

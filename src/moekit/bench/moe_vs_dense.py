@@ -142,6 +142,7 @@ def train_one(opts: MoEVsDenseBench, base: RunConfig, name: str, task: Task, rat
     """Train `name` on `task` (its seed) for `opts.minutes` into runs/<name>-seed<seed>, its
     LR schedule sized from the calibrated tokens/s `rate`."""
     from moekit.train import Trainer
+    from moekit.viz import plot_training
 
     start, seed = time.perf_counter(), task.seed
     tc = base.train
@@ -158,7 +159,7 @@ def train_one(opts: MoEVsDenseBench, base: RunConfig, name: str, task: Task, rat
         warmup_steps=min(tc.warmup_steps, steps // 10),
     )  # fmt: skip
     claim_run_dir(out, None, overwrite=True)  # an earlier run there is moved aside, not mixed in
-    trainer = Trainer(cfg, task=task, title=f"{name} seed {seed}")
+    trainer = Trainer(cfg, task=task, title=f"{name} seed {seed}", plotter=plot_training)
     try:
         trainer.fit()
     finally:

@@ -1,18 +1,22 @@
 """Benchmarks by name: each is a config dataclass and the function whose keywords it holds.
 
-`@register_bench("name", NameBench)` on a function makes `moekit bench name` parse the
-fields of NameBench as options (help from `option(...)`), validate them by building the
-dataclass, and call the function with them. Built-in benchmarks load on first lookup.
+`@register_bench("name", NameBench)` on a function makes `moekit bench name` a command
+(`moekit.commands`): it parses the fields of NameBench as options (help from `option(...)`),
+validates them by building the dataclass, calls the function with them and prints the
+report. Built-in benchmarks load on first lookup.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from moekit.commands import argument as argument  # a bench's fields: as any command's
+from moekit.commands import command, group, register_once, require_dataclass
+from moekit.commands import option as option
 
 _BUILTIN = (
     "layer",
@@ -41,33 +45,23 @@ class BenchSpec:
     def help(self) -> str:
         return (self.config.__doc__ or self.name).strip().splitlines()[0]
 
-
-def option(default: Any, help: str) -> Any:
-    """A bench config field with the help line `moekit bench NAME --help` shows."""
-    if isinstance(default, list | dict):
-        return dataclasses.field(
-            default_factory=lambda: copy.deepcopy(default), metadata={"help": help}
-        )
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-def argument(help: str) -> Any:
-    """A required bench config field, given positionally: `moekit bench NAME VALUE`."""
-    return dataclasses.field(metadata={"help": help})
+    def command(self, cfg: Any) -> None:
+        """`moekit bench NAME`: run with a built config, print the table and the files written."""
+        report = run_config(self.name, cfg)
+        if report.get("markdown"):
+            print(report["markdown"])
+        for path in report.get("files", []):
+            print(f"wrote {path}")
+        if report.get("chart"):
+            print(f"wrote {report['chart']['file']}")
 
 
 def register_bench(name: str, config: type) -> Callable[[F], F]:
     """Function decorator adding a benchmark under `name`, configured by `config`."""
-    if not dataclasses.is_dataclass(config):
-        raise TypeError(f"config of bench {name!r} must be a dataclass, got {config!r}")
+    require_dataclass("bench", name, config)
 
     def wrap(fn: F) -> F:
-        if fn.__module__ == "__main__":  # `python -m` runs a copy; the imported one registers
-            return fn
-        known = _BENCHES.get(name)
-        if known is not None and known.run is not fn:
-            raise ValueError(f"bench {name!r} is already registered by {known.run.__qualname__}")
-        _BENCHES[name] = BenchSpec(name, config, fn)
+        register_once(_BENCHES, "bench", BenchSpec(name, config, fn))
         return fn
 
     return wrap
@@ -76,6 +70,20 @@ def register_bench(name: str, config: type) -> Callable[[F], F]:
 def _load_builtin() -> None:
     for module in _BUILTIN:
         importlib.import_module(f"moekit.bench.{module}")
+
+
+def _register_commands() -> None:
+    for name in available_benches():
+        spec = _BENCHES[name]
+        command(f"bench {name}", spec.config, help=spec.help)(spec.command)
+
+
+group(
+    "bench",
+    "Benchmarks. Each writes a .md table, a .json (machine, GPU, versions, date, command) "
+    "and a .png chart to --out-dir, docs/benchmarks/ by default. Lists are written [1,8,32].",
+    load=_register_commands,
+)
 
 
 def available_benches() -> tuple[str, ...]:

@@ -237,7 +237,7 @@ def _window(prompt_len: int, prefix_len: int, max_new: int) -> int:
 
 def _floor(ckpt: str, dtype: str, context: int) -> dict[str, Any]:
     from moekit.bench.serve_floor import measure_floor
-    from moekit.model.io import load
+    from moekit.model.store import load
 
     try:
         model = load(ckpt, "cuda", dtype or None)

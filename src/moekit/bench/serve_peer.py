@@ -79,7 +79,7 @@ def run_peer(
 ) -> None:
     """Measure `peer` at each concurrency level, appending one JSON line per level to `out`."""
     from moekit.bench.serve_models import load_transformers
-    from moekit.model.io import load, parse_dtype
+    from moekit.model.store import load, parse_dtype
 
     if peer not in PEERS:
         raise ValueError(f"peer={peer!r} is not one of {PEERS}")

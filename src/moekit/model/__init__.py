@@ -3,8 +3,8 @@
 from moekit.model.cache import AttentionCache, KVCache
 from moekit.model.config import ModelConfig
 from moekit.model.generate import generate
-from moekit.model.io import load, save_model_files
 from moekit.model.sampling import RowSampling, sample_next, sample_rows
+from moekit.model.store import load, save_model_files
 from moekit.model.transformer import ModelOutput, Transformer
 
 __all__ = [

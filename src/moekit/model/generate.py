@@ -7,18 +7,35 @@ positions stay within what the model was trained on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from moekit.model.cache import KVCache
+from moekit.model.config import ModelConfig
 from moekit.model.sampling import sample_next
 
-if TYPE_CHECKING:
-    from moekit.model.transformer import Transformer
+
+class Decodable(Protocol):
+    """What decoding needs of a `Transformer`, named here because the transformer calls in."""
+
+    cfg: ModelConfig
+    training: bool
+
+    @property
+    def is_lm(self) -> bool: ...
+
+    def new_cache(self) -> KVCache: ...
+
+    def __call__(self, x: Tensor, cache: KVCache | None = None) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
 
 
-def _check(model: Transformer, prompt: Tensor, temperature: float) -> None:
+def _check(model: Decodable, prompt: Tensor, temperature: float) -> None:
     if model.is_lm and prompt.dim() != 2:
         raise ValueError(f"token prompt must be [B, S], got shape {tuple(prompt.shape)}")
     if not model.is_lm and (prompt.dim() != 3 or model.cfg.d_out != model.cfg.d_in):
@@ -31,7 +48,7 @@ def _check(model: Transformer, prompt: Tensor, temperature: float) -> None:
 
 @torch.no_grad()
 def generate(
-    model: Transformer,
+    model: Decodable,
     prompt: Tensor,
     max_new: int,
     temperature: float = 0.0,

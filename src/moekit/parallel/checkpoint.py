@@ -22,10 +22,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+from moekit.model.store import CONFIG_FILE, WEIGHTS_FILE
 from moekit.parallel.expert_parallel import ExpertParallelMoE, gather_experts
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def _expert_layers(model: nn.Module) -> dict[str, ExpertParallelMoE]:

@@ -20,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from moekit.model.codec import Codec, load_codec
 from moekit.model.transformer import Transformer
 from moekit.serve import openai_chat, openai_compat, routes
 from moekit.serve.config import EngineConfig
@@ -30,7 +31,6 @@ from moekit.serve.metrics import build_registry
 from moekit.serve.schemas import ErrorResponse
 from moekit.serve.security import Guard, GuardCollector, SecurityConfig, SecurityMiddleware
 from moekit.serve.state import ServerState
-from moekit.serve.text import Codec, load_codec
 
 log = logging.getLogger(__name__)
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -9,10 +9,10 @@ import torch
 from starlette.responses import JSONResponse
 from torch import Tensor
 
+from moekit.model.codec import Codec
 from moekit.model.transformer import Transformer
 from moekit.serve.config import EngineConfig
 from moekit.serve.schemas import ModelInput
-from moekit.serve.text import Codec
 
 
 class ApiError(Exception):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from fastapi import APIRouter, Request
 
+from moekit.model.codec import Codec
 from moekit.serve.inputs import (
     ApiError,
     check_max_new,
@@ -37,7 +38,6 @@ from moekit.serve.sequence import Logprobs
 from moekit.serve.service import Delta
 from moekit.serve.sse import sse_response
 from moekit.serve.state import Security, ServerState, State
-from moekit.serve.text import Codec
 
 router = APIRouter()
 

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from torch import Tensor
 
+from moekit.model.codec import Codec
 from moekit.serve.inputs import (
     ApiError,
     check_ids,
@@ -38,7 +39,6 @@ from moekit.serve.sequence import Logprobs, SamplingParams
 from moekit.serve.service import Delta, Handle
 from moekit.serve.sse import sse, sse_response
 from moekit.serve.state import Security, ServerState, State
-from moekit.serve.text import Codec
 
 router = APIRouter()
 

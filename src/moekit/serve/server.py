@@ -16,12 +16,12 @@ from typing import Any
 import torch
 import uvicorn
 
-from moekit.model.io import CONFIG_FILE, DTYPES, load
+from moekit.model.codec import load_codec
+from moekit.model.store import CONFIG_FILE, DTYPES, load, pick_checkpoint
 from moekit.serve.app import create_app, default_device
 from moekit.serve.config import EngineConfig
 from moekit.serve.limits import DrainingServer
 from moekit.serve.security import SecurityConfig, check_bind, tls_options
-from moekit.serve.text import load_codec
 
 DRAIN_TIMEOUT_S = 300  # SIGTERM: in-flight requests get this long to finish
 INTERRUPTED = 130  # exit status of a stop that cut requests short (128 + SIGINT)
@@ -59,8 +59,6 @@ def _checkpoint_dir(ckpt: str) -> Path:
     path = Path(ckpt)
     if (path / CONFIG_FILE).exists():
         return path
-    from moekit.train.checkpoint import pick_checkpoint
-
     return pick_checkpoint(path)
 
 

@@ -17,11 +17,11 @@ from typing import Any
 
 from torch import Tensor
 
+from moekit.model.codec import Codec
 from moekit.serve.engine import Engine, EngineStopped, QueueFull
 from moekit.serve.inputs import ApiError, StopMatcher
 from moekit.serve.schemas import Usage
 from moekit.serve.sequence import Event, Logprobs, SamplingParams, Sequence
-from moekit.serve.text import Codec
 
 POLL_S = 0.25  # how often a waiting stream checks whether its client is still there
 MAX_STOPS = 4  # stop strings one request may give

@@ -14,12 +14,12 @@ import torch
 from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 
+from moekit.model.codec import ByteCodec, Codec
 from moekit.model.transformer import Transformer
 from moekit.serve.config import EngineConfig
 from moekit.serve.engine import Engine
 from moekit.serve.security import SecurityConfig
 from moekit.serve.service import Service
-from moekit.serve.text import ByteCodec, Codec
 
 
 @dataclass

@@ -5,7 +5,7 @@ usable as `--task.name name` with its options under `--task.options.*`. The buil
 register on import; their data is made or read only when a task is built.
 """
 
-from moekit.tasks.base import (
+from moekit.model.task import (
     Batch,
     NoOptions,
     Task,

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from moekit.tasks.base import Batch, Task, generator, register_task
+from moekit.model.task import Batch, Task, generator, register_task
 
 CATEGORIES = (
     "sine",
@@ -121,10 +120,3 @@ class SignalsTask(Task):
         out = model(x.to(next(model.parameters()).device)).out.float().cpu()  # [C*N, S, 1]
         model.train(was_training)
         return series[..., 1:].numpy(), out.reshape(len(CATEGORIES), N, S).numpy()
-
-    def plots(self, model: torch.nn.Module, out_dir: Path) -> list[Path]:
-        """Forecasts against truth per family, error by family and the error spectrum."""
-        from moekit.viz.signals import plot_signal_analysis
-
-        truth, pred = self.forecasts(model)
-        return plot_signal_analysis(truth, pred, list(CATEGORIES), out_dir)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moekit.tasks.base import Batch, Task, TaskConfig, register_task
+from moekit.model.task import Batch, Task, TaskConfig, register_task
 
 CATEGORIES = ("lower", "upper", "digit", "space", "newline", "punct", "quote", "other")
 _SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from moekit.tasks.base import Batch, Task, TaskConfig, generator, register_task
+from moekit.model.task import Batch, Task, TaskConfig, generator, register_task
 
 CATEGORIES = ("helix", "kepler", "lissajous3d", "lorenz", "spline")
 _LORENZ_BANK = 32  # precomputed attractor runs to cut windows from
@@ -149,24 +148,25 @@ class TrajectoriesTask(Task):
         err = (out.float() - batch.y).norm(dim=-1)  # [B, S] Euclidean error
         return {"err3d": err.mean().detach(), "mse": task_loss.detach()}
 
-    def plots(self, model: torch.nn.Module, out_dir: Path) -> list[Path]:
-        """Rollouts in 3D and in 2D projections, and error growth over the rollout per family."""
-        from moekit.viz.figure import save_figure
-        from moekit.viz.trajectories import plot_trajectory_analysis, rollout, rollouts_figure
-
+    def rollouts(self, model: torch.nn.Module, per_category: int = 8) -> tuple[Tensor, Tensor, int]:
+        """Fresh validation paths of every family and the model's rollout of their last
+        `horizon` points: (paths, pred), each [C, N, L, 3], and horizon."""
         gen = generator(self.seed, "plot")
-        n, per = self.cfg.seq_len, 8
+        n = self.cfg.seq_len
         horizon = max(1, n // 4)
         paths = torch.stack(
             [
-                torch.stack([self.trajectory(c, n, gen, "val") for _ in range(per)])
+                torch.stack([self.trajectory(c, n, gen, "val") for _ in range(per_category)])
                 for c in CATEGORIES
             ]
         )  # [C, N, n, 3]
-        pred = rollout(model, paths.flatten(0, 1), horizon).view(paths.shape).numpy()
-        paths_np, names = paths.numpy(), list(CATEGORIES)
-        figure = rollouts_figure(paths_np[:, 0], pred[:, 0], names, horizon)
-        return [
-            save_figure(figure, out_dir / "trajectories3d.png"),
-            *plot_trajectory_analysis(paths_np, pred, names, horizon, out_dir),
-        ]
+        pred = rollout(model, paths.flatten(0, 1), horizon).view(paths.shape)
+        return paths, pred, horizon
+
+
+@torch.no_grad()
+def rollout(model: torch.nn.Module, paths: Tensor, horizon: int) -> Tensor:
+    """paths [N, L, 3] -> [N, L, 3]: the first L - horizon points, then the model's rollout."""
+    device = next(model.parameters()).device
+    S = paths.shape[1] - horizon
+    return model.generate(paths[:, :S].to(device), horizon).cpu()

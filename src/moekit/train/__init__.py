@@ -15,9 +15,9 @@ _EXPORTS = {
     "TrainConfig": "moekit.train.config",
     "TrainStep": "moekit.train.step",
     "Trainer": "moekit.train.trainer",
-    "list_checkpoints": "moekit.train.checkpoint",
+    "list_checkpoints": "moekit.model.store",
     "model_config_for": "moekit.train.trainer",
-    "pick_checkpoint": "moekit.train.checkpoint",
+    "pick_checkpoint": "moekit.model.store",
     "read_log": "moekit.train.logging",
     "save_checkpoint": "moekit.train.checkpoint",
 }

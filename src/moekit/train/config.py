@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from moekit.model.config import ModelConfig
-from moekit.tasks.base import TaskConfig
+from moekit.model.task import TaskConfig
 from moekit.train.step import Precision
 
 PRECISIONS = ("auto", *(p.value for p in Precision))  # torch names (bfloat16, ...) read as these

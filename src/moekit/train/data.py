@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from moekit.tasks import Batch
+from moekit.model.task import Batch
 
 StepBatches = Callable[[int], list[Batch]]  # step -> its micro-batches, on the host
 

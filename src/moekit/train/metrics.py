@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from moekit.model import ModelOutput, Transformer
+from moekit.model.task import Batch, Task
 from moekit.routing.losses import LOSS_NAMES
-from moekit.tasks import Batch, Task
 from moekit.train.step import StepLoss
 
 

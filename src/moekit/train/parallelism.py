@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moekit.model.io import load_weights
+from moekit.model.store import load_weights
 from moekit.parallel import parallelize_experts, share_router_load
 from moekit.parallel.checkpoint import (
     full_optimizer_state,

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from moekit.train.checkpoint import RUN_FILE, list_checkpoints
+from moekit.model.store import RUN_FILE, list_checkpoints
 from moekit.train.logging import LOG_FILE
 
 

@@ -22,7 +22,8 @@ AdamW fused on CUDA, batches built ahead in pinned memory (`moekit.train.data`),
 `train.time_budget_s`, which stops on the training clock (`moekit.train.clock`; evaluation
 and the first step, where compilation happens, are not counted; evaluation records carry it
 as `train_time_s`). Router schedules are set before every step and dead experts / collapsed
-layers (`moekit.train.health`) are reported at every log flush.
+layers (`moekit.train.health`) are reported at every log flush. Figures are drawn by the
+`plotter` its caller passes in (`moekit.viz.plot_training`); without one, none.
 """
 
 from __future__ import annotations
@@ -33,17 +34,20 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from moekit.model import ModelConfig, ModelOutput, Transformer
-from moekit.tasks import Batch, Task, build_task
-from moekit.train.checkpoint import RUN_FILE, Checkpointer
+from moekit.model.store import RUN_FILE
+from moekit.model.task import Batch, Task
+from moekit.tasks import build_task
+from moekit.train.checkpoint import Checkpointer
 from moekit.train.clock import TrainClock
 from moekit.train.config import RunConfig
 from moekit.train.data import Prefetcher
@@ -57,6 +61,9 @@ from moekit.train.recompute import checkpoint_activations
 from moekit.train.rng import rng_state, seed_everything, set_rng_state
 from moekit.train.schedules import RouterSchedules
 from moekit.train.step import StepConfig, TrainStep, resolve_precision
+
+# draws a run's figures into run_dir/plots: (run_dir, task, the dense model at the end, else None)
+Plotter = Callable[[Path, Task, nn.Module | None], list[Path]]
 
 
 def model_config_for(cfg: ModelConfig, task: Task) -> ModelConfig:
@@ -72,8 +79,14 @@ def model_config_for(cfg: ModelConfig, task: Task) -> ModelConfig:
 class Trainer:
     """Trains `cfg.model` on `cfg.task`; everything goes into the run directory `cfg.out`."""
 
-    def __init__(self, cfg: RunConfig, task: Task | None = None, title: str = "training") -> None:
-        self.cfg, self.title = cfg, title
+    def __init__(
+        self,
+        cfg: RunConfig,
+        task: Task | None = None,
+        title: str = "training",
+        plotter: Plotter | None = None,
+    ) -> None:
+        self.cfg, self.title, self.plotter = cfg, title, plotter
         tc = cfg.train
         self.run_dir = Path(cfg.out)
         self.parallel = build_parallelism(cfg.parallel, resolve_device(tc.device))
@@ -330,16 +343,14 @@ class Trainer:
         return self.summary(ckpt, plots)
 
     def plot(self, final: bool) -> list[Path]:
-        """Dashboard (and the task's plots when final); rank 0 draws, all ranks must call."""
-        from moekit.viz import plot_run
-
-        model = self.parallel.dense(self.model) if final else self.model
+        """What `plotter` draws (given the dense model when final); rank 0 draws, all ranks
+        must call."""
+        if self.plotter is None:
+            return []
+        model = self.parallel.dense(self.model) if final else None  # collective when sharded
         if not self.is_main:
             return []
-        paths = plot_run(self.run_dir)
-        if final:
-            paths += self.task.plots(model, self.run_dir / "plots")
-        return paths
+        return self.plotter(self.run_dir, self.task, model)
 
     def summary(self, ckpt: Path | None, plots: list[Path]) -> dict[str, Any]:
         ev = self.last_eval or {}

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moekit.viz.dashboard import dashboard_figure, plot_dashboard
 from moekit.viz.figure import read_panels, save_figure
 from moekit.viz.routing import category_shares, plot_specialisation, specialisation_figure
+from moekit.viz.tasks import task_figures
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from moekit.model.task import Task
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -27,17 +34,25 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return paths
 
 
+def plot_training(run_dir: Path, task: Task, model: nn.Module | None) -> list[Path]:
+    """What a training run draws (a `Trainer`'s plotter): the dashboard, and at the end
+    (`model` given) the task's own figures."""
+    paths = plot_run(run_dir)
+    if model is not None:
+        paths += task_figures(task, model, Path(run_dir) / "plots")
+    return paths
+
+
 def plot_task(run_dir: str | Path) -> list[Path]:
-    """The task's own analysis plots (`Task.plots`) of a run's best checkpoint, in plots/."""
-    from moekit.model.io import load_files
+    """The task's own analysis figures of a run's best checkpoint, in plots/."""
+    from moekit.model.store import load_files, pick_checkpoint
     from moekit.tasks import build_task
-    from moekit.train.checkpoint import pick_checkpoint
-    from moekit.train.commands import run_config_of
+    from moekit.train.checkpoint import run_config_of
 
     ckpt = pick_checkpoint(run_dir)
     cfg = run_config_of(ckpt)
     task = build_task(cfg.task, cfg.seed)
-    return task.plots(load_files(ckpt), Path(run_dir) / "plots")
+    return task_figures(task, load_files(ckpt), Path(run_dir) / "plots")
 
 
 __all__ = [
@@ -47,6 +62,7 @@ __all__ = [
     "plot_run",
     "plot_specialisation",
     "plot_task",
+    "plot_training",
     "read_panels",
     "save_figure",
     "specialisation_figure",

@@ -14,18 +14,11 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from moekit.tasks.trajectories3d import rollout
 from moekit.viz.figure import save_figure
 from moekit.viz.style import category_boxes, colors, figure_legend, new_figure, styled
 
 PROJECTIONS = ((0, 1, "x-y"), (0, 2, "x-z"), (1, 2, "y-z"))
-
-
-@torch.no_grad()
-def rollout(model: torch.nn.Module, paths: Tensor, horizon: int) -> Tensor:
-    """paths [N, L, 3] -> [N, L, 3]: the first L - horizon points, then the model's rollout."""
-    device = next(model.parameters()).device
-    S = paths.shape[1] - horizon
-    return model.generate(paths[:, :S].to(device), horizon).cpu()
 
 
 @styled

@@ -132,7 +132,7 @@ def _saveable(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 def write_model(out: Path) -> None:
     # imported here: the test reuses run_model / run_layer and only needs moekit.load
     from moekit.model.config import ModelConfig
-    from moekit.model.io import save_model_files
+    from moekit.model.store import save_model_files
     from moekit.model.transformer import Transformer
 
     torch.manual_seed(SEED)

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from moekit.tasks.finance.demo import DemoConfig, run_pipeline
 from moekit.tasks.finance.evaluate import WalkForwardConfig, run_walk_forward
 from moekit.tasks.finance.features import FEATURE_COLUMNS, FeatureConfig, build_panel
 from moekit.tasks.finance.model import (
@@ -20,6 +19,7 @@ from moekit.tasks.finance.model import (
     predict,
     train_forecaster,
 )
+from moekit.tasks.finance.pipeline import DemoConfig, run_pipeline
 
 TINY = ForecastConfig(moe=forecast_moe(d_model=16, d_hidden=16), epochs=2, batch_size=256)
 WF = WalkForwardConfig(test_years=(2014,))

@@ -32,7 +32,7 @@ from moekit.integrations.hf.families import (
 from moekit.integrations.hf.tokenizer import copy_tokenizer_files
 from moekit.integrations.hf.weights import HFWeights, write_hf_weights
 from moekit.model.config import ModelConfig
-from moekit.model.io import WEIGHTS_FILE, read_config, save_model_files
+from moekit.model.store import WEIGHTS_FILE, read_config, save_model_files
 from moekit.model.transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

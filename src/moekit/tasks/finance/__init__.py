@@ -2,8 +2,8 @@
 
 Modules: ``data`` (loading), ``clean`` (validation), ``features``, ``garch``, ``rules``
 (threshold router baseline), ``model`` (MoE and dense forecasters, trained by
-``moekit.train.step``), ``evaluate`` (walk-forward, metrics), ``plots`` and ``demo``
-(``run_demo``).
+``moekit.train.step``), ``evaluate`` (walk-forward, metrics), ``plots`` and ``pipeline``
+(``run_pipeline``, which ``moekit finance demo`` runs).
 """
 
 from moekit.tasks.finance.data import ASSET_CLASSES, Instrument

@@ -15,27 +15,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import moekit
+from moekit.config import ExpertConfig, MoEConfig, RouterConfig
 from moekit.experts import DenseMLP
+from moekit.layer import MoE, MoEInfo
 from moekit.train.step import StepConfig, StepLoss, TrainStep
 
 
 def forecast_moe(
     d_model: int = 32, d_hidden: int = 32, n_experts: int = 6, k: int = 1, router: str = "topk"
-) -> moekit.MoEConfig:
+) -> MoEConfig:
     """The forecaster's MoE layer: dropless, SwiGLU experts without bias.
 
     At k = 1 the router keeps its raw probability as the gate weight: renormalised it would be
     1 and give the router no task gradient (Switch Transformer style).
     """
-    return moekit.MoEConfig(
+    return MoEConfig(
         d_model=d_model,
         d_hidden=d_hidden,
         n_experts=n_experts,
         k=k,
         capacity_factor=None,
-        router=moekit.RouterConfig(kind=router, renormalize=k > 1),
-        expert=moekit.ExpertConfig(activation="swiglu", bias=False, init_std=0.1),
+        router=RouterConfig(kind=router, renormalize=k > 1),
+        expert=ExpertConfig(activation="swiglu", bias=False, init_std=0.1),
     )
 
 
@@ -44,7 +45,7 @@ class ForecastConfig:
     """Both forecasters: the MoE layer (its width is the network's), losses, router prior and
     optimisation."""
 
-    moe: moekit.MoEConfig = field(default_factory=forecast_moe)
+    moe: MoEConfig = field(default_factory=forecast_moe)
     vol_loss: str = "qlike"  # "qlike" (targets the mean variance) or "mse" (the median)
     sign_weight: float = 0.5
     prior_weight: float = 1.0
@@ -58,8 +59,8 @@ class ForecastConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
-            object.__setattr__(self, "moe", moekit.MoEConfig.from_dict(self.moe))
-        if not isinstance(self.moe, moekit.MoEConfig):
+            object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
+        if not isinstance(self.moe, MoEConfig):
             raise ValueError(f"moe: expected a MoEConfig, got {type(self.moe).__name__}")
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
@@ -103,7 +104,7 @@ class _Forecaster(nn.Module):
         self.vol_head = nn.Linear(D, 1)
         self.sign_head = nn.Linear(D, 1)
 
-    def block(self, h: Tensor) -> tuple[Tensor, moekit.MoEInfo | None]:
+    def block(self, h: Tensor) -> tuple[Tensor, MoEInfo | None]:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> ForecastOutput:
@@ -126,9 +127,9 @@ class MoEForecaster(_Forecaster):
 
     def __init__(self, n_features: int, cfg: ForecastConfig) -> None:
         super().__init__(n_features, cfg)
-        self.moe = moekit.MoE(cfg.moe)
+        self.moe = MoE(cfg.moe)
 
-    def block(self, h: Tensor) -> tuple[Tensor, moekit.MoEInfo]:
+    def block(self, h: Tensor) -> tuple[Tensor, MoEInfo]:
         return self.moe(h)
 
     def active_parameters(self) -> int:
@@ -144,7 +145,7 @@ class DenseForecaster(_Forecaster):
     def __init__(self, n_features: int, cfg: ForecastConfig, d_hidden: int) -> None:
         super().__init__(n_features, cfg)
         self.mlp = DenseMLP(
-            cfg.moe.d_model, d_hidden, moekit.ExpertConfig(activation="swiglu", init_std=0.1)
+            cfg.moe.d_model, d_hidden, ExpertConfig(activation="swiglu", init_std=0.1)
         )
 
     def block(self, h: Tensor) -> tuple[Tensor, None]:

@@ -1,10 +1,9 @@
-"""End-to-end demo: market data -> features -> walk-forward MoE vs baselines, over seeds.
+"""The finance pipeline: market data -> features -> walk-forward MoE vs baselines, over seeds.
 
-``run_demo`` is what ``moekit finance demo`` calls: on the offline ``arch`` data, the user's
-CSV files or downloaded tickers, it trains the networks with several seeds, prints each
-method's metrics as the mean over seeds with a 95% confidence interval, tests MoE against
-GARCH (Diebold-Mariano), writes ``results.json``, ``predictions.csv`` and the PNGs to
-``out_dir``, and returns the results.
+``run_pipeline`` trains the networks with several seeds, prints each method's metrics as the
+mean over seeds with a 95% confidence interval, tests MoE against GARCH (Diebold-Mariano),
+writes ``results.json``, ``predictions.csv`` and the PNGs to ``out_dir``, and returns the
+results; ``moekit finance demo`` (``moekit.demos.finance_demo``) runs it on chosen data.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from rich.console import Console
 from rich.table import Table
 
 from moekit.progress import progress
-from moekit.tasks.finance import plots
 from moekit.tasks.finance.data import (
     ASSET_CLASSES,
     Instrument,
@@ -45,6 +43,7 @@ from moekit.tasks.finance.features import FeatureConfig, build_panel
 from moekit.tasks.finance.model import ForecastConfig
 from moekit.tasks.finance.rules import RuleConfig
 from moekit.tasks.finance.stats import dm_by_group, mean_ci
+from moekit.viz import finance as plots
 
 METHOD_NAMES = {"moe": "MoE", "dense": "Dense", "garch": "GARCH(1,1)", "persist": "Persistence"}
 
@@ -318,28 +317,3 @@ def default_test_years(instruments: list[Instrument], n: int = 3) -> tuple[int, 
             f"the data spans {len(years)} calendar year(s); the walk-forward needs 3 or more"
         )
     return tuple(usable[-n:])
-
-
-def run_demo(
-    out_dir: str = "moekit-out/finance",
-    seed: int = 0,
-    console: Console | None = None,
-    *,
-    seeds: int = 3,
-    csv: list[str] | tuple[str, ...] = (),
-    tickers: list[str] | tuple[str, ...] = (),
-    start: str = "2000-01-01",
-    end: str | None = None,
-    test_years: tuple[int, ...] | None = None,
-    epochs: int | None = None,
-) -> dict[str, Any]:
-    """Run the demo and return the results dict (keys: table, summary, dm_vs_garch, agreement,
-    sign_accuracy, folds, plots, runtime_s, predictions, ...). Without `csv` or `tickers` the
-    data are the offline ``arch`` series and the test years 2015-2018."""
-    instruments = load_instruments(csv, tickers, start, end)
-    cfg = DemoConfig()
-    if csv or tickers or test_years:
-        years = tuple(test_years) if test_years else default_test_years(instruments)
-        cfg = replace(cfg, walk_forward=replace(cfg.walk_forward, test_years=years))
-    cfg = replace(cfg, model=replace(cfg.model, seed=seed, epochs=epochs or cfg.model.epochs))
-    return run_pipeline(instruments, cfg, out_dir, console, seeds)

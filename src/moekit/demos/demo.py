@@ -7,7 +7,7 @@ paths of the dashboard, specialisation heatmap and checkpoint it wrote.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +15,33 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-import moekit
+from moekit.commands import command, option
+from moekit.config import MoEConfig, RouterConfig
 from moekit.model import ModelConfig
-from moekit.tasks import TaskConfig
+from moekit.model.task import TaskConfig
 from moekit.tasks.signals import CATEGORIES
 from moekit.train.config import RunConfig, TrainConfig
 from moekit.train.trainer import Trainer
-from moekit.viz import category_shares
+from moekit.viz import category_shares, plot_training
+
+
+@dataclass
+class Demo:
+    """Where the outputs go, the seed and how long each model trains."""
+
+    out: str = option("moekit-out", "directory for plots and outputs")
+    seed: int = option(0, "random seed")
+    steps: int = option(1500, "training steps of each model")
 
 
 def demo_config(out: str, seed: int = 0, steps: int = 1500) -> RunConfig:
     """Small enough that both models train in under a minute on two idle CPU cores."""
-    moe = moekit.MoEConfig(
+    moe = MoEConfig(
         d_model=48,
         d_hidden=64,
         n_experts=8,
         k=2,
-        router=moekit.RouterConfig(load_balance_weight=0.01, z_loss_weight=1e-3),
+        router=RouterConfig(load_balance_weight=0.01, z_loss_weight=1e-3),
     )
     return RunConfig(
         task=TaskConfig(name="signals", seq_len=32, val_sequences=256),
@@ -68,16 +78,22 @@ def routing_table(routing: dict[str, list[list[float]]], categories: list[str]) 
     return table
 
 
-def run_demo(out_dir: str | Path = "moekit-out", seed: int = 0, steps: int = 1500) -> dict:
+@command(
+    "demo",
+    Demo,
+    help="Train a small MoE transformer and a dense one of equal active size on `signals` "
+    "(CPU, under a minute on an idle 2-core machine) and show what the experts learned.",
+)
+def run_demo(options: Demo | None = None) -> dict:
     """Train both models, print the comparison, return both summaries."""
-    console = Console()
-    out = Path(out_dir)
+    options, console = options or Demo(), Console()
+    out, seed, steps = Path(options.out), options.seed, options.steps
     moe_cfg = demo_config(str(out / "moe"), seed, steps)
     dense_cfg = replace(moe_cfg, model=moe_cfg.model.dense_equivalent(), out=str(out / "dense"))
     results: dict[str, Any] = {}
     for name, cfg in (("MoE 8x top-2", moe_cfg), ("dense (same active)", dense_cfg)):
         console.print(f"[bold]training {name} on signals for {steps} steps[/bold]")
-        results[name] = Trainer(cfg, title=name).fit()
+        results[name] = Trainer(cfg, title=name, plotter=plot_training).fit()
     table = Table(title=f"signals, {steps} steps, batch 16 x 32 positions, seed {seed}")
     for col in ("model", "val MSE", "total params", "active params", "tokens/s"):
         table.add_column(col, justify="right" if col != "model" else "left")

@@ -1,7 +1,7 @@
 import torch
 from rich.console import Console
 
-from moekit.demo import make_regimes, purity, run_demo
+from moekit.demos.layer_demo import LayerDemo, make_regimes, purity, run_demo
 
 
 def test_regimes_share_clusters_between_splits():
@@ -16,7 +16,7 @@ def test_purity_of_a_perfect_and_a_uniform_routing():
 
 
 def test_short_demo_learns_and_specialises(tmp_path):
-    result = run_demo(out_dir=str(tmp_path), steps=150, console=Console(quiet=True))
+    result = run_demo(LayerDemo(out=str(tmp_path), steps=150), console=Console(quiet=True))
     assert result["val_mse"] < 0.5 * result["target_variance"]
     assert result["routing_purity"] > 0.4
     assert (tmp_path / "regime_expert_heatmap.png").stat().st_size > 1000

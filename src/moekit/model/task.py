@@ -1,4 +1,4 @@
-"""What a training task provides: deterministic batches, a metric and input categories.
+"""What a model is trained on: deterministic batches, a loss, a metric and input categories.
 
 Batches are a pure function of (seed, split, step, micro-step), so a resumed run sees the
 same data as an uninterrupted one and no data-loader state needs saving. Tasks are found by
@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -155,10 +154,6 @@ class Task:
     def metrics(self, out: Tensor, batch: Batch, task_loss: Tensor) -> dict[str, Tensor]:
         """Per-batch metrics (device tensors); the headline one is named `self.metric`."""
         return {}
-
-    def plots(self, model: torch.nn.Module, out_dir: Path) -> list[Path]:
-        """Task-specific figures written at the end of training."""
-        return []
 
 
 def build_task(cfg: TaskConfig, seed: int = 0) -> Task:

@@ -9,8 +9,8 @@ import pytest
 from matplotlib.image import imread
 
 from moekit.cli import main
-from moekit.tasks.finance import plots
-from moekit.tasks.finance.demo import default_test_years
+from moekit.tasks.finance.pipeline import default_test_years
+from moekit.viz import finance as plots
 from moekit.viz import read_panels
 from moekit.viz.style import text_overlaps
 

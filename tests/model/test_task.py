@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moekit import cli
-from moekit.tasks import (
+from moekit.model.task import (
     Batch,
     Task,
     TaskConfig,

@@ -1,4 +1,4 @@
-"""What `moekit train`, `moekit eval` and `moekit generate` do, given parsed arguments.
+"""Commands on a run: `moekit train`, `moekit eval`, `moekit generate` and `moekit plot`.
 
 A user's mistake raises ValueError (or FileNotFoundError) naming the option or file; the
 `moekit` command prints it as one line.
@@ -11,20 +11,22 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from moekit.errors import CheckpointError
-from moekit.model.io import load_files
+from moekit.commands import argument, command, nested, option
 from moekit.model.sampling_rules import check_sampling
+from moekit.model.store import load_files, pick_checkpoint
 from moekit.model.transformer import Transformer
-from moekit.tasks import build_task
-from moekit.train.checkpoint import RUN_FILE, pick_checkpoint
+from moekit.tasks import available_tasks, build_task, task_class
+from moekit.train.checkpoint import run_config_of
 from moekit.train.config import RunConfig
 from moekit.train.metrics import evaluate_model
 from moekit.train.rundir import claim_run_dir
 from moekit.train.trainer import Trainer
+from moekit.viz import plot_training
 
 DEFAULT_TEXT_PROMPT = "def "
 # what the generate options are called on the command line
@@ -37,28 +39,59 @@ OPTION_NAMES = {
 }
 
 
-def _plain(value: Any) -> Any:
-    """Parsed values -> plain dicts, so every dataclass is (re)built and validated here."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if hasattr(value, "as_dict"):
-        return value.as_dict()
-    return value
+def _task_options() -> str:
+    """'signals (noise), text (max_bytes, val_every), ...': each task's --task.options keys."""
+
+    def keys(name: str) -> str:
+        return ", ".join(f.name for f in dataclasses.fields(task_class(name).Options)) or "none"
+
+    return ", ".join(f"{name} ({keys(name)})" for name in available_tasks())
 
 
-def train(args: Any) -> dict[str, Any]:
-    """Validate the whole run config, claim the run directory, then train (or resume)."""
-    cfg = RunConfig(
-        **{k: _plain(args[k]) for k in ("task", "model", "train", "parallel", "seed", "out")}
+def train_argv(rest: list[str]) -> list[str]:
+    """`train CONFIG ...` -> `train --config CONFIG ...`; a bare `--resume` -> `--resume auto`."""
+    if rest and not rest[0].startswith("-"):
+        rest = ["--config", rest[0], *rest[1:]]
+    out = []
+    for i, arg in enumerate(rest):
+        out.append(arg)
+        if arg == "--resume" and (i + 1 == len(rest) or rest[i + 1].startswith("--")):
+            out.append("auto")
+    return out
+
+
+@dataclass
+class Train:
+    """A whole run config (YAML and dotted options) and what to do with an existing --out."""
+
+    run: RunConfig = nested(RunConfig, "YAML run config (also the first argument)")
+    resume: str | None = option(
+        None, "continue from a checkpoint or run dir (a bare --resume uses --out)"
     )
+    overwrite: bool = option(
+        False, "--out holds another run: move it aside to OUT.old-<time> (never deleted)"
+    )
+
+
+@command(
+    "train",
+    Train,
+    help="Train a model from a YAML config: moekit train CONFIG [--key.sub VALUE ...]. "
+    "Dotted options override the config; the run (logs, plots, checkpoints/) goes to --out. "
+    f"Tasks (--task.name) and their options (--task.options.KEY): {_task_options()}.",
+    argv=train_argv,
+)
+def train(args: Train) -> dict[str, Any]:
+    """Claim the run directory of a validated run config, then train (or resume)."""
+    cfg = args.run
     resume = cfg.out if args.resume == "auto" else args.resume
     # before the Trainer: under torchrun every rank checks the folder before any rank can
     # write to it (they meet first when the Trainer joins the process group); rank 0 moves
     is_main = os.environ.get("RANK", "0") == "0"
-    moved = claim_run_dir(cfg.out, resume, bool(args.get("overwrite")), is_main)
+    moved = claim_run_dir(cfg.out, resume, args.overwrite, is_main)
     if moved is not None:
         print(f"moved the previous run in {cfg.out} to {moved}", file=sys.stderr)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, plotter=plot_training)
     try:
         summary = trainer.fit(resume=resume)
     finally:
@@ -77,17 +110,15 @@ def train(args: Any) -> dict[str, Any]:
     return summary
 
 
-def run_config_of(path: Any) -> RunConfig:
-    """The run config saved beside a checkpoint; a missing or broken one is named."""
-    file = pick_checkpoint(path) / RUN_FILE
-    try:
-        return RunConfig(**json.loads(file.read_bytes()))
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{file}: missing (eval needs a checkpoint written by training)"
-        ) from None
-    except (ValueError, TypeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file}: not a run config ({err})") from None
+@dataclass
+class Eval:
+    path: str = argument("checkpoint or run directory")
+    batch_size: int = option(64, "validation batch size")
+
+
+@command("eval", Eval, help="Evaluate a checkpoint (or a run dir's best one) on its task.")
+def evaluate_command(args: Eval) -> dict[str, Any]:
+    return evaluate(args.path, args.batch_size)
 
 
 def evaluate(path: str, batch_size: int = 64) -> dict[str, Any]:
@@ -169,7 +200,7 @@ def _text_prompt(prompt: str | None, model: Transformer) -> torch.Tensor:
 
 def _tokenizer_codec(model: Transformer, ckpt: Any) -> Any:
     """The tokenizer carried by the checkpoint (as `moekit serve` reads it), else None."""
-    from moekit.serve.text import ByteCodec, load_codec
+    from moekit.model.codec import ByteCodec, load_codec
 
     codec = load_codec(model, ckpt)
     return None if codec is None or isinstance(codec, ByteCodec) else codec
@@ -185,7 +216,22 @@ def _token_text(codec: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
     return "".join(decoder.feed(t) for t in prompt_ids + new_ids[:stop]) + decoder.flush()
 
 
-def check_generate_options(args: Any) -> None:
+@dataclass
+class Generate:
+    path: str = argument("checkpoint or run directory")
+    prompt: str | None = option(
+        None,
+        "text (default 'def '); continuous models need values 'a,b,c' (vectors split by ';')",
+    )
+    max_new: int = option(200, "positions to generate")
+    temperature: float = option(0.8, "0 = greedy")
+    top_k: int | None = option(None, "sample among the k best")
+    top_p: float | None = option(0.95, "nucleus probability mass")
+    samples: int = option(1, "number of samples")
+    seed: int = option(0, "sampling seed")
+
+
+def check_generate_options(args: Generate) -> None:
     """Sampling options by the server's rules (`SAMPLING_BOUNDS`), plus --samples >= 1."""
     values = {
         "max_new_tokens": args.max_new,
@@ -199,7 +245,8 @@ def check_generate_options(args: Any) -> None:
         raise ValueError(f"--samples={args.samples} must be >= 1")
 
 
-def generate(args: Any) -> list[str]:
+@command("generate", Generate, help="Sample from a checkpoint: text, or a continuous rollout.")
+def generate(args: Generate) -> list[str]:
     """Print samples: text for token models (the checkpoint's tokenizer, else UTF-8 bytes),
     rolled-out values for continuous ones."""
     check_generate_options(args)
@@ -236,3 +283,21 @@ def generate(args: Any) -> list[str]:
     for i, text in enumerate(outputs):
         print(f"--- sample {i} ---\n{text}" if len(outputs) > 1 else text)
     return outputs
+
+
+@dataclass
+class Plot:
+    run_dir: str = argument("run directory (holds metrics.jsonl)")
+
+
+@command(
+    "plot",
+    Plot,
+    help="Redraw a run's dashboard and specialisation plots, and its task's own analysis plots "
+    "from the best checkpoint.",
+)
+def plot(args: Plot) -> None:
+    from moekit.viz import plot_run, plot_task
+
+    for path in plot_run(args.run_dir) + plot_task(args.run_dir):
+        print(path)

@@ -1,4 +1,4 @@
-"""The demo figures, in moekit's plot style (`moekit.viz.style`), rendered off-screen.
+"""The finance demo's figures, in moekit's plot style (`moekit.viz.style`), rendered off-screen.
 
 Four from one seed's predictions (routing over time, conditions by expert, router confidence,
 quality vs routing concentration) and one over all seeds (each method's QLIKE with its

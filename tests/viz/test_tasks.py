@@ -1,4 +1,4 @@
-"""Each task's analysis plots (`Task.plots`, what `moekit plot` draws) on an untrained model."""
+"""Each task's analysis figures (`viz.tasks`, what `moekit plot` draws) on an untrained model."""
 
 import numpy as np
 import pytest
@@ -9,6 +9,7 @@ from moekit.tasks.signals import CATEGORIES as SIGNALS
 from moekit.tasks.trajectories3d import CATEGORIES as PATHS
 from moekit.viz import read_panels
 from moekit.viz.signals import error_spectrum
+from moekit.viz.tasks import task_figures
 from moekit.viz.trajectories import rollout_errors
 
 
@@ -21,7 +22,7 @@ def _opens(path):
 def test_signals_plots_forecasts_errors_and_spectrum(tmp_path, tiny_model):
     task = build_task(TaskConfig(name="signals", seq_len=24), seed=0)
     model = tiny_model(vocab_size=None, d_in=1, d_out=1)
-    forecasts, errors = task.plots(model, tmp_path)
+    forecasts, errors = task_figures(task, model, tmp_path)
     assert [p.name for p in (forecasts, errors)] == ["signals_forecasts.png", "signals_errors.png"]
     assert _opens(forecasts) == list(SIGNALS)
     assert _opens(errors) == ["prediction vs truth", "error by category", "error spectrum (FFT)"]
@@ -30,7 +31,7 @@ def test_signals_plots_forecasts_errors_and_spectrum(tmp_path, tiny_model):
 def test_trajectory_plots_rollouts_projections_and_error_growth(tmp_path, tiny_model):
     task = build_task(TaskConfig(name="trajectories3d", seq_len=16), seed=0)
     model = tiny_model(vocab_size=None, d_in=3, d_out=3, max_seq_len=16)
-    paths = task.plots(model, tmp_path)
+    paths = task_figures(task, model, tmp_path)
     assert [p.name for p in paths] == [
         "trajectories3d.png",
         "trajectories3d_projections.png",
