@@ -150,7 +150,7 @@ def expert_choice_reference(router: Router, x_TD: Tensor) -> Routing:
     logits = linear_logits(router, x_TD)
     T, E = logits.shape
     probs = torch.softmax(logits, dim=1)
-    factor = router.cfg.capacity_factor or router.options.capacity_factor
+    factor = router.capacity_factor or router.options.capacity_factor
     C = min(T, math.ceil(factor * T * router.k / E))
     slots = [[-1] * E for _ in range(T)]
     weights = logits.new_zeros(T, E)

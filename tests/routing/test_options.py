@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tests.oracle import against_reference, make_moe, rel
 
 import moekit
-from moekit.routing.schedule import Schedule
+from moekit.config import Schedule
 
 
 def _rcfg(kind="topk", **kw):

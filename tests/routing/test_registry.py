@@ -13,7 +13,7 @@ from moekit.routing import Routing, available_routers, router_class, router_opti
 from moekit.routing.base import Router
 
 
-@dataclass
+@dataclass(frozen=True)
 class RotatedOptions(RouterOptions):
     """The toy router's own option: how far its picks are rotated."""
 

@@ -40,6 +40,13 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_MODULES)
 
 
+def check_backend(name: str) -> None:
+    """Refuse a MoEConfig.backend naming no backend (checked when a layer is built)."""
+    if name != "auto" and name not in _MODULES:
+        known = ", ".join(map(repr, ("auto", *available_backends())))
+        raise ValueError(f"backend={name!r} is not one of {known}")
+
+
 def _module(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(_MODULES[name])

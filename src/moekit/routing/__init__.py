@@ -1,20 +1,18 @@
 """Routers by name. Add one with `@register_router("name", options=MyOptions)` on a `Router`.
 
-The registry is how the config, the layer, the oracle and the server find a router's options
-dataclass and its class attributes (`uses_capacity`, `batch_invariant`, `reference`).
+The registry is how the layer, the oracle and the server find a router's options dataclass and
+its class attributes (`uses_capacity`, `batch_invariant`, `reference`). The config holds only
+names and values: `build_router` checks the kind and builds the options when a layer is made.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import is_dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict, is_dataclass, replace
+from typing import Any
 
-from moekit.config import RouterOptions
+from moekit.config import MoEConfig, RouterOptions, from_dict
 from moekit.routing.base import Router, Routing
-
-if TYPE_CHECKING:
-    from moekit.config import MoEConfig
 
 _ROUTERS: dict[str, type[Router]] = {}
 _OPTIONS: dict[str, type[RouterOptions]] = {}
@@ -48,7 +46,8 @@ def available_routers() -> tuple[str, ...]:
 def router_class(kind: str) -> type[Router]:
     """The router class registered as `kind`."""
     if kind not in _ROUTERS:
-        raise ValueError(f"router.kind={kind!r} is not one of {', '.join(available_routers())}")
+        known = ", ".join(map(repr, available_routers()))
+        raise ValueError(f"router.kind={kind!r} is not one of {known}")
     return _ROUTERS[kind]
 
 
@@ -58,7 +57,31 @@ def router_options(kind: str) -> type[RouterOptions]:
     return _OPTIONS[kind]
 
 
+def build_options(kind: str, given: RouterOptions | dict[str, Any] | None) -> RouterOptions:
+    """Router `kind`'s options dataclass from None, a dict, or options (of any router) by name."""
+    options_type = router_options(kind)
+    if type(given) is options_type:
+        return given
+    if isinstance(given, RouterOptions):
+        given = asdict(given)
+    if given is not None and not isinstance(given, dict):
+        raise ValueError(f"router.options must be a dict or {options_type.__name__}, got {given!r}")
+    return from_dict(options_type, given or {}, f"router.options key(s) of kind {kind!r}")
+
+
+def resolve_router(cfg: MoEConfig) -> MoEConfig:
+    """`cfg` with its router kind checked and its options built; ValueError naming the field."""
+    rcfg = cfg.router
+    cls = router_class(rcfg.kind)
+    if rcfg.constellations is not None and not cls.supports_constellations:
+        raise ValueError(f"router.constellations: router.kind={rcfg.kind!r} does not support them")
+    options = build_options(rcfg.kind, rcfg.options)
+    return cfg if options is rcfg.options else replace(cfg, router=replace(rcfg, options=options))
+
+
 def build_router(cfg: MoEConfig) -> Router:
+    """The router of `cfg`, its kind and options checked here (the config holds plain values)."""
+    cfg = resolve_router(cfg)
     return router_class(cfg.router.kind)(cfg)
 
 
@@ -69,8 +92,10 @@ __all__ = [
     "RouterOptions",
     "Routing",
     "available_routers",
+    "build_options",
     "build_router",
     "register_router",
+    "resolve_router",
     "router_class",
     "router_options",
 ]

@@ -23,7 +23,7 @@ from moekit.routing.base import router_dtype
 from moekit.routing.topk import TopKRouter
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionOptions(RouterOptions):
     """Heads and per-head width of the query / key projections."""
 

@@ -21,7 +21,7 @@ from moekit.routing import register_router
 from moekit.routing.base import Router, Routing, renormalize
 
 
-@dataclass
+@dataclass(frozen=True)
 class SinkhornOptions(RouterOptions):
     """The balancing iterations and how hard the balanced plan is."""
 
