@@ -38,7 +38,7 @@ def linear_logits(router: Router, x_TD: Tensor) -> Tensor:
         if T
         else x_TD.new_zeros(0, E, dtype=dtype)
     )
-    return logits / router.rcfg.temperature
+    return logits / float(router.live("temperature"))  # the live value when scheduled
 
 
 def _attention_scores(router: AttentionRouter, x_t: Tensor) -> Tensor:
@@ -132,7 +132,7 @@ def attention_reference(router: AttentionRouter, x_TD: Tensor) -> Routing:
         if T
         else x_TD.new_zeros(0, router.n_experts, dtype=dtype)
     )
-    return _softmax_top(router, scores / router.rcfg.temperature)
+    return _softmax_top(router, scores / float(router.live("temperature")))
 
 
 def sigmoid_reference(router: Router, x_TD: Tensor) -> Routing:
