@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import moekit
-
 from moekit.train.step import Precision, StepConfig, StepLoss, TrainStep, resolve_precision
 
 
