@@ -216,3 +216,16 @@ def test_yaml_router_keys_old_and_new(tmp_path, router):
         run = from_dict(RunConfig, yaml.safe_load(text), "run key(s)")
     rcfg = run.model.moe.router
     assert build_options(rcfg.kind, rcfg.options) == SinkhornOptions(iters=5)
+
+
+def test_one_builder_recurses_and_names_unknown_keys():
+    data = {"model": {"moe": {"router": {"kind": "sigmoid", "schedules": None}}}, "seed": 3}
+    run = RunConfig.from_dict(data)
+    assert run.model.moe.router.kind == "sigmoid" and run.seed == 3
+    assert RunConfig.from_dict(json.loads(json.dumps(run.to_dict()))) == run
+    with pytest.raises(ValueError, match=r"unknown run config key\(s\): sed"):
+        RunConfig.from_dict({"sed": 3})
+    with pytest.raises(ValueError, match=r"model.moe: unknown router key\(s\): kinds"):
+        RunConfig.from_dict({"model": {"moe": {"router": {"kinds": "topk"}}}})
+    with pytest.raises(ValueError, match=r"train.health.patience=0"):
+        RunConfig.from_dict({"train": {"health": {"patience": 0}}})

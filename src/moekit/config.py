@@ -8,6 +8,7 @@ YAML, config.json and the CLI turn dicts into configs through one builder, `from
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import types
@@ -53,7 +54,7 @@ def build_nested(obj: Any, prefix: str = "") -> None:
 
     A field whose annotation also admits a dict (router options) is left as given.
     """
-    hints = typing.get_type_hints(type(obj))
+    hints = _hints(type(obj))
     for f in fields(obj):
         value = getattr(obj, f.name)
         if not isinstance(value, dict):
@@ -68,6 +69,11 @@ def build_nested(obj: Any, prefix: str = "") -> None:
             text = str(err)
             raise ValueError(text if label in text else f"{label}: {text}") from err
         object.__setattr__(obj, f.name, built)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _dataclass_of(hint: Any) -> type | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from moekit.config import build_nested
+from moekit.config import build_nested, from_dict
 from moekit.model.config import ModelConfig
 from moekit.tasks.base import TaskConfig
 from moekit.train.step import Precision
@@ -166,3 +166,8 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """A run config from YAML or run.json; unknown keys are named in a ValueError."""
+        return from_dict(cls, data, "run config key(s)")

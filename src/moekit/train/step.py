@@ -122,7 +122,6 @@ class TrainStep:
         self.device_type = next(model.parameters()).device.type
         fp16 = self.cfg.precision == Precision.FP16
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=fp16)
-        self.before_optimizer_step = optimizer_step_hooks(model)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The forward pass's precision context (also for evaluation)."""
@@ -168,7 +167,7 @@ class TrainStep:
                 }
             )
         self.grads.reduce_gradients_(self.model)
-        for hook in self.before_optimizer_step:
+        for hook in optimizer_step_hooks(self.model):  # modules swapped after init included
             hook()
         self.scaler.unscale_(optimizer)
         record = mean_metrics(parts)
