@@ -1,6 +1,8 @@
+import ast
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +231,16 @@ def test_one_builder_recurses_and_names_unknown_keys():
         RunConfig.from_dict({"model": {"moe": {"router": {"kinds": "topk"}}}})
     with pytest.raises(ValueError, match=r"train.health.patience=0"):
         RunConfig.from_dict({"train": {"health": {"patience": 0}}})
+
+
+def test_config_is_pure_data_importing_no_component():
+    """Kind names are resolved where components are built: config imports nothing of moekit,
+    not even inside a function."""
+    tree = ast.parse(Path(moekit.config.__file__).read_text())
+    imported = [
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    ]
+    assert imported and not [m for m in imported if m and m.startswith("moekit")]
