@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig, capacity
+from moekit.config import MoEConfig, RouterOptions, capacity
 
 # scheduled options the router reads as device scalars (capacity_factor stays a Python number:
 # the plan's capacity is a size)
@@ -142,9 +142,11 @@ class Router(nn.Module):
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
+        if not isinstance(cfg.router.options, RouterOptions):
+            raise ValueError("routers are made by moekit.routing.build_router (it builds options)")
         self.cfg = cfg
         self.rcfg = cfg.router
-        self.options = cfg.router.options  # this router's own options dataclass (build_router)
+        self.options = cfg.router.options  # this router's own options dataclass
         self.n_experts = cfg.n_experts
         self.k = cfg.k
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
