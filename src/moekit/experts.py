@@ -58,7 +58,10 @@ def available_experts() -> tuple[str, ...]:
 
 
 def build_experts(n_experts: int, d_model: int, d_hidden: int, cfg: ExpertConfig) -> Experts:
-    """The routed experts of kind `cfg.kind`."""
+    """The routed experts of kind `cfg.kind`; an unknown kind raises a ValueError naming it."""
+    if cfg.kind not in _EXPERTS:
+        known = ", ".join(map(repr, available_experts()))
+        raise ValueError(f"expert.kind={cfg.kind!r} is not one of {known}")
     return _EXPERTS[cfg.kind](n_experts, d_model, d_hidden, cfg)
 
 

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from moekit.backends.base import Backend, Bound, get_backend
+from moekit.backends.base import Backend, Bound, check_backend, get_backend
 from moekit.config import MoEConfig, RouterConfig
 from moekit.dispatch import Dispatcher, LocalDispatcher, make_plan
 from moekit.experts import DenseMLP, Experts, GatedDenseMLP, build_experts
@@ -138,6 +138,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        check_backend(cfg.backend)
         self.router = build_router(cfg)
         self.experts = build_experts(cfg.n_experts, cfg.d_model, cfg.d_hidden, cfg.expert)
         n_shared = cfg.n_shared_experts
@@ -163,7 +164,7 @@ class MoE(nn.Module):
         """Whether each token's output depends on its own input alone: the router's class says
         so and no capacity limit makes tokens compete. Batching, padding, chunking and prefix
         reuse then leave every output as it would be alone."""
-        drops = self.cfg.capacity_factor is not None and self.router.uses_capacity
+        drops = self.router.capacity_factor is not None and self.router.uses_capacity
         return not drops and bool(getattr(type(self.router), "batch_invariant", False))
 
     def _rows_independent(self) -> bool:
@@ -203,7 +204,7 @@ class MoE(nn.Module):
         backend = backend if backend is not None else self.backend(x_TD)
         with stage("moe.router"):
             routing = self.router(x_TD, backend.select)
-        capacity = self.cfg.capacity(x_TD.shape[0]) if self.router.uses_capacity else None
+        capacity = self.router.capacity(x_TD.shape[0]) if self.router.uses_capacity else None
         with stage("moe.plan"):
             plan = make_plan(
                 routing.experts,

@@ -69,7 +69,7 @@ def moe_forward(moe: MoE, x: Tensor) -> tuple[Tensor, MoEInfo]:
     routing = router.reference(moe.router, _router_input(moe.router, xs))
     weights, priority = routing.weights, routing.priority
     chosen = routing.experts.tolist()
-    capacity = cfg.capacity(T) if router.uses_capacity else None
+    capacity = moe.router.capacity(T) if router.uses_capacity else None
     keep = _capacity_keep(chosen, priority, E, capacity)
 
     K = routing.experts.shape[1]

@@ -43,7 +43,7 @@ def linear_logits(router: Router, x_TD: Tensor) -> Tensor:
         if T
         else x_TD.new_zeros(0, E, dtype=dtype)
     )
-    return logits / router.rcfg.temperature
+    return logits / float(router.live("temperature"))  # the live value when scheduled
 
 
 def _attention_scores(router: AttentionRouter, x_t: Tensor) -> Tensor:
@@ -137,7 +137,7 @@ def attention_reference(router: AttentionRouter, x_TD: Tensor) -> Routing:
         if T
         else x_TD.new_zeros(0, router.n_experts, dtype=dtype)
     )
-    return _softmax_top(router, scores / router.rcfg.temperature)
+    return _softmax_top(router, scores / float(router.live("temperature")))
 
 
 def sigmoid_reference(router: Router, x_TD: Tensor) -> Routing:
@@ -155,7 +155,7 @@ def expert_choice_reference(router: Router, x_TD: Tensor) -> Routing:
     logits = linear_logits(router, x_TD)
     T, E = logits.shape
     probs = torch.softmax(logits, dim=1)
-    factor = router.cfg.capacity_factor or router.options.capacity_factor
+    factor = router.capacity_factor or router.options.capacity_factor
     C = min(T, math.ceil(factor * T * router.k / E))
     slots = [[-1] * E for _ in range(T)]
     weights = logits.new_zeros(T, E)

@@ -117,7 +117,7 @@ def base_config(path: str | Path) -> dict[str, Any]:
     data = yaml.safe_load(Path(path).read_text())
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a run config (a YAML mapping of task, model, train)")
-    return RunConfig(**data).to_dict()
+    return RunConfig.from_dict(data).to_dict()
 
 
 def grid_points(cfg: SweepConfig, base: dict[str, Any]) -> list[dict[str, Any]]:
@@ -151,7 +151,7 @@ def point_config(base: dict[str, Any], point: dict[str, Any], steps: int, out: P
     train.update(steps=steps, live="off", eval_interval=min(train["eval_interval"], steps))
     train["warmup_steps"] = min(train["warmup_steps"], steps // 2)
     data["out"] = str(out)
-    return RunConfig(**data)
+    return RunConfig.from_dict(data)
 
 
 def _mean_last(train: list[dict[str, Any]], key: str, n: int = 10) -> float | None:

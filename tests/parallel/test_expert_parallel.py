@@ -303,6 +303,8 @@ def _sigmoid_bias(rank: int, world: int) -> None:
         with torch.no_grad():
             ep(xs[rank])
             dense(torch.cat(xs))  # one process seeing every rank's tokens
+        ep.router.before_optimizer_step()  # the training step's hook: sums the ranks' load
+        dense.router.before_optimizer_step()
         bias = ep.router.expert_bias
         moved |= bool(bias.abs().sum() > 0)
         assert torch.equal(bias, dense.router.expert_bias), f"step {step}: bias != dense"

@@ -92,6 +92,13 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
+def check_backend(name: str) -> None:
+    """Refuse a MoEConfig.backend naming no registered backend (checked when a layer is built)."""
+    if name != "auto" and name not in _BACKENDS:
+        known = ", ".join(map(repr, ("auto", *available_backends())))
+        raise ValueError(f"backend={name!r} is not one of {known}")
+
+
 def unsupported_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """None when backend `name` runs on (device, dtype), else why not."""
     if name not in _BACKENDS:

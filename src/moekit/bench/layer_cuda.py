@@ -39,9 +39,12 @@ def build_layer(shape: dict[str, int], dtype: torch.dtype, seed: int = 0) -> moe
     """An inference MoE of the shape (softmax top-k, renormalised as Mixtral / Qwen3)."""
     torch.manual_seed(seed)
     cfg = moekit.MoEConfig(
-        d_model=shape["D"], d_hidden=shape["H"], n_experts=shape["E"], k=shape["K"]
+        d_model=shape["D"],
+        d_hidden=shape["H"],
+        n_experts=shape["E"],
+        k=shape["K"],
+        backend="triton",
     )
-    cfg.backend = "triton"
     return moekit.MoE(cfg).to("cuda", dtype).eval()
 
 

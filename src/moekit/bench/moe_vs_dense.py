@@ -89,7 +89,7 @@ def variant(model: ModelConfig, name: str) -> ModelConfig:
 def load_run_config(path: str | Path) -> RunConfig:
     """A run config from YAML (the file `moekit train CONFIG` reads)."""
     data = yaml.safe_load(Path(path).read_text()) or {}
-    return RunConfig(**data)
+    return RunConfig.from_dict(data)
 
 
 def bench_run_config(opts: MoEVsDenseBench) -> RunConfig:

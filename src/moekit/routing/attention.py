@@ -17,12 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig, RouterOptions
-from moekit.routing import register_router
 from moekit.routing.base import router_dtype
+from moekit.routing.registry import register_router
 from moekit.routing.topk import TopKRouter
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionOptions(RouterOptions):
     """Heads and per-head width of the query / key projections."""
 

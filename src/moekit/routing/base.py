@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig
-from moekit.types import Routing
+from moekit.config import MoEConfig, RouterOptions
+from moekit.types import Routing, capacity
 
 # scheduled options the router reads as device scalars (capacity_factor stays a Python number:
 # the plan's capacity is a size)
@@ -129,6 +129,8 @@ class Router(nn.Module):
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
+        if not isinstance(cfg.router.options, RouterOptions):
+            raise ValueError("routers are made by moekit.routing.build_router (it builds options)")
         self.cfg = cfg
         self.rcfg = cfg.router
         self.options = cfg.router.options  # this router's own options dataclass
@@ -137,10 +139,14 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         nn.init.normal_(self.weight, std=cfg.expert.init_std)
         self.norm = InputNorm(cfg.d_model) if cfg.router.pre_norm == "rms" else None
-        # scheduled router options as device scalars: moving them recompiles nothing
-        for name in LIVE_OPTIONS:
-            if name in (cfg.router.schedules or {}):
-                value = torch.tensor(getattr(cfg.router, name), dtype=torch.float32)
+        # scheduled options live here, never in the config every block shares: they start at
+        # each schedule's end (what a trained model serves with) until `set_step` moves them
+        schedules = cfg.router.schedules or {}
+        cf = schedules.get("capacity_factor")
+        self.capacity_factor = cfg.capacity_factor if cf is None else cf.end  # a size: a number
+        for name in LIVE_OPTIONS:  # device scalars: moving them recompiles nothing
+            if name in schedules:
+                value = torch.tensor(schedules[name].end, dtype=torch.float32)
                 self.register_buffer(f"live_{name}", value, persistent=False)
 
     def live(self, name: str) -> float | Tensor:
@@ -155,11 +161,18 @@ class Router(nn.Module):
         for name, schedule in (self.rcfg.schedules or {}).items():
             values[name] = schedule.value(step)
             if name == "capacity_factor":
-                self.cfg.capacity_factor = values[name]
+                self.capacity_factor = values[name]
             else:
-                setattr(self.rcfg, name, values[name])
                 getattr(self, f"live_{name}").fill_(values[name])  # no host sync
         return values
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """Per-expert capacity at the live capacity factor, or None when dropless."""
+        return capacity(n_tokens, self.k, self.n_experts, self.capacity_factor)
+
+    def before_optimizer_step(self) -> None:
+        """Once per optimiser step, after the backward of every micro-batch: state a router
+        keeps across forwards moves here (the training step calls it), not in the forward."""
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """Clean logits [T, E] in router precision, divided by the temperature."""

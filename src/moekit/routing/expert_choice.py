@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from moekit.config import RouterOptions
-from moekit.routing import register_router
 from moekit.routing.base import Router
+from moekit.routing.registry import register_router
 from moekit.types import Routing, capacity
 
 
@@ -22,7 +22,7 @@ def expert_choice_capacity(n_tokens: int, k: int, n_experts: int, factor: float)
     return min(n_tokens, capacity(n_tokens, k, n_experts, factor))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExpertChoiceOptions(RouterOptions):
     """How many tokens each expert takes when MoEConfig.capacity_factor is None."""
 
@@ -44,7 +44,7 @@ class ExpertChoiceRouter(Router):
     def select(self, logits_TE: Tensor) -> Routing:
         T, E = logits_TE.shape
         probs_TE = logits_TE.softmax(dim=-1)
-        factor = self.cfg.capacity_factor or self.options.capacity_factor
+        factor = self.capacity_factor or self.options.capacity_factor
         C = expert_choice_capacity(T, self.k, E, factor)
         # stable sort rather than topk: equal scores go to the earlier token, deterministically
         chosen_EC = probs_TE.t().argsort(dim=-1, descending=True, stable=True)[:, :C]  # [E, C]

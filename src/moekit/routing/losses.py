@@ -62,6 +62,17 @@ def weighted_aux_loss(losses: dict[str, Tensor], cfg: RouterConfig) -> Tensor:
     )
 
 
+def training_loss(
+    task_loss: Tensor, aux_loss: Tensor, aux_weight: float, penalty: Tensor | None = None
+) -> Tensor:
+    """The loss a model trains on: task + aux_weight * the MoE layers' aux loss (+ penalty).
+
+    The one place it is composed: `ModelOutput.loss` and `TrainStep` both call it.
+    """
+    total = task_loss + aux_weight * aux_loss
+    return total if penalty is None else total + penalty
+
+
 def routing_metrics(
     routing: Routing, kept_TK: Tensor, n_experts: int, losses: dict[str, Tensor]
 ) -> dict[str, Tensor]:

@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 
 from moekit.config import RouterOptions
-from moekit.routing import register_router
 from moekit.routing.base import Router, renormalize
+from moekit.routing.registry import register_router
 from moekit.types import Routing
 
 
-@dataclass
+@dataclass(frozen=True)
 class SinkhornOptions(RouterOptions):
     """The balancing iterations and how hard the balanced plan is."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from moekit.config import MoEConfig
-from moekit.routing import register_router
 from moekit.routing.base import (
     FusedSelect,
     Router,
@@ -14,6 +13,7 @@ from moekit.routing.base import (
     membership_mask,
     renormalize,
 )
+from moekit.routing.registry import register_router
 from moekit.types import Routing
 
 

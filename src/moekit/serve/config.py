@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from moekit.config import strict_from_dict
+from moekit.config import from_dict
 
 DECODE_MODES = ("auto", "graphs", "static", "eager")
 # 'auto', a fraction of free GPU memory ('0.9'), or a size ('8GiB', '512MiB', '1e9' bytes)
@@ -71,4 +71,4 @@ class EngineConfig:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> EngineConfig:
         """Build from keyword options, refusing names that are not fields."""
-        return strict_from_dict(cls, options, "engine option(s)")
+        return from_dict(cls, options, "engine option(s)")

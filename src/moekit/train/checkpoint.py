@@ -143,7 +143,7 @@ def run_config_of(path: str | Path) -> RunConfig:
     """The run config saved beside a checkpoint; a missing or broken one is named."""
     file = pick_checkpoint(path) / RUN_FILE
     try:
-        return RunConfig(**json.loads(file.read_bytes()))
+        return RunConfig.from_dict(json.loads(file.read_bytes()))
     except FileNotFoundError:
         raise CheckpointError(
             f"{file}: missing (eval needs a checkpoint written by training)"
