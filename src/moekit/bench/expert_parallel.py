@@ -29,9 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moekit import MoE, MoEConfig
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
+from moekit.config import MoEConfig
+from moekit.layer import MoE
 from moekit.parallel import ExpertParallelMoE
 from moekit.parallel.comm import _sync_split_sizes
 

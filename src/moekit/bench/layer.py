@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-import moekit
 from moekit.backends import unsupported_reason
 from moekit.bench.baselines import dense_equivalent, naive_loop
 from moekit.bench.charts import Chart, Panel, Series
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
 from moekit.bench.timing import sample_ms, spread_ms
+from moekit.config import MoEConfig
+from moekit.layer import MoE
 from moekit.progress import progress
 
 
@@ -103,10 +104,10 @@ def _sync_peak_mib(step: Callable[[], None], device: torch.device) -> float | No
 def bench_shape(shape: Shape, device: torch.device, repeats: int) -> list[dict]:
     """Median (and min-max) ms of forward and forward+backward per contender on one shape."""
     torch.manual_seed(0)
-    cfg = moekit.MoEConfig(
+    cfg = MoEConfig(
         d_model=shape.d_model, d_hidden=shape.d_hidden, n_experts=shape.n_experts, k=shape.k
     )
-    moe = moekit.MoE(cfg).to(device)
+    moe = MoE(cfg).to(device)
     x = torch.randn(shape.tokens, shape.d_model, device=device, requires_grad=True)
     params = [x, *moe.parameters()]
     contenders: dict[str, Callable[[], torch.Tensor]] = {}
@@ -161,7 +162,7 @@ def bench_shape(shape: Shape, device: torch.device, repeats: int) -> list[dict]:
     return rows
 
 
-def _layer(moe: moekit.MoE, x: torch.Tensor, backend: str) -> torch.Tensor:
+def _layer(moe: MoE, x: torch.Tensor, backend: str) -> torch.Tensor:
     moe.cfg = replace(moe.cfg, backend=backend)  # the same weights through another backend
     return moe(x)[0]
 

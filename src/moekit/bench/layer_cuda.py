@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import moekit
 from moekit.bench.baselines import naive_loop
+from moekit.config import MoEConfig
 from moekit.dispatch import make_plan
+from moekit.layer import MoE
 
 
 def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
@@ -35,17 +36,17 @@ def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
     return 2 * n_bytes / (ms * 1e-3)
 
 
-def build_layer(shape: dict[str, int], dtype: torch.dtype, seed: int = 0) -> moekit.MoE:
+def build_layer(shape: dict[str, int], dtype: torch.dtype, seed: int = 0) -> MoE:
     """An inference MoE of the shape (softmax top-k, renormalised as Mixtral / Qwen3)."""
     torch.manual_seed(seed)
-    cfg = moekit.MoEConfig(
+    cfg = MoEConfig(
         d_model=shape["D"],
         d_hidden=shape["H"],
         n_experts=shape["E"],
         k=shape["K"],
         backend="triton",
     )
-    return moekit.MoE(cfg).to("cuda", dtype).eval()
+    return MoE(cfg).to("cuda", dtype).eval()
 
 
 def sorted_grouped_mm(
@@ -75,7 +76,7 @@ def grouped_mm_layer(x_TD: Tensor, router_w: Tensor, w1: Tensor, w2: Tensor, k: 
     return sorted_grouped_mm(x_TD, experts_TK, weights_TK, w1, w2)
 
 
-def spans(moe: moekit.MoE, x_TD: Tensor) -> dict[str, Callable[[], object]]:
+def spans(moe: MoE, x_TD: Tensor) -> dict[str, Callable[[], object]]:
     """Named callables, one per timed span, over one layer and one input."""
     e = moe.experts
     backend = moe.backend(x_TD)
