@@ -103,9 +103,24 @@ def capture(
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode=error_mode):
-        out = fn()
+    try:
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode=error_mode):
+            out = fn()
+    except RuntimeError:
+        _end_rng_capture(device)
+        raise
     return graph, out
+
+
+def _end_rng_capture(device: torch.device) -> None:
+    """Take the CUDA generator out of capture after a failed one.
+
+    A capture that fails ends before the generator's capture epilogue runs, so every later
+    eager random op would fail ("Offset increment outside graph capture"). Capturing an empty
+    graph runs the prologue and epilogue again and leaves the generator as it was.
+    """
+    with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=torch.cuda.Stream(device)):
+        pass
 
 
 class GraphReplay:
