@@ -1,7 +1,7 @@
 """Benchmarks, each a config dataclass registered by name and run as `moekit bench NAME`.
 
 Every benchmark writes its results through `report.write_report`: a Markdown table and a JSON
-file with the machine, GPU, versions, date and the command, in docs/benchmarks/ by default.
+file with the machine, GPU, versions, date and the command, in moekit-out/benchmarks/ by default.
 """
 
 from moekit.bench.registry import (
