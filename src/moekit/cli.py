@@ -2,7 +2,8 @@
 
 Commands register themselves beside what they run (`moekit.commands.command`). A user's
 mistake (a bad option, config, file or checkpoint, a missing extra) ends the command with one
-line `moekit: error: ...` and exit code 2; usage text only with --help.
+line `moekit: error: ...` and exit code 2; usage text only with --help. Ctrl-C ends it with one
+line saying what was interrupted and exit code 130, never a traceback.
 """
 
 from __future__ import annotations
@@ -169,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.exit_on_error = False
         spec, options = _chosen(parser.parse_args(_prepare_argv(argv)))
         spec.run(_build(spec.config, options))
+    except KeyboardInterrupt as stop:  # a command's own message says what to run to resume
+        print(f"moekit: {stop}" if str(stop) else "moekit: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
         line = _error_line(err, spec, argv[0] if argv else None)
         if line is None:

@@ -2,7 +2,8 @@
 
 Both train for the same steps on the same data. The demo prints their validation loss,
 parameter counts and throughput, which experts each signal family is routed to, and the
-paths of the dashboard, specialisation heatmap and checkpoint it wrote.
+paths of the dashboard, specialisation heatmap and checkpoint it wrote. A Ctrl-C stops the
+model training and the demo with it: no comparison is drawn from a run cut short.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def run_demo(options: Demo | None = None) -> dict:
     for name, cfg in (("MoE 8x top-2", moe_cfg), ("dense (same active)", dense_cfg)):
         console.print(f"[bold]training {name} on signals for {steps} steps[/bold]")
         results[name] = Trainer(cfg, title=name, plotter=plot_training).fit()
+        if results[name]["stopped_by_signal"]:
+            raise KeyboardInterrupt(
+                f"interrupted: {name} stopped at step {results[name]['step']} of {steps} "
+                f"(checkpoint {results[name]['checkpoint']}); the demo compares finished runs only"
+            )
     table = Table(title=f"signals, {steps} steps, batch 16 x 32 positions, seed {seed}")
     for col in ("model", "val MSE", "total params", "active params", "tokens/s"):
         table.add_column(col, justify="right" if col != "model" else "left")
