@@ -53,6 +53,28 @@ def test_generate_accepts_what_the_checks_allow(text_ckpt, capsys):
     assert code == 0 and out.count("--- sample") == 2 and not err
 
 
+def test_max_new_past_the_context_is_capped_with_one_note(text_ckpt, capsys, monkeypatch):
+    from moekit.commands import run
+
+    shown = []
+    real = run._printer
+    monkeypatch.setattr(run, "_printer", lambda first: shown.append(first) or real(first))
+    argv = ["generate", str(text_ckpt), "--prompt", "ab", "--max-new", "100000000"]
+    code, out, err = run_cli(capsys, *argv, "--temperature", "0")
+    assert code == 0 and err.strip().splitlines() == [
+        "moekit generate: --max-new 100000000 capped at 30: the prompt (2) and the "
+        "continuation fit max_seq_len=32"
+    ]
+    assert shown == ["ab"]  # the prompt printed before the first token was sampled
+    greedy = run.generate(run.Generate(str(text_ckpt), prompt="ab", max_new=30, temperature=0))
+    assert out == greedy[0] + "\n" and len(greedy[0].encode()) >= 3
+
+
+def test_a_prompt_that_fills_the_context_is_refused(text_ckpt, capsys):
+    code, _, err = run_cli(capsys, "generate", str(text_ckpt), "--prompt", "x" * 32)
+    assert code == 2 and "nothing is left to generate" in one_error(err)
+
+
 _FIELDS = list(SAMPLING_BOUNDS)
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,17 +246,80 @@ def check_generate_options(args: Generate) -> None:
         raise ValueError(f"--samples={args.samples} must be >= 1")
 
 
+def capped_max_new(max_new: int, prompt_len: int, window: int) -> int:
+    """--max-new cut to what fits the context after the prompt, said in one line on stderr."""
+    room = window - prompt_len
+    if room < 1:
+        raise ValueError(
+            f"--prompt is {prompt_len} positions: with max_seq_len={window} nothing is left "
+            "to generate; give a shorter prompt"
+        )
+    if max_new > room:
+        print(
+            f"moekit generate: --max-new {max_new} capped at {room}: the prompt ({prompt_len}) "
+            f"and the continuation fit max_seq_len={window}",
+            file=sys.stderr,
+        )
+    return min(max_new, room)
+
+
+def _printer(first: str) -> Callable[[str], None]:
+    """print(piece) without a newline, flushed at once: a sample shown as it is generated."""
+    print(first, end="", flush=True)
+    return lambda piece: print(piece, end="", flush=True)
+
+
+def _text_stream(codec: Any, prompt_ids: list[int], max_new: int) -> Callable[[Any], None]:
+    """on_step for one text sample: each token's text once it is whole; none after an EOS
+    (the text `_token_text` gives, piece by piece)."""
+    decoder = codec.decoder()
+    show = _printer("".join(decoder.feed(t) for t in prompt_ids))
+    left, ended = max_new, False
+
+    def step(nxt_B1: torch.Tensor) -> None:
+        nonlocal left, ended
+        left -= 1
+        if ended:
+            return
+        token = int(nxt_B1[0, 0])
+        show(decoder.feed(token))
+        ended = token in codec.eos_ids
+        if ended or left == 0:
+            show(decoder.flush())
+
+    return step
+
+
+def _rows_stream() -> Callable[[Any], None]:
+    """on_step for a continuous rollout: each row 'a,b,c' as it comes, rows split by ';'."""
+    show, sep = _printer(""), ""
+
+    def step(nxt_B1D: torch.Tensor) -> None:
+        nonlocal sep
+        show(sep + _row(nxt_B1D[0, 0].tolist()))
+        sep = ";"
+
+    return step
+
+
+def _row(values: list[float]) -> str:
+    return ",".join(f"{v:.4f}" for v in values)
+
+
 @command("generate", Generate, help="Sample from a checkpoint: text, or a continuous rollout.")
 def generate(args: Generate) -> list[str]:
     """Print samples: text for token models (the checkpoint's tokenizer, else UTF-8 bytes),
-    rolled-out values for continuous ones."""
+    rolled-out values for continuous ones. One sample is printed as it is generated."""
     check_generate_options(args)
     ckpt = pick_checkpoint(args.path)
     model = load_files(ckpt)
     gen = torch.Generator().manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     outputs = []
+    window = model.cfg.max_seq_len
+    stream = args.samples == 1 or not model.is_lm  # a rollout is one sample
     if model.is_lm:
+        from moekit.model.codec import ByteCodec
         from moekit.tasks.text import TextTask
 
         codec = _tokenizer_codec(model, ckpt)
@@ -265,11 +329,13 @@ def generate(args: Generate) -> list[str]:
             ids = torch.tensor(codec.encode(_prompt_text(args.prompt)), dtype=torch.long)
             ids = _check_prompt_ids(ids, model, "token")
         prompt = ids[None].repeat(args.samples, 1)  # [N, S]
-        seq = model.generate(prompt, args.max_new, generator=gen, **sampling)
+        S = prompt.shape[1]
+        max_new = capped_max_new(args.max_new, S, window)
+        on_step = _text_stream(codec or ByteCodec(), ids.tolist(), max_new) if stream else None
+        seq = model.generate(prompt, max_new, generator=gen, on_step=on_step, **sampling)
         if codec is None:
             outputs = [TextTask.decode(s) for s in seq]
         else:
-            S = prompt.shape[1]
             outputs = [_token_text(codec, s[:S].tolist(), s[S:].tolist()) for s in seq]
     else:
         prompt = _parse_vectors(args.prompt, model.cfg.d_in)
@@ -278,8 +344,12 @@ def generate(args: Generate) -> list[str]:
                 f"{ckpt} predicts d_out={model.cfg.d_out} values from d_in={model.cfg.d_in}: "
                 "it cannot roll out"
             )
-        seq = model.generate(prompt, args.max_new)[0, prompt.shape[1] :]
-        outputs = [";".join(",".join(f"{v:.4f}" for v in row) for row in seq.tolist())]
+        max_new = capped_max_new(args.max_new, prompt.shape[1], window)
+        seq = model.generate(prompt, max_new, on_step=_rows_stream())[0, prompt.shape[1] :]
+        outputs = [";".join(_row(row) for row in seq.tolist())]
+    if stream:
+        print()
+        return outputs
     for i, text in enumerate(outputs):
         print(f"--- sample {i} ---\n{text}" if len(outputs) > 1 else text)
     return outputs
