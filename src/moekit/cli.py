@@ -18,7 +18,7 @@ from typing import Any
 
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
-from moekit.commands import Command, command_spec, commands, groups
+from moekit.commands import Command, command_spec, commands, groups, top_names
 from moekit.errors import missing_extra
 
 # what a user can cause and fix: printed as one line, never as a traceback
@@ -88,11 +88,16 @@ def _build(config: type, ns: Namespace) -> Any:
     return config(**values)
 
 
-def build_parser() -> ArgumentParser:
-    """`moekit` and a subcommand per registered command, groups ("bench", "convert") nesting."""
+def build_parser(argv: Sequence[str] | None = None) -> ArgumentParser:
+    """`moekit` and a subcommand per registered command, groups ("bench", "convert") nesting.
+
+    Given `argv`, only the command it names gets its options and only its group's commands
+    load (the others keep their line of help), so `moekit --help` starts fast.
+    """
     parser = ArgumentParser(prog="moekit", description="Mixture-of-Experts on PyTorch.")
     levels = {(): parser.add_subcommands(dest="command")}
     known_groups = groups()
+    words = None if argv is None else [w for w in argv if not w.startswith("-")]
 
     def level(path: tuple[str, ...]) -> Any:
         if path not in levels:
@@ -102,11 +107,16 @@ def build_parser() -> ArgumentParser:
             levels[path] = p.add_subcommands(dest=path[-1])  # after attaching p: jsonargparse
         return levels[path]
 
-    for spec in commands():
-        *path, name = spec.name.split()
-        p = ArgumentParser(description=spec.help)
-        _add_options(p, spec.config)
-        level(tuple(path)).add_subcommand(name, p, help=spec.help)
+    specs = commands(None if words is None else tuple(words[:1]))
+    for first in top_names():  # a group in its place of the listing, loaded or not
+        if first in known_groups:
+            level((first,))
+        for spec in (s for s in specs if s.name.split()[0] == first):
+            *path, name = spec.name.split()
+            p = ArgumentParser(description=spec.help)
+            if words is None or words[: len(path) + 1] == [*path, name]:
+                _add_options(p, spec.config)
+            level(tuple(path)).add_subcommand(name, p, help=spec.help)
     return parser
 
 
@@ -165,10 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(argv) if argv is not None else sys.argv[1:]
     spec = None
     try:
-        parser = build_parser()
+        prepared = _prepare_argv(argv)
+        parser = build_parser(prepared)
         for p in _parsers(parser):  # errors come back here, not as usage text and exit
             p.exit_on_error = False
-        spec, options = _chosen(parser.parse_args(_prepare_argv(argv)))
+        spec, options = _chosen(parser.parse_args(prepared))
         spec.run(_build(spec.config, options))
     except KeyboardInterrupt as stop:  # a command's own message says what to run to resume
         print(f"moekit: {stop}" if str(stop) else "moekit: interrupted", file=sys.stderr)

@@ -27,7 +27,6 @@ from moekit.train.config import RunConfig
 from moekit.train.metrics import evaluate_model
 from moekit.train.rundir import claim_run_dir
 from moekit.train.trainer import Trainer
-from moekit.viz import plot_training
 
 DEFAULT_TEXT_PROMPT = "def "
 # what the generate options are called on the command line
@@ -84,6 +83,8 @@ class Train:
 )
 def train(args: Train) -> dict[str, Any]:
     """Claim the run directory of a validated run config, then train (or resume)."""
+    from moekit.viz import plot_training  # matplotlib: loaded by the commands that draw
+
     cfg = args.run
     resume = cfg.out if args.resume == "auto" else args.resume
     # before the Trainer: under torchrun every rank checks the folder before any rank can

@@ -23,7 +23,6 @@ from moekit.model.task import TaskConfig
 from moekit.tasks.signals import CATEGORIES
 from moekit.train.config import RunConfig, TrainConfig
 from moekit.train.trainer import Trainer
-from moekit.viz import category_shares, plot_training
 
 
 @dataclass
@@ -63,6 +62,8 @@ def demo_config(out: str, seed: int = 0, steps: int = 1500) -> RunConfig:
 
 def routing_table(routing: dict[str, list[list[float]]], categories: list[str]) -> Table:
     """Category -> the expert taking the largest share of its tokens, per MoE layer."""
+    from moekit.viz import category_shares  # matplotlib: loaded by the commands that draw
+
     table = Table(title="routing: top expert per signal family (share of its token-slots)")
     table.add_column("category")
     layers = sorted(routing, key=int)
@@ -87,6 +88,8 @@ def routing_table(routing: dict[str, list[list[float]]], categories: list[str]) 
 )
 def run_demo(options: Demo | None = None) -> dict:
     """Train both models, print the comparison, return both summaries."""
+    from moekit.viz import plot_training
+
     options, console = options or Demo(), Console()
     out, seed, steps = Path(options.out), options.seed, options.steps
     moe_cfg = demo_config(str(out / "moe"), seed, steps)
