@@ -27,6 +27,7 @@ USER_ERRORS = (
     ValueError,  # bad values, configs and damaged checkpoints (CheckpointError) name the field
     FileNotFoundError,
     NotADirectoryError,
+    FileExistsError,
     IsADirectoryError,
     PermissionError,
 )
@@ -161,9 +162,34 @@ def _one_line(err: BaseException) -> str:
     return " ".join(lines) or type(err).__name__
 
 
+def _no_cuda(err: Exception) -> str | None:
+    """What to say when a command asked for CUDA on a machine where torch sees none."""
+    torch = sys.modules.get("torch")
+    if (
+        torch is None
+        or not isinstance(err, AssertionError | RuntimeError)
+        or "CUDA" not in str(err)
+    ):
+        return None
+    if torch.cuda.is_available():
+        return None
+    return (
+        f"this needs a CUDA GPU and torch {torch.__version__} sees none here; "
+        "run it where there is one, or on the CPU (--device cpu, --train.device cpu)"
+    )
+
+
+def _os_error(err: OSError) -> str | None:
+    """'PATH: exists and is not a directory' where a folder was asked for and a file is there."""
+    if isinstance(err, FileExistsError | NotADirectoryError) and err.filename is not None:
+        return f"{err.filename}: exists and is not a directory (a folder is needed here)"
+    return None
+
+
 def _error_line(err: Exception, spec: Command | None, command: str | None) -> str | None:
     """The one line for what a user can fix (a missing extra too); None for a bug."""
     advice = missing_extra(err, command) if isinstance(err, ModuleNotFoundError) else None
+    advice = advice or _no_cuda(err) or (_os_error(err) if isinstance(err, OSError) else None)
     if advice is not None:
         return f"moekit: error: {advice}"
     if spec is not None and isinstance(err, spec.refusals):

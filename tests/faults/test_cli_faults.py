@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from tests.faults.conftest import CONFIG, ROOT, one_error, run_cli
+from tests.faults.conftest import CONFIG, ROOT, one_error, run_cli, train_args
 
 from moekit.model.sampling_rules import SAMPLING_BOUNDS, check_sampling
 from moekit.serve.schemas import GenerateRequest
@@ -176,3 +176,31 @@ def test_python_dash_m_moekit_runs_the_command():
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert one_error(r.stderr).endswith("Got value: abc") and not r.stdout
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    code, _, err = run_cli(capsys, *train_args(taken, 1))
+    assert code == 2 and f"{taken}: exists and is not a directory" in one_error(err)
+    assert taken.read_text() == "mine"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--train.device", "cuda"],
+        ["bench", "layer", "--device", "cuda"],
+        ["bench", "kernels"],
+        ["bench", "profile"],
+    ],
+    ids=["train", "bench layer", "bench kernels", "bench profile"],
+)
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys, argv):
+    if argv[0] != "bench":
+        argv = [*train_args(tmp_path / "run", 1), *argv]
+    else:
+        argv = [*argv, "--out-dir", str(tmp_path)]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "needs a CUDA GPU" in one_error(err)
