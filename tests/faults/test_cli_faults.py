@@ -9,9 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from tests.faults.conftest import CONFIG, ROOT, one_error, run_cli, train_args
+from tests.tiny import tiny_model
 
 from moekit.model.sampling_rules import SAMPLING_BOUNDS, check_sampling
 from moekit.serve.schemas import GenerateRequest
+from moekit.train.checkpoint import save_checkpoint
 
 
 # generate ------------------------------------------------------------------------------------
@@ -204,3 +206,18 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys, argv):
         argv = [*argv, "--out-dir", str(tmp_path)]
     code, _, err = run_cli(capsys, *argv)
     assert code == 2 and "needs a CUDA GPU" in one_error(err)
+
+
+def test_a_checkpoint_without_a_tokenizer_says_so_and_takes_token_ids(tmp_path, capsys):
+    model = tiny_model(0, vocab_size=300)  # not bytes, and no tokenizer files beside it
+    ckpt = save_checkpoint(tmp_path, model, None, step=1)
+    code, _, err = run_cli(capsys, "generate", str(ckpt), "--prompt", "hi")
+    line = one_error(err)
+    assert code == 2 and "has no tokenizer" in line and "--prompt-ids" in line
+    argv = ["generate", str(ckpt), "--prompt-ids", "5,299,7", "--max-new", "4"]
+    code, out, err = run_cli(capsys, *argv, "--temperature", "0")
+    ids = [int(i) for i in out.strip().split(",")]
+    assert code == 0 and not err and ids[:3] == [5, 299, 7] and len(ids) == 7
+    assert all(0 <= i < 300 for i in ids)
+    code, _, err = run_cli(capsys, "generate", str(ckpt), "--prompt-ids", "5,x")
+    assert code == 2 and "--prompt-ids='5,x' is not integers" in one_error(err)

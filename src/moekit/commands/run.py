@@ -231,6 +231,38 @@ class Generate:
     top_p: float | None = option(0.95, "nucleus probability mass")
     samples: int = option(1, "number of samples")
     seed: int = option(0, "sampling seed")
+    prompt_ids: str | None = option(
+        None, "token ids '1,2,3' instead of --prompt text; prints ids (no tokenizer needed)"
+    )
+
+
+def _parse_ids(text: str) -> torch.Tensor:
+    """'1,2,3' -> [S] token ids; anything else refused naming --prompt-ids."""
+    try:
+        ids = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"--prompt-ids={text!r} is not integers such as '1,2,3'") from None
+    if any(i < 0 for i in ids):
+        raise ValueError(f"--prompt-ids={text!r}: token ids are >= 0")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _ids_stream() -> Callable[[Any], None]:
+    """on_step for --prompt-ids: each new id as it comes, after the prompt's."""
+    show = _printer("")
+
+    def step(nxt_B1: torch.Tensor) -> None:
+        show(f",{int(nxt_B1[0, 0])}")
+
+    return step
+
+
+def _no_tokenizer(ckpt: Any, vocab: int) -> ValueError:
+    return ValueError(
+        f"{ckpt} has no tokenizer and its vocab_size={vocab} is not UTF-8 bytes, so text "
+        "cannot be encoded: copy the original model's tokenizer.json and tokenizer_config.json "
+        "beside its model.safetensors, or give token ids with --prompt-ids 1,2,3"
+    )
 
 
 def check_generate_options(args: Generate) -> None:
@@ -324,6 +356,12 @@ def generate(args: Generate) -> list[str]:
         from moekit.tasks.text import TextTask
 
         codec = _tokenizer_codec(model, ckpt)
+        if args.prompt_ids is not None:
+            if args.prompt is not None:
+                raise ValueError("give --prompt (text) or --prompt-ids (token ids), not both")
+            return _generate_ids(args, model, _parse_ids(args.prompt_ids), gen, sampling)
+        if codec is None and (model.cfg.vocab_size or 0) > 256:
+            raise _no_tokenizer(ckpt, model.cfg.vocab_size)
         if codec is None:
             ids = _text_prompt(args.prompt, model)
         else:
@@ -348,7 +386,27 @@ def generate(args: Generate) -> list[str]:
         max_new = capped_max_new(args.max_new, prompt.shape[1], window)
         seq = model.generate(prompt, max_new, on_step=_rows_stream())[0, prompt.shape[1] :]
         outputs = [";".join(_row(row) for row in seq.tolist())]
+    return _print_samples(outputs, stream)
+
+
+def _generate_ids(
+    args: Generate, model: Transformer, ids: torch.Tensor, gen: Any, sampling: dict[str, Any]
+) -> list[str]:
+    """Token ids in, token ids out ('1,2,3' per sample, the prompt's first)."""
+    ids = _check_prompt_ids(ids, model, "token")
+    prompt = ids[None].repeat(args.samples, 1)  # [N, S]
+    max_new = capped_max_new(args.max_new, prompt.shape[1], model.cfg.max_seq_len)
+    stream = args.samples == 1
     if stream:
+        print(",".join(str(i) for i in ids.tolist()), end="", flush=True)
+    on_step = _ids_stream() if stream else None
+    seq = model.generate(prompt, max_new, generator=gen, on_step=on_step, **sampling)
+    return _print_samples([",".join(str(i) for i in s.tolist()) for s in seq], stream)
+
+
+def _print_samples(outputs: list[str], streamed: bool) -> list[str]:
+    """End a streamed sample's line, or print the samples (headed when several)."""
+    if streamed:
         print()
         return outputs
     for i, text in enumerate(outputs):
