@@ -127,3 +127,19 @@ def test_resume_with_another_model_config_names_the_parameter_and_shapes(run_cop
     code, _, err = run_cli(capsys, *train_args(run_copy, 8, "--resume", "--model.moe.n_experts=8"))
     line = one_error(err)
     assert code == 2 and "experts.w1 has shape [4, 16, 32] in the file, [8, 16, 32]" in line
+
+
+def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".moekit.lock", "a+") as held:  # what a running `moekit train` holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        code, _, err = run_cli(capsys, *train_args(out, 2))
+    assert code == 2 and "in use by another moekit run (pid 4242)" in one_error(err)
+    assert not (out / "metrics.jsonl").exists()
+    code, _, _ = run_cli(capsys, *train_args(out, 2))  # free again once that run ended
+    assert code == 0

@@ -6,12 +6,13 @@ A user's mistake raises ValueError (or FileNotFoundError) naming the option or f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,37 @@ def train_argv(rest: list[str]) -> list[str]:
     return out
 
 
+LOCK_FILE = ".moekit.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold OUT/.moekit.lock while a run writes OUT: a second run into it is refused in one
+    line instead of interleaving its log and checkpoints. Released when the process ends."""
+    import fcntl
+
+    path = os.path.join(out, LOCK_FILE)
+    os.makedirs(out, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise ValueError(
+                f"--out {out} is in use by another moekit run (pid {holder}): wait for it to "
+                "end, or train into another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @dataclass
 class Train:
     """A whole run config (YAML and dotted options) and what to do with an existing --out."""
@@ -90,14 +122,18 @@ def train(args: Train) -> dict[str, Any]:
     # before the Trainer: under torchrun every rank checks the folder before any rank can
     # write to it (they meet first when the Trainer joins the process group); rank 0 moves
     is_main = os.environ.get("RANK", "0") == "0"
-    moved = claim_run_dir(cfg.out, resume, args.overwrite, is_main)
-    if moved is not None:
-        print(f"moved the previous run in {cfg.out} to {moved}", file=sys.stderr)
-    trainer = Trainer(cfg, plotter=plot_training)
-    try:
-        summary = trainer.fit(resume=resume)
-    finally:
-        trainer.close()
+    with contextlib.ExitStack() as held:
+        if is_main:
+            held.enter_context(run_lock(cfg.out))
+        moved = claim_run_dir(cfg.out, resume, args.overwrite, is_main)
+        if moved is not None:
+            print(f"moved the previous run in {cfg.out} to {moved}", file=sys.stderr)
+            held.enter_context(run_lock(cfg.out))  # the lock moved with the old run
+        trainer = Trainer(cfg, plotter=plot_training)
+        try:
+            summary = trainer.fit(resume=resume)
+        finally:
+            trainer.close()
     if not trainer.is_main:  # expert parallel: rank 0 reports
         return summary
     if summary["stopped_by_signal"]:
