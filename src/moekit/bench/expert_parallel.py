@@ -11,7 +11,7 @@ x.grad). Then: forward and forward + backward of the single-device layer (each r
 no communication) and of the EP layer; a step's time is the slowest rank's. tokens/s per
 device = T / step time. Then the layer's token all-to-all alone (its real split sizes) against
 an evenly split all-to-all of the same bytes: time, bus bandwidth and their ratio. Rank 0
-writes docs/benchmarks/expert-parallel-x<R>-<machine>-<date>.md and .json.
+writes moekit-out/benchmarks/expert-parallel-x<R>-<machine>-<date>.md and .json.
 Shape legend: T tokens per rank, E experts, K experts per token, D model dim, H expert hidden.
 """
 

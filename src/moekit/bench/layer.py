@@ -4,7 +4,7 @@ Every row times the whole layer users would run (routing included) except dense-
 is the two GEMMs of the same FLOPs with no routing: the floor a routed layer can approach.
 Each shape is timed at every T of `tokens`; rows keep the median and the min-max of the
 repeats, and the memory one forward+backward holds (saved activations; CUDA: also peak).
-Results go to docs/benchmarks/layer-<device>-<machine>-<date>.md, .json and .png.
+Results go to moekit-out/benchmarks/layer-<device>-<machine>-<date>.md, .json and .png.
 """
 
 from __future__ import annotations

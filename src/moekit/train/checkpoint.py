@@ -109,7 +109,7 @@ class Checkpointer:
             return self.root / checkpoint_name(step)
         run = json.dumps(self.run, indent=2) + "\n"
         path = save_checkpoint(self.root, dense, state, step, metric, texts={RUN_FILE: run})
-        prune_checkpoints(self.root, self.keep_last, self.keep_best)
+        prune_checkpoints(self.root, self.keep_last, self.keep_best, intact=path)
         return path
 
     def restore(
