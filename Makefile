@@ -48,7 +48,7 @@ test-gpu: $(VENV)/.installed
 	$(PY) -m pytest -m gpu tests/gpu
 
 bench: $(VENV)/.installed
-	$(VENV)/bin/moekit bench layer --device cpu
+	$(VENV)/bin/moekit bench layer --device cpu --out-dir docs/benchmarks
 
 clean:
 	rm -rf $(VENV) moekit-out .pytest_cache .ruff_cache

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 import moekit
+from moekit.backends import Backend
+from moekit.types import ExpertWeights
 
 # sizes of the layers under test unless a test overrides them
 LAYER = {"d_model": 8, "d_hidden": 6, "n_experts": 4, "k": 2, "backend": "torch"}
@@ -74,3 +76,16 @@ def against_reference(moe: moekit.MoE, x: Tensor) -> tuple[Run, Run]:
 def rel(a: Tensor, b: Tensor) -> float:
     """Relative error |a - b| / |b| (a host sync: tests only)."""
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def by_weights(backend: Backend) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """(forward, per_slot) of `backend` taking w1, w2, b1, b2 one by one, as kernel tests
+    build them: forward(x_TD, plan, w1, w2, b1, b2, act), per_slot(x_SD, offsets_E1, ...)."""
+
+    def forward(x_TD, plan, w1, w2, b1, b2, act):
+        return backend.forward(x_TD, plan, ExpertWeights(w1, w2, b1, b2), act)
+
+    def per_slot(x_SD, offsets_E1, w1, w2, b1, b2, act):
+        return backend.per_slot(x_SD, offsets_E1, ExpertWeights(w1, w2, b1, b2), act)
+
+    return forward, per_slot

@@ -186,3 +186,37 @@ def test_sigterm_writes_checkpoint_exits_zero_and_resumes(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[0])["step"] == ckpt["step"] + 2
+
+
+_HELP_IMPORTS = """
+import sys
+from moekit.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+heavy = [m for m in ("matplotlib", "moekit.bench.layer", "moekit.viz") if m in sys.modules]
+print("heavy:", heavy, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
+def test_help_lists_every_command_with_a_word_and_loads_no_plotting(argv):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-c", _HELP_IMPORTS, *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stderr.strip().splitlines()[-1] == "heavy: []"
+    if argv == ["--help"]:
+        listed = proc.stdout.split("Available subcommands:")[1].splitlines()
+        names = [line.split()[0] for line in listed if line.startswith("    ") and line[4] != " "]
+        assert "train" in names and "bench" in names and len(names) >= 13
+        for line in listed:  # every name has its help on the same line
+            if line.startswith("    ") and line[4] != " ":
+                assert len(line.split()) > 1, line
+
+
+def test_a_parser_for_one_command_builds_only_its_options():
+    parser = build_parser(["eval", "ck"])
+    usage = {name: sub.format_usage() for name, sub in parser._subcommands_action.choices.items()}
+    assert "--batch-size" in usage["eval"] and "--max-new" not in usage["generate"]
+    assert build_parser(["eval", "ck"]).parse_args(["eval", "ck"]).eval.batch_size == 64

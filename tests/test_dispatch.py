@@ -2,12 +2,14 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.oracle import forward_backward, make_moe
 
 import moekit
-from moekit.dispatch import combine, gather, make_plan
+from moekit.dispatch import Dispatcher, LocalDispatcher, combine, gather, make_plan
 
 
 @st.composite
@@ -134,3 +136,49 @@ def test_combine_accumulates_half_rows_in_the_weights_dtype():
     assert y.dtype == torch.bfloat16
     # bfloat16 steps by 2^-7 at 1: a bfloat16 running sum would round 1 + 2^-8 back to 1 twice
     assert y[0, 0].item() == 1.0 + 2.0**-7 and y[1, 0].item() == 1.5
+
+
+class _SlotsThenCombine(Dispatcher):
+    """A dispatcher that never lets the backend fuse: per-slot outputs, then `combine`."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def slots(self, x_TD, plan, run, overlap=None):
+        self.calls += 1
+        out_ND = run.per_slot(gather(x_TD, plan.token_S), plan.offsets_E1)
+        return out_ND, overlap() if overlap is not None else None
+
+    def extra_repr(self) -> str:
+        return ", dispatcher=slots-then-combine"
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+@pytest.mark.parametrize("shared", [0, 1])
+def test_local_dispatcher_and_a_swapped_one_equal_the_reference(capacity_factor, shared):
+    """The dispatcher seam: the layer's own LocalDispatcher and one swapped in give the
+    reference's output, shared experts and dense fallback included."""
+    moe = make_moe(capacity_factor=capacity_factor, n_shared_experts=shared, fallback="dense")
+    assert isinstance(moe.dispatcher, LocalDispatcher)
+    x = torch.randn(11, 8, dtype=torch.float64)
+    ref = forward_backward(lambda t: moekit.reference.moe_forward(moe, t), moe, x)
+    local = forward_backward(moe, moe, x)
+    moe.dispatcher = swapped = _SlotsThenCombine()
+    other = forward_backward(moe, moe, x)
+    assert swapped.calls == 1 and "slots-then-combine" in repr(moe)
+    for run in (local, other):
+        assert torch.allclose(run.y, ref.y, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(run.grad_x, ref.grad_x, rtol=1e-10, atol=1e-12)
+        for name, g in ref.grads.items():
+            assert torch.allclose(run.grads[name], g, rtol=1e-10, atol=1e-12), name
+
+
+def test_local_slots_combine_to_the_fused_forward():
+    moe = make_moe(capacity_factor=0.75)
+    x = torch.randn(9, 8, dtype=torch.float64)
+    _, plan = moe.route(x)
+    experts = moe.bind(x, moe.backend(x))
+    y_TD, none = LocalDispatcher().combined(x, plan, experts)
+    out_ND, _ = LocalDispatcher().slots(x, plan, experts)
+    assert none is None
+    assert torch.allclose(combine(out_ND, plan.token_S, plan.weight_S, 9), y_TD, atol=1e-12)

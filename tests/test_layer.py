@@ -14,9 +14,11 @@ import moekit
 ROUTERS = ("topk", "sigmoid", "expert_choice", "sinkhorn")
 
 
-def make_moe(kind, capacity_factor, activation, dtype, bias=True, **extra):
+def make_moe(kind, capacity_factor, activation, dtype, bias=True, noise="none", **extra):
     """The oracle's layer with loss weights large enough to show in the gradients."""
-    router = moekit.RouterConfig(kind=kind, load_balance_weight=0.1, z_loss_weight=0.01)
+    router = moekit.RouterConfig(
+        kind=kind, load_balance_weight=0.1, z_loss_weight=0.01, noise=noise, noise_std=2.0
+    )
     expert = moekit.ExpertConfig(activation=activation, bias=bias)
     return oracle_moe(router, dtype=dtype, capacity_factor=capacity_factor, expert=expert, **extra)
 
@@ -118,8 +120,7 @@ def test_bad_inputs_name_the_problem():
 def test_noise_only_in_training():
     torch.manual_seed(5)
     for noise in ("gaussian", "gumbel", "jitter"):
-        moe = make_moe("topk", None, "swiglu", torch.float32)
-        moe.cfg.router.noise, moe.cfg.router.noise_std = noise, 2.0
+        moe = make_moe("topk", None, "swiglu", torch.float32, noise=noise)
         x = torch.randn(64, 8)
         moe.eval()
         y1, _ = moe(x)

@@ -1,6 +1,8 @@
 """`moekit sweep`: grid points, resume without rerunning finished points, table and plots."""
 
 import json
+import os
+import signal
 
 import pytest
 import yaml
@@ -92,3 +94,41 @@ def test_grid_file_fills_the_axes_flags_leave_empty(tmp_path, config):
     bad.write_text(json.dumps({"experts": [2], "lr": 1}))
     with pytest.raises(ValueError, match="keys must be among"):
         SweepConfig.with_grid(bad, config=str(config))
+
+
+def _interrupt_at(monkeypatch, step: int, times: int = 1) -> None:
+    """Ctrl-C (SIGINT to this process) during training step `step` of every Trainer."""
+    from moekit.train.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def train_step(self):
+        if self.step + 1 == step:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_ctrl_c_never_records_the_running_point_and_a_rerun_resumes_it(
+    config, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(config), "--experts", "[2]", "--k", "[1]", "--steps", "4"]
+    argv += ["--out", str(out)]
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 3)
+        assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "stopped at step 3 of 4" in err and "again to resume" in err and "Traceback" not in err
+    assert read_results(out) == {}
+    log = out / "points" / "E2-k1-cfnone-topk" / "metrics.jsonl"
+    first = [json.loads(line) for line in log.read_text().splitlines()]
+    assert main(argv) == 0
+    record = read_results(out)["E2-k1-cfnone-topk"]
+    assert record["quality"] is not None and "skipped" not in record
+    again = [json.loads(line) for line in log.read_text().splitlines()]
+    train = [r for r in again if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert train[0] == next(r for r in first if r["kind"] == "train")  # resumed, not rerun

@@ -6,8 +6,9 @@ from moekit.experts import register_expert
 from moekit.integrations.hf.convert import load_hf
 from moekit.layer import MoE, MoEInfo
 from moekit.model.store import load
-from moekit.routing import Routing, register_router
+from moekit.routing import register_router
 from moekit.system import System, SystemConfig
+from moekit.types import Routing
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,8 @@
 
 Commands register themselves beside what they run (`moekit.commands.command`). A user's
 mistake (a bad option, config, file or checkpoint, a missing extra) ends the command with one
-line `moekit: error: ...` and exit code 2; usage text only with --help.
+line `moekit: error: ...` and exit code 2; usage text only with --help. Ctrl-C ends it with one
+line saying what was interrupted and exit code 130, never a traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
-from moekit.commands import Command, command_spec, commands, groups
+from moekit.commands import Command, command_spec, commands, groups, top_names
 from moekit.errors import missing_extra
 
 # what a user can cause and fix: printed as one line, never as a traceback
@@ -26,6 +27,7 @@ USER_ERRORS = (
     ValueError,  # bad values, configs and damaged checkpoints (CheckpointError) name the field
     FileNotFoundError,
     NotADirectoryError,
+    FileExistsError,
     IsADirectoryError,
     PermissionError,
 )
@@ -87,11 +89,16 @@ def _build(config: type, ns: Namespace) -> Any:
     return config(**values)
 
 
-def build_parser() -> ArgumentParser:
-    """`moekit` and a subcommand per registered command, groups ("bench", "convert") nesting."""
+def build_parser(argv: Sequence[str] | None = None) -> ArgumentParser:
+    """`moekit` and a subcommand per registered command, groups ("bench", "convert") nesting.
+
+    Given `argv`, only the command it names gets its options and only its group's commands
+    load (the others keep their line of help), so `moekit --help` starts fast.
+    """
     parser = ArgumentParser(prog="moekit", description="Mixture-of-Experts on PyTorch.")
     levels = {(): parser.add_subcommands(dest="command")}
     known_groups = groups()
+    words = None if argv is None else [w for w in argv if not w.startswith("-")]
 
     def level(path: tuple[str, ...]) -> Any:
         if path not in levels:
@@ -101,11 +108,16 @@ def build_parser() -> ArgumentParser:
             levels[path] = p.add_subcommands(dest=path[-1])  # after attaching p: jsonargparse
         return levels[path]
 
-    for spec in commands():
-        *path, name = spec.name.split()
-        p = ArgumentParser(description=spec.help)
-        _add_options(p, spec.config)
-        level(tuple(path)).add_subcommand(name, p, help=spec.help)
+    specs = commands(None if words is None else tuple(words[:1]))
+    for first in top_names():  # a group in its place of the listing, loaded or not
+        if first in known_groups:
+            level((first,))
+        for spec in (s for s in specs if s.name.split()[0] == first):
+            *path, name = spec.name.split()
+            p = ArgumentParser(description=spec.help)
+            if words is None or words[: len(path) + 1] == [*path, name]:
+                _add_options(p, spec.config)
+            level(tuple(path)).add_subcommand(name, p, help=spec.help)
     return parser
 
 
@@ -150,9 +162,34 @@ def _one_line(err: BaseException) -> str:
     return " ".join(lines) or type(err).__name__
 
 
+def _no_cuda(err: Exception) -> str | None:
+    """What to say when a command asked for CUDA on a machine where torch sees none."""
+    torch = sys.modules.get("torch")
+    if (
+        torch is None
+        or not isinstance(err, AssertionError | RuntimeError)
+        or "CUDA" not in str(err)
+    ):
+        return None
+    if torch.cuda.is_available():
+        return None
+    return (
+        f"this needs a CUDA GPU and torch {torch.__version__} sees none here; "
+        "run it where there is one, or on the CPU (--device cpu, --train.device cpu)"
+    )
+
+
+def _os_error(err: OSError) -> str | None:
+    """'PATH: exists and is not a directory' where a folder was asked for and a file is there."""
+    if isinstance(err, FileExistsError | NotADirectoryError) and err.filename is not None:
+        return f"{err.filename}: exists and is not a directory (a folder is needed here)"
+    return None
+
+
 def _error_line(err: Exception, spec: Command | None, command: str | None) -> str | None:
     """The one line for what a user can fix (a missing extra too); None for a bug."""
     advice = missing_extra(err, command) if isinstance(err, ModuleNotFoundError) else None
+    advice = advice or _no_cuda(err) or (_os_error(err) if isinstance(err, OSError) else None)
     if advice is not None:
         return f"moekit: error: {advice}"
     if spec is not None and isinstance(err, spec.refusals):
@@ -164,11 +201,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(argv) if argv is not None else sys.argv[1:]
     spec = None
     try:
-        parser = build_parser()
+        prepared = _prepare_argv(argv)
+        parser = build_parser(prepared)
         for p in _parsers(parser):  # errors come back here, not as usage text and exit
             p.exit_on_error = False
-        spec, options = _chosen(parser.parse_args(_prepare_argv(argv)))
+        spec, options = _chosen(parser.parse_args(prepared))
         spec.run(_build(spec.config, options))
+    except KeyboardInterrupt as stop:  # a command's own message says what to run to resume
+        print(f"moekit: {stop}" if str(stop) else "moekit: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
         line = _error_line(err, spec, argv[0] if argv else None)
         if line is None:

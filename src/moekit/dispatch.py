@@ -3,6 +3,8 @@
 `make_plan` turns routing into a `Plan` of token-slots grouped by expert; `gather` reads the
 rows of x in that order and `combine` sums per-slot expert outputs back into token rows, the
 one weighted combine every caller shares (backends, expert parallelism, the librarian).
+`LocalDispatcher` is stage 3's data movement on one device; expert parallelism has its
+all-to-all twin in `moekit.parallel`.
 
 Shape legend: T tokens, K slots per token, S = T * K token-slots, N <= S leading sorted slots,
 E experts, C capacity, D model dim. Every tensor keeps its static size S: dropped and empty
@@ -12,55 +14,30 @@ needs a host sync.
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None  # read once: compile-friendly
+from moekit.types import Plan
 
 
-@dataclass
-class Plan:
-    order_S: Tensor  # [S] flat slot ids (t * K + j) sorted by expert; kept slots first
-    token_S: Tensor  # [S] source token of each sorted slot
-    expert_S: Tensor  # [S] expert of each sorted slot, E for dropped / empty slots
-    weight_S: Tensor  # [S] gate weight of each sorted slot, 0 where dropped
-    counts_E: Tensor  # [E] int64 kept slots per expert
-    offsets_E1: Tensor  # [E + 1] int64 exclusive prefix sums; offsets_E1[E] = kept slots
-    kept_TK: Tensor  # [T, K] bool, slot kept after capacity
-    weights_TK: Tensor  # [T, K] weights actually used (0 where dropped)
-    n_experts: int
-    capacity: int | None
+class PlanMaker(Protocol):
+    """A backend's faster dropless plan (`moekit.backends.Backend.make_plan`)."""
 
-    @classmethod
-    def from_sort(
-        cls,
-        order_S: Tensor,
-        token_S: Tensor,
-        expert_S: Tensor,
-        counts_E: Tensor,
-        offsets_E1: Tensor,
-        kept_TK: Tensor,
-        used_TK: Tensor,
-        capacity: int | None,
-    ) -> Plan:
-        """A Plan from a sort of the slots: weight_S is read from used_TK [T, K] through
-        order_S (torch ops, so gradients reach the router), E from counts_E."""
-        return cls(
-            order_S=order_S,
-            token_S=token_S,
-            expert_S=expert_S,
-            weight_S=used_TK.reshape(-1)[order_S],
-            counts_E=counts_E,
-            offsets_E1=offsets_E1,
-            kept_TK=kept_TK,
-            weights_TK=used_TK,
-            n_experts=counts_E.shape[0],
-            capacity=capacity,
-        )
+    def make_plan(
+        self, experts_TK: Tensor, weights_TK: Tensor, n_experts: int, capacity: int | None
+    ) -> Plan | None: ...
+
+
+class SlotExperts(Protocol):
+    """Stage 3's experts as a dispatcher runs them (`moekit.backends.Bound`)."""
+
+    def forward(self, x_TD: Tensor, plan: Plan) -> Tensor: ...
+
+    def per_slot(self, x_SD: Tensor, offsets_E1: Tensor) -> Tensor: ...
 
 
 def make_plan(
@@ -70,16 +47,17 @@ def make_plan(
     n_experts: int,
     capacity: int | None = None,
     renormalize_after_drop: bool = False,
+    backend: PlanMaker | None = None,
 ) -> Plan:
     """Sort token-slots by expert; with a capacity, keep each expert's C highest-priority slots.
 
     Drops depend on priority (the gate score), never on token position, so permuting the
-    tokens permutes the result.
+    tokens permutes the result. `backend`'s own plan is used where it has one (equal output).
     """
-    if capacity is None and _counting_sort_available(experts_TK.device):
-        from moekit.backends.triton.plan import make_plan_dropless
-
-        return make_plan_dropless(experts_TK, weights_TK, n_experts)
+    if backend is not None:
+        plan = backend.make_plan(experts_TK, weights_TK, n_experts, capacity)
+        if plan is not None:
+            return plan
     T, K = experts_TK.shape
     S, E = T * K, n_experts
     device = experts_TK.device
@@ -114,11 +92,6 @@ def make_plan(
     return Plan.from_sort(order_S, token_S, key_S, counts_E, offsets_E1, kept_TK, used_TK, capacity)
 
 
-def _counting_sort_available(device: torch.device) -> bool:
-    """On CUDA with triton, the dropless plan is one counting sort (equal output, two launches)."""
-    return device.type == "cuda" and _HAVE_TRITON
-
-
 def gather(x_TD: Tensor, token_S: Tensor) -> Tensor:
     """x_SD [S, D]: row token_S[s] of x for each sorted slot (the input of grouped experts)."""
     # embedding is the same row gather as index_select and an order of magnitude faster on CPU
@@ -139,3 +112,41 @@ def combine(out_ND: Tensor, token_S: Tensor, weight_S: Tensor | None, n_tokens: 
         contrib_ND = contrib_ND * weight_S[:N].unsqueeze(-1)
     y_TD = torch.zeros(n_tokens, out_ND.shape[-1], dtype=acc, device=out_ND.device)
     return y_TD.index_add(0, token_S[:N], contrib_ND).to(out_ND.dtype)
+
+
+# work a dispatcher runs while rows are in flight (the shared experts), its result returned
+Overlap = Callable[[], Tensor] | None
+Rows = tuple[Tensor, Tensor | None]  # (stage 3's output, overlap() or None)
+
+
+def _run(overlap: Overlap) -> Tensor | None:
+    return overlap() if overlap is not None else None
+
+
+class Dispatcher:
+    """Stage 3's data movement: rows to the experts and back. Subclasses implement `slots`;
+    `combined` is slots then `combine` unless a subclass can fuse them."""
+
+    def slots(self, x_TD: Tensor, plan: Plan, run: SlotExperts, overlap: Overlap = None) -> Rows:
+        """(unweighted outputs [N, D] of the plan's N leading sorted slots, overlap() or None)."""
+        raise NotImplementedError
+
+    def combined(self, x_TD: Tensor, plan: Plan, run: SlotExperts, overlap: Overlap = None) -> Rows:
+        """(y_TD [T, D] weighted and combined, overlap() or None)."""
+        out_ND, overlap_TD = self.slots(x_TD, plan, run, overlap)
+        return combine(out_ND, plan.token_S, plan.weight_S, x_TD.shape[0]), overlap_TD
+
+    def extra_repr(self) -> str:
+        """What the layer's repr adds for this dispatcher."""
+        return ""
+
+
+class LocalDispatcher(Dispatcher):
+    """Stage 3 on this device: rows never leave it, so the backend fuses gather, experts and
+    combine into one call."""
+
+    def slots(self, x_TD: Tensor, plan: Plan, run: SlotExperts, overlap: Overlap = None) -> Rows:
+        return run.per_slot(gather(x_TD, plan.token_S), plan.offsets_E1), _run(overlap)
+
+    def combined(self, x_TD: Tensor, plan: Plan, run: SlotExperts, overlap: Overlap = None) -> Rows:
+        return run.forward(x_TD, plan), _run(overlap)

@@ -14,24 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import GATED_ACTIVATIONS, ExpertConfig
-
-_BASE = {
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-    "swiglu": F.silu,
-    "geglu": F.gelu,
-    "reglu": F.relu,
-}
-
-
-def activate(h: Tensor, activation: str) -> Tensor:
-    """[..., H1] -> [..., H]: plain activation, or act(gate) * up for gated ones."""
-    if activation in GATED_ACTIVATIONS:
-        gate, up = h.chunk(2, dim=-1)
-        return _BASE[activation](gate) * up
-    return _BASE[activation](h)
+from moekit.config import ExpertConfig
+from moekit.types import activate
 
 
 def init_expert_weights(w1: Tensor, w2: Tensor, cfg: ExpertConfig) -> None:
@@ -74,7 +58,10 @@ def available_experts() -> tuple[str, ...]:
 
 
 def build_experts(n_experts: int, d_model: int, d_hidden: int, cfg: ExpertConfig) -> Experts:
-    """The routed experts of kind `cfg.kind`."""
+    """The routed experts of kind `cfg.kind`; an unknown kind raises a ValueError naming it."""
+    if cfg.kind not in _EXPERTS:
+        known = ", ".join(map(repr, available_experts()))
+        raise ValueError(f"expert.kind={cfg.kind!r} is not one of {known}")
     return _EXPERTS[cfg.kind](n_experts, d_model, d_hidden, cfg)
 
 
@@ -112,7 +99,7 @@ class Experts(nn.Module):
 
     def per_slot(self, x_SD: Tensor, offsets_E1: Tensor) -> Tensor:
         """Unweighted outputs [S, D] of rows sorted by expert, one `expert` call per expert;
-        zero past the kept rows (the `experts_per_slot` contract of `moekit.backends`)."""
+        zero past the kept rows (the `Backend.per_slot` contract of `moekit.backends`)."""
         out_SD = torch.zeros_like(x_SD)
         for e, (lo, hi) in enumerate(_sync_bounds(offsets_E1)):
             if hi > lo:

@@ -1,24 +1,32 @@
-"""`MoE`: the Mixture-of-Experts layer, four stages: route -> plan -> compute -> finish."""
+"""`MoE`: the Mixture-of-Experts layer, one straight line: route -> plan -> dispatch -> experts
+-> combine -> finish.
+
+The layer wires components that do not know each other: a router (`moekit.routing`), a
+backend (`moekit.backends`, resolved once per device and dtype), and a dispatcher that moves
+the rows (`dispatch.LocalDispatcher` here; expert parallelism swaps in an all-to-all one).
+"""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
 from dataclasses import fields, replace
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from moekit.backends import get_backend
+from moekit.backends.base import Backend, Bound, check_backend, get_backend
 from moekit.config import MoEConfig, RouterConfig
-from moekit.dispatch import Plan, combine, gather, make_plan
-from moekit.experts import DenseMLP, GatedDenseMLP, build_experts
-from moekit.librarian import deduplicated_compute
+from moekit.dispatch import Dispatcher, LocalDispatcher, make_plan
+from moekit.experts import DenseMLP, Experts, GatedDenseMLP, build_experts
+from moekit.librarian import deduplicate
 from moekit.ranges import stage
 from moekit.replay import GraphReplay
-from moekit.routing import Routing, build_router
+from moekit.routing import build_router
 from moekit.routing.coactivation import coactivation_counts, find_constellations
 from moekit.routing.losses import router_losses, routing_metrics, weighted_aux_loss
+from moekit.types import ExpertWeights, Plan, Routing
 
 
 class MoEInfo:
@@ -94,33 +102,28 @@ def check_input(x: Tensor, d_model: int) -> None:
         )
 
 
-def autocast_input(x: Tensor) -> Tensor:
-    """float32 x in the autocast dtype when autocast is on for its device, else x as it is.
-
-    The expert GEMMs then run in bf16 / fp16 under autocast as an nn.Linear's would; backends
-    are custom ops that autocast does not reach.
-    """
+def expert_dtype(x: Tensor) -> torch.dtype:
+    """The dtype stage 3 runs in: autocast's for float32 x when autocast is on for its device,
+    else x's. The expert GEMMs then run in bf16 / fp16 under autocast as an nn.Linear's would;
+    backends are custom ops that autocast does not reach."""
     device_type = x.device.type
     if device_type not in ("cuda", "cpu") or x.dtype != torch.float32:
-        return x
+        return x.dtype
     if torch.is_autocast_enabled(device_type):
-        return x.to(torch.get_autocast_dtype(device_type))
-    return x
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
-def autocast_weights(x_TD: Tensor, *weights: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Expert weights in x's dtype when autocast lowered x (fp32 master weights, bf16 GEMMs).
+class _PerExpert(Backend):
+    """Stage 3 of a registered expert kind with math of its own: one `expert` call per expert."""
 
-    Autocast does not reach the backends' custom ops, so without this the Triton kernels would
-    stage fp32 weight tiles (twice the shared memory and bytes of bf16 ones). The cast is
-    differentiable: gradients still reach the fp32 parameters, as with autocast's nn.Linear.
-    """
-    device_type = x_TD.device.type
-    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
-        return weights
-    return tuple(
-        w.to(x_TD.dtype) if w is not None and w.dtype != x_TD.dtype else w for w in weights
-    )
+    def __init__(self, experts: Experts) -> None:
+        self.experts = experts
+
+    def per_slot(
+        self, x_SD: Tensor, offsets_E1: Tensor, w: ExpertWeights | None, activation: str
+    ) -> Tensor:
+        return self.experts.per_slot(x_SD, offsets_E1)
 
 
 def _sync_check_finite(x: Tensor) -> None:
@@ -135,6 +138,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        check_backend(cfg.backend)
         self.router = build_router(cfg)
         self.experts = build_experts(cfg.n_experts, cfg.d_model, cfg.d_hidden, cfg.expert)
         n_shared = cfg.n_shared_experts
@@ -146,6 +150,9 @@ class MoE(nn.Module):
         if cfg.track_coactivation:  # [E, E] tokens that chose both i and j; diagonal: chose i
             E = cfg.n_experts
             self.register_buffer("coactivation", torch.zeros(E, E, dtype=torch.float32))
+        self.dispatcher: Dispatcher = LocalDispatcher()
+        self._backend: Backend | None = None  # resolved by `backend` for _backend_key
+        self._backend_key: tuple | None = None
         self.replay = (
             GraphReplay(self._replayed, self._state, cfg.graph_max_tokens)
             if cfg.graph_max_tokens and self._rows_independent()
@@ -157,7 +164,7 @@ class MoE(nn.Module):
         """Whether each token's output depends on its own input alone: the router's class says
         so and no capacity limit makes tokens compete. Batching, padding, chunking and prefix
         reuse then leave every output as it would be alone."""
-        drops = self.cfg.capacity_factor is not None and self.router.uses_capacity
+        drops = self.router.capacity_factor is not None and self.router.uses_capacity
         return not drops and bool(getattr(type(self.router), "batch_invariant", False))
 
     def _rows_independent(self) -> bool:
@@ -172,16 +179,32 @@ class MoE(nn.Module):
 
     def _replayed(self, x_TD: Tensor) -> tuple[Tensor, ...]:
         """The inference forward as flat tensors, for `GraphReplay`."""
-        routing, plan = self.route(x_TD)
-        y_TD = self.finish(x_TD, self.compute(x_TD, plan), plan)
+        y_TD, routing, plan, _ = self.stages(x_TD)
         parts = tuple(getattr(routing, f.name) for f in fields(Routing))
         return (y_TD, plan.kept_TK, plan.weights_TK, *parts)
 
+    def backend(self, x_TD: Tensor) -> Backend:
+        """The configured backend for x's device and stage 3's dtype (`expert_dtype`), resolved
+        once per (device, dtype)."""
+        key = (self.cfg.backend, x_TD.device, expert_dtype(x_TD))
+        if self._backend_key != key:
+            self._backend, self._backend_key = get_backend(*key), key
+        return self._backend
+
+    def bind(self, x_TD: Tensor, backend: Backend) -> Bound:
+        """The routed experts on `backend`, their weights cast like x (autocast): stage 3's math."""
+        e = self.experts
+        if not e.fused:  # a registered expert kind with math of its own
+            return Bound(_PerExpert(e), None, e.activation)
+        return Bound(backend, ExpertWeights(e.w1, e.w2, e.b1, e.b2).cast_like(x_TD), e.activation)
+
     # stage 1 + 2 -----------------------------------------------------------------------
-    def route(self, x_TD: Tensor) -> tuple[Routing, Plan]:
+    def route(self, x_TD: Tensor, backend: Backend | None = None) -> tuple[Routing, Plan]:
+        """Routing of x_TD [T, D] and its plan; `backend` may fuse the selection and the sort."""
+        backend = backend if backend is not None else self.backend(x_TD)
         with stage("moe.router"):
-            routing = self.router(x_TD)
-        capacity = self.cfg.capacity(x_TD.shape[0]) if self.router.uses_capacity else None
+            routing = self.router(x_TD, backend.select)
+        capacity = self.router.capacity(x_TD.shape[0]) if self.router.uses_capacity else None
         with stage("moe.plan"):
             plan = make_plan(
                 routing.experts,
@@ -190,37 +213,49 @@ class MoE(nn.Module):
                 self.cfg.n_experts,
                 capacity,
                 self.cfg.renormalize_after_drop,
+                backend,
             )
         return routing, plan
 
     # stage 3 ---------------------------------------------------------------------------------
-    def compute(self, x_TD: Tensor, plan: Plan) -> Tensor:
-        x_TD = autocast_input(x_TD)
-        e = self.experts
-        if not e.fused:  # a registered expert kind with math of its own
-            return combine(self.compute_slots(x_TD, plan), plan.token_S, plan.weight_S, len(x_TD))
-        experts_forward = get_backend(self.cfg.backend, x_TD.device, x_TD.dtype)
-        w1, w2, b1, b2 = autocast_weights(x_TD, e.w1, e.w2, e.b1, e.b2)
-        return experts_forward(x_TD, plan, w1, w2, b1, b2, e.activation)
-
-    def compute_slots(self, x_TD: Tensor, plan: Plan) -> Tensor:
-        """Stage 3 without the combine: unweighted outputs of the kept sorted slots [N, D]."""
-        e = self.experts
-        x_SD = gather(x_TD, plan.token_S)
-        if not e.fused:
-            return e.per_slot(x_SD, plan.offsets_E1)
-        experts_per_slot = get_backend(self.cfg.backend, x_TD.device, x_TD.dtype, per_slot=True)
-        w1, w2, b1, b2 = autocast_weights(x_TD, e.w1, e.w2, e.b1, e.b2)
-        return experts_per_slot(x_SD, plan.offsets_E1, w1, w2, b1, b2, e.activation)
+    def compute(
+        self, x_TD: Tensor, plan: Plan, backend: Backend | None = None
+    ) -> tuple[Tensor, Tensor | None, Plan, dict[str, Tensor]]:
+        """dispatch -> experts -> combine: (y_TD, shared experts' output or None, the plan as
+        used, extra metrics). The shared experts run while the dispatcher moves the rows."""
+        x_in = x_TD.to(expert_dtype(x_TD))  # the one cast of the forward (autocast only)
+        experts = self.bind(x_in, backend if backend is not None else self.backend(x_TD))
+        overlap = None if self.shared is None else partial(self.shared, x_TD)
+        threshold = self.cfg.dedup_threshold
+        if threshold is None or self.training:
+            y_TD, shared_TD = self.dispatcher.combined(x_in, plan, experts, overlap)
+            return y_TD, shared_TD, plan, {}
+        # librarian merging (inference only) needs every slot's own output
+        out_ND, shared_TD = self.dispatcher.slots(x_in, plan, experts, overlap)
+        y_TD, plan, fired = deduplicate(out_ND, plan, threshold, x_TD.shape[0])
+        return y_TD, shared_TD, plan, {"dedup_fraction": fired}
 
     # stage 4 ---------------------------------------------------------------------------------
-    def finish(self, x_TD: Tensor, y_TD: Tensor, plan: Plan) -> Tensor:
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
-        if self.fallback is not None:  # tokens that lost every expert get the dense FFN
+    def finish(self, x_TD: Tensor, y_TD: Tensor, shared_TD: Tensor | None, plan: Plan) -> Tensor:
+        """Add the shared experts' output, and the dense FFN for tokens that lost every expert."""
+        if shared_TD is not None:
+            y_TD = y_TD + shared_TD
+        if self.fallback is not None:
             lost_T1 = ~plan.kept_TK.any(-1, keepdim=True)
             y_TD = torch.where(lost_T1, y_TD + self.fallback(x_TD), y_TD)
         return y_TD
+
+    def stages(self, x_TD: Tensor) -> tuple[Tensor, Routing, Plan, dict[str, Tensor]]:
+        """The forward on x_TD [T, D], one line: (y_TD, routing, plan as used, extra metrics)."""
+        backend = self.backend(x_TD)
+        routing, plan = self.route(x_TD, backend)
+        if self.cfg.track_coactivation:
+            self.count_coactivation(routing.experts)
+        with stage("moe.experts"):
+            y_TD, shared_TD, plan, extra = self.compute(x_TD, plan, backend)
+        with stage("moe.finish"):
+            y_TD = self.finish(x_TD, y_TD, shared_TD, plan)
+        return y_TD, routing, plan, extra
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEInfo]:
         check_input(x, self.cfg.d_model)
@@ -234,18 +269,7 @@ class MoE(nn.Module):
                 y_TD, kept_TK, weights_TK, *parts = out
                 info = MoEInfo(Routing(*parts), kept_TK, weights_TK, self.cfg.router, lead)
                 return y_TD.reshape(*lead, self.cfg.d_model), info
-        routing, plan = self.route(x_TD)
-        if self.cfg.track_coactivation:
-            self.count_coactivation(routing.experts)
-        threshold = self.cfg.dedup_threshold
-        with stage("moe.experts"):
-            if threshold is not None and not self.training:  # librarian merging, inference only
-                y_TD, plan, fired = deduplicated_compute(x_TD, plan, self.compute_slots, threshold)
-            else:
-                y_TD, fired = self.compute(x_TD, plan), None
-        with stage("moe.finish"):
-            y_TD = self.finish(x_TD, y_TD, plan)
-        extra = {} if fired is None else {"dedup_fraction": fired}
+        y_TD, routing, plan, extra = self.stages(x_TD)
         info = MoEInfo(routing, plan.kept_TK, plan.weights_TK, self.cfg.router, lead, extra)
         return y_TD.reshape(*lead, self.cfg.d_model), info
 
@@ -268,4 +292,5 @@ class MoE(nn.Module):
         return (
             f"d_model={c.d_model}, d_hidden={c.d_hidden}, n_experts={c.n_experts}, k={c.k}, "
             f"router={c.router.kind}, capacity_factor={c.capacity_factor}, backend={c.backend}"
+            f"{self.dispatcher.extra_repr()}"
         )

@@ -8,24 +8,24 @@ sum over survivors of merged weight * expert output, so a near-duplicate's contr
 replaced by the higher-weight expert's. Exact duplicates therefore leave y unchanged up to
 rounding; the merge matters when outputs agree in direction but not exactly.
 
-It needs every slot's own output, so it asks the layer for stage 3 without the combine (the
-backend's per-slot outputs, the same FLOPs as the normal pass) and then combines them with the
-merged weights through `dispatch.combine`. Training ignores the option: the merge is a hard,
-non-differentiable decision on expert outputs.
+It needs every slot's own output, so the layer asks its dispatcher for stage 3 without the
+combine (the backend's per-slot outputs, the same FLOPs as the normal pass) and `deduplicate`
+combines them with the merged weights through `dispatch.combine`. Training ignores the
+option: the merge is a hard, non-differentiable decision on expert outputs.
 Shape legend: T tokens, K slots per token, S = T * K token-slots, N <= S leading sorted slots,
 D model dim.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.dispatch import Plan, combine
+from moekit.dispatch import combine
+from moekit.types import Plan
 
 
 def slot_outputs(out_ND: Tensor, plan: Plan) -> Tensor:
@@ -75,20 +75,19 @@ def merge_duplicates(
     return merged_TK, absorbed_TK
 
 
-def deduplicated_compute(
-    x_TD: Tensor, plan: Plan, compute_slots: Callable[[Tensor, Plan], Tensor], threshold: float
+def deduplicate(
+    out_ND: Tensor, plan: Plan, threshold: float, n_tokens: int
 ) -> tuple[Tensor, Plan, Tensor]:
-    """Stage 3 with librarian merging: (y [T, D], plan with the merged weights, fired fraction).
+    """Combine with librarian merging: (y [T, D], plan with the merged weights, fired fraction).
 
-    compute_slots(x_TD, plan) -> [N, D] is stage 3 without the combine (`MoE.compute_slots`).
+    out_ND: unweighted outputs of the plan's first N sorted slots (a dispatcher's `slots`).
     The fraction is absorbed slots over kept slots (0 when nothing is kept).
     """
-    out_ND = compute_slots(x_TD, plan)
     merged_TK, absorbed_TK = merge_duplicates(
         slot_outputs(out_ND, plan), plan.weights_TK, plan.kept_TK, threshold
     )
     merged_S = merged_TK.reshape(-1)[plan.order_S]
-    y_TD = combine(out_ND, plan.token_S, merged_S, x_TD.shape[0])
+    y_TD = combine(out_ND, plan.token_S, merged_S, n_tokens)
     n_kept = plan.kept_TK.sum().clamp_min(1)
     fraction = absorbed_TK.sum() / n_kept
     return y_TD, replace(plan, weights_TK=merged_TK, weight_S=merged_S), fraction.float()

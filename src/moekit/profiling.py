@@ -101,7 +101,7 @@ def load_target(path: str | Path, device: torch.device) -> tuple[Any, torch.nn.M
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a run config (a YAML mapping of task, model, train)")
-    cfg = RunConfig(**data)
+    cfg = RunConfig.from_dict(data)
     from moekit.tasks import build_task
 
     torch.manual_seed(cfg.seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moekit import reference_routing  # noqa: F401  (attaches the built-in routers' oracles)
 from moekit.layer import MoE, MoEInfo, check_input
 from moekit.routing.base import Router, router_dtype
 
@@ -68,7 +69,7 @@ def moe_forward(moe: MoE, x: Tensor) -> tuple[Tensor, MoEInfo]:
     routing = router.reference(moe.router, _router_input(moe.router, xs))
     weights, priority = routing.weights, routing.priority
     chosen = routing.experts.tolist()
-    capacity = cfg.capacity(T) if router.uses_capacity else None
+    capacity = moe.router.capacity(T) if router.uses_capacity else None
     keep = _capacity_keep(chosen, priority, E, capacity)
 
     K = routing.experts.shape[1]

@@ -16,10 +16,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from moekit.routing.base import Routing, router_dtype
+from moekit.routing.attention import AttentionRouter
+from moekit.routing.base import router_dtype
+from moekit.routing.expert_choice import ExpertChoiceRouter
+from moekit.routing.sigmoid import SigmoidRouter
+from moekit.routing.sinkhorn import SinkhornRouter
+from moekit.routing.topk import TopKRouter
+from moekit.types import Routing
 
 if TYPE_CHECKING:
-    from moekit.routing.attention import AttentionRouter
     from moekit.routing.base import Router
 
 
@@ -38,7 +43,7 @@ def linear_logits(router: Router, x_TD: Tensor) -> Tensor:
         if T
         else x_TD.new_zeros(0, E, dtype=dtype)
     )
-    return logits / router.rcfg.temperature
+    return logits / float(router.live("temperature"))  # the live value when scheduled
 
 
 def _attention_scores(router: AttentionRouter, x_t: Tensor) -> Tensor:
@@ -132,7 +137,7 @@ def attention_reference(router: AttentionRouter, x_TD: Tensor) -> Routing:
         if T
         else x_TD.new_zeros(0, router.n_experts, dtype=dtype)
     )
-    return _softmax_top(router, scores / router.rcfg.temperature)
+    return _softmax_top(router, scores / float(router.live("temperature")))
 
 
 def sigmoid_reference(router: Router, x_TD: Tensor) -> Routing:
@@ -150,7 +155,7 @@ def expert_choice_reference(router: Router, x_TD: Tensor) -> Routing:
     logits = linear_logits(router, x_TD)
     T, E = logits.shape
     probs = torch.softmax(logits, dim=1)
-    factor = router.cfg.capacity_factor or router.options.capacity_factor
+    factor = router.capacity_factor or router.options.capacity_factor
     C = min(T, math.ceil(factor * T * router.k / E))
     slots = [[-1] * E for _ in range(T)]
     weights = logits.new_zeros(T, E)
@@ -234,3 +239,14 @@ def _assign_with_room(plan: list[list[float]]) -> list[int]:
                 if room[e] <= 0:
                     row[e] = -math.inf
     return [c if c >= 0 else top(plan[t], 1)[0] for t, c in enumerate(choice)]
+
+
+# the oracles are attached from here, so no production router imports them
+for _cls, _oracle in (
+    (TopKRouter, topk_reference),
+    (AttentionRouter, attention_reference),
+    (SigmoidRouter, sigmoid_reference),
+    (ExpertChoiceRouter, expert_choice_reference),
+    (SinkhornRouter, sinkhorn_reference),
+):
+    _cls.reference = staticmethod(_oracle)

@@ -22,6 +22,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -80,6 +81,46 @@ def _unpack(buf: Tensor, slots: tuple[_Slot | None, ...], rows: int) -> tuple[Te
         t = buf[s.offset : s.offset + s.n_bytes].view(s.dtype).view(s.shape)
         out.append(t[:rows])
     return tuple(out)
+
+
+def capture(
+    fn: Callable[[], Any],
+    device: torch.device,
+    pool: Any = None,
+    error_mode: str = "global",
+    warmup: int = 1,
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """(graph, fn's outputs as static tensors): fn run `warmup` times on a side stream (kernels
+    compiled and tuned, workspaces sized outside the capture), then captured into a graph.
+
+    `pool` shares one memory pool between graphs (capture the largest first). The one capture
+    helper of moekit: the layer's replay, the HF adapter's and the server's decode step.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode=error_mode):
+            out = fn()
+    except RuntimeError:
+        _end_rng_capture(device)
+        raise
+    return graph, out
+
+
+def _end_rng_capture(device: torch.device) -> None:
+    """Take the CUDA generator out of capture after a failed one.
+
+    A capture that fails ends before the generator's capture epilogue runs, so every later
+    eager random op would fail ("Offset increment outside graph capture"). Capturing an empty
+    graph runs the prologue and epilogue again and leaves the generator as it was.
+    """
+    with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=torch.cuda.Stream(device)):
+        pass
 
 
 class GraphReplay:
@@ -143,19 +184,12 @@ class GraphReplay:
     def _capture(self, inputs: tuple[Tensor, ...], rows_b: int) -> _Entry | None:
         """Warm fn up on a side stream (compiles kernels, sizes workspaces), then capture it."""
         static = tuple(t.new_zeros(rows_b, *t.shape[1:]) for t in inputs)
-        device = inputs[0].device
         try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.fn(*static)
-            torch.cuda.current_stream(device).wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                packed, slots = _pack(self.fn(*static))
+            graph, (packed, slots) = capture(
+                lambda: _pack(self.fn(*static)), inputs[0].device, self._pool, warmup=2
+            )
         except RuntimeError as err:  # e.g. an op that syncs with the host
             _LOG.warning("no CUDA graph for %d rows (%s): running eagerly", rows_b, err)
             return None

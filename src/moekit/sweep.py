@@ -3,9 +3,10 @@
 Every point of the grid is the run config with those four MoE settings replaced, trained
 for `steps` steps into OUT/points/<id>/. Each finished point appends one line to
 OUT/results.jsonl, so a sweep that stops (Ctrl-C, a crash) resumes where it was: a point
-already there is not run again. The table (sweep.md, sweep.json) and the trade-off plots
-(sweep.png: quality vs tokens/s, load balance vs quality, dropped fraction vs capacity)
-are redrawn from results.jsonl at the end.
+already there is not run again, and the point that was running is never recorded: the next
+run trains it again, from its last checkpoint when it wrote one. The table (sweep.md,
+sweep.json) and the trade-off plots (sweep.png: quality vs tokens/s, load balance vs
+quality, dropped fraction vs capacity) are redrawn from results.jsonl at the end.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def base_config(path: str | Path) -> dict[str, Any]:
     data = yaml.safe_load(Path(path).read_text())
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a run config (a YAML mapping of task, model, train)")
-    return RunConfig(**data).to_dict()
+    return RunConfig.from_dict(data).to_dict()
 
 
 def grid_points(cfg: SweepConfig, base: dict[str, Any]) -> list[dict[str, Any]]:
@@ -151,7 +152,7 @@ def point_config(base: dict[str, Any], point: dict[str, Any], steps: int, out: P
     train.update(steps=steps, live="off", eval_interval=min(train["eval_interval"], steps))
     train["warmup_steps"] = min(train["warmup_steps"], steps // 2)
     data["out"] = str(out)
-    return RunConfig(**data)
+    return RunConfig.from_dict(data)
 
 
 def _mean_last(train: list[dict[str, Any]], key: str, n: int = 10) -> float | None:
@@ -166,12 +167,22 @@ def _imbalance(train: list[dict[str, Any]], n: int = 10) -> float | None:
     return sum(max(load) * len(load) for load in loads) / len(loads) if loads else None
 
 
+def _resumable(run_dir: Path, steps: int) -> bool:
+    """Whether an interrupted point left a checkpoint short of its last step to resume from."""
+    from moekit.model.store import list_checkpoints
+
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    return bool(ckpts) and ckpts[-1]["step"] < steps
+
+
 def run_point(cfg: Any) -> dict[str, Any]:
-    """Train one point; its quality, speed, balance and drops.
+    """Train one point (resumed when an interrupted run left checkpoints); its quality, speed,
+    balance and drops. A Ctrl-C (or SIGTERM) stops it as KeyboardInterrupt: never a result.
 
     Points draw no plots of their own (the sweep's plots compare them); `moekit plot
     OUT/points/<id>` draws a point's dashboard and task plots when wanted.
     """
+    from moekit.errors import CheckpointError
     from moekit.train.logging import read_log
     from moekit.train.trainer import Trainer
 
@@ -179,11 +190,26 @@ def run_point(cfg: Any) -> dict[str, Any]:
         def plot(self, final: bool) -> list[Path]:
             return []
 
+    run_dir = Path(cfg.out)
+    resume = run_dir if _resumable(run_dir, cfg.train.steps) else None
+    if resume is None:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a partial run without a checkpoint
     trainer = PointTrainer(cfg, title="sweep point")
     try:
-        summary = trainer.fit()
+        try:
+            summary = trainer.fit(resume=resume)
+        except CheckpointError:  # every checkpoint it left is damaged: train it afresh
+            trainer.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+            trainer = PointTrainer(cfg, title="sweep point")
+            summary = trainer.fit()
     finally:
         trainer.close()
+    if summary["stopped_by_signal"]:
+        raise KeyboardInterrupt(
+            f"interrupted: sweep point {run_dir.name} stopped at step {summary['step']} of "
+            f"{cfg.train.steps}; run the same command again to resume it"
+        )
     train = [r for r in read_log(cfg.out) if r.get("kind") == "train"]
     metric = trainer.task.metric
     return {
@@ -225,9 +251,9 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
             pid = point_id(point)
             record: dict[str, Any] = {"id": pid, "point": point, "steps": cfg.steps}
             run_dir = out / "points" / pid
-            shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted run left
             try:
-                record.update(run_point(point_config(base, point, cfg.steps, run_dir)))
+                point_cfg = point_config(base, point, cfg.steps, run_dir)
+                record.update(run_point(point_cfg))
             except ValueError as err:  # a combination the config refuses, e.g. k > experts
                 record["skipped"] = str(err)
             with (out / RESULTS_FILE).open("a") as f:

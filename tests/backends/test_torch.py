@@ -4,8 +4,11 @@ import pytest
 import torch
 
 import moekit
-import moekit.backends.torch as torch_backend
+from moekit.backends.torch import TorchBackend
 from moekit.dispatch import combine, gather, make_plan
+from moekit.types import ExpertWeights
+
+BACKEND = TorchBackend()
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.8])
@@ -42,7 +45,7 @@ def test_all_tokens_dropped_gives_zeros():
     moe = moekit.MoE(moekit.MoEConfig(d_model=4, d_hidden=4, n_experts=2, k=1, backend="torch"))
     plan = make_plan(torch.full((3, 1), -1), torch.zeros(3, 1), torch.zeros(3, 1), 2)
     e = moe.experts
-    y = torch_backend.experts_forward(torch.randn(3, 4), plan, e.w1, e.w2, None, None, "swiglu")
+    y = BACKEND.forward(torch.randn(3, 4), plan, ExpertWeights(e.w1, e.w2), "swiglu")
     assert torch.equal(y, torch.zeros(3, 4))
 
 
@@ -69,7 +72,7 @@ def test_inference_path_writes_the_same_output(bias):
 @pytest.mark.parametrize("capacity_factor", [None, 0.8])
 @pytest.mark.parametrize("bias", [False, True])
 def test_per_slot_outputs_are_each_slots_own_expert(capacity_factor, bias):
-    """experts_per_slot: row s is expert(x[token s]) unweighted; combined, it is the layer's y."""
+    """per_slot: row s is expert(x[token s]) unweighted; combined, it is the layer's y."""
     torch.manual_seed(2)
     cfg = moekit.MoEConfig(
         d_model=8,
@@ -83,13 +86,12 @@ def test_per_slot_outputs_are_each_slots_own_expert(capacity_factor, bias):
     x = torch.randn(13, 8, dtype=torch.float64)
     _, plan = moe.route(x)
     e = moe.experts
-    out = torch_backend.experts_per_slot(
-        gather(x, plan.token_S), plan.offsets_E1, e.w1, e.w2, e.b1, e.b2, e.activation
-    )
+    w = ExpertWeights(e.w1, e.w2, e.b1, e.b2)
+    out = BACKEND.per_slot(gather(x, plan.token_S), plan.offsets_E1, w, e.activation)
     n = int(plan.offsets_E1[-1])
     assert out.shape == (n, 8) and (n < 26) == (capacity_factor is not None)
     for s in range(n):
         want = e.expert(int(plan.expert_S[s]), x[plan.token_S[s]][None])[0]
         assert torch.allclose(out[s], want, rtol=1e-12, atol=1e-12)
-    y = torch_backend.experts_forward(x, plan, e.w1, e.w2, e.b1, e.b2, e.activation)
+    y = BACKEND.forward(x, plan, w, e.activation)
     assert torch.allclose(combine(out, plan.token_S, plan.weight_S, 13), y, rtol=1e-12, atol=1e-14)

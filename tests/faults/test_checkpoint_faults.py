@@ -62,6 +62,16 @@ def test_resume_falls_back_past_a_truncated_newest_checkpoint(run_copy, capsys, 
     assert steps == list(range(1, 9))  # resumed at 4: steps 5 and 6 logged once
 
 
+def test_pruning_after_a_resume_past_a_damaged_checkpoint_keeps_the_good_one(run_copy, capsys):
+    ckpt = newest(run_copy)  # step 6, damaged: the resume starts from step 4
+    (ckpt / WEIGHTS).write_bytes((ckpt / WEIGHTS).read_bytes()[:1000])
+    code, out, _ = run_cli(capsys, *train_args(run_copy, 5, "--resume", "--train.keep_last=1"))
+    assert code == 0 and json.loads(out.splitlines()[0])["step"] == 5
+    assert 5 in _steps(run_copy)  # keep_last=1 alone would keep only the damaged step 6
+    code, out, _ = run_cli(capsys, *train_args(run_copy, 6, "--resume"))
+    assert code == 0 and json.loads(out.splitlines()[0])["step"] == 6
+
+
 def test_resume_below_the_checkpoint_step_is_refused(run_copy, capsys):
     code, _, err = run_cli(capsys, *train_args(run_copy, 4, "--resume"))
     assert code == 2 and "already at step 6" in one_error(err)
@@ -117,3 +127,19 @@ def test_resume_with_another_model_config_names_the_parameter_and_shapes(run_cop
     code, _, err = run_cli(capsys, *train_args(run_copy, 8, "--resume", "--model.moe.n_experts=8"))
     line = one_error(err)
     assert code == 2 and "experts.w1 has shape [4, 16, 32] in the file, [8, 16, 32]" in line
+
+
+def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".moekit.lock", "a+") as held:  # what a running `moekit train` holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        code, _, err = run_cli(capsys, *train_args(out, 2))
+    assert code == 2 and "in use by another moekit run (pid 4242)" in one_error(err)
+    assert not (out / "metrics.jsonl").exists()
+    code, _, _ = run_cli(capsys, *train_args(out, 2))  # free again once that run ended
+    assert code == 0

@@ -8,10 +8,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from tests.faults.conftest import CONFIG, ROOT, one_error, run_cli
+from tests.faults.conftest import CONFIG, ROOT, one_error, run_cli, train_args
+from tests.tiny import tiny_model
 
 from moekit.model.sampling_rules import SAMPLING_BOUNDS, check_sampling
 from moekit.serve.schemas import GenerateRequest
+from moekit.train.checkpoint import save_checkpoint
 
 
 # generate ------------------------------------------------------------------------------------
@@ -51,6 +53,28 @@ def test_generate_accepts_what_the_checks_allow(text_ckpt, capsys):
     argv = ["generate", str(text_ckpt), "--prompt", "ab", "--max-new", "3", "--samples", "2"]
     code, out, err = run_cli(capsys, *argv, "--top-k", "5", "--top-p", "1", "--temperature", "0")
     assert code == 0 and out.count("--- sample") == 2 and not err
+
+
+def test_max_new_past_the_context_is_capped_with_one_note(text_ckpt, capsys, monkeypatch):
+    from moekit.commands import run
+
+    shown = []
+    real = run._printer
+    monkeypatch.setattr(run, "_printer", lambda first: shown.append(first) or real(first))
+    argv = ["generate", str(text_ckpt), "--prompt", "ab", "--max-new", "100000000"]
+    code, out, err = run_cli(capsys, *argv, "--temperature", "0")
+    assert code == 0 and err.strip().splitlines() == [
+        "moekit generate: --max-new 100000000 capped at 30: the prompt (2) and the "
+        "continuation fit max_seq_len=32"
+    ]
+    assert shown == ["ab"]  # the prompt printed before the first token was sampled
+    greedy = run.generate(run.Generate(str(text_ckpt), prompt="ab", max_new=30, temperature=0))
+    assert out == greedy[0] + "\n" and len(greedy[0].encode()) >= 3
+
+
+def test_a_prompt_that_fills_the_context_is_refused(text_ckpt, capsys):
+    code, _, err = run_cli(capsys, "generate", str(text_ckpt), "--prompt", "x" * 32)
+    assert code == 2 and "nothing is left to generate" in one_error(err)
 
 
 _FIELDS = list(SAMPLING_BOUNDS)
@@ -154,3 +178,46 @@ def test_python_dash_m_moekit_runs_the_command():
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert one_error(r.stderr).endswith("Got value: abc") and not r.stdout
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    code, _, err = run_cli(capsys, *train_args(taken, 1))
+    assert code == 2 and f"{taken}: exists and is not a directory" in one_error(err)
+    assert taken.read_text() == "mine"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--train.device", "cuda"],
+        ["bench", "layer", "--device", "cuda"],
+        ["bench", "kernels"],
+        ["bench", "profile"],
+    ],
+    ids=["train", "bench layer", "bench kernels", "bench profile"],
+)
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys, argv):
+    if argv[0] != "bench":
+        argv = [*train_args(tmp_path / "run", 1), *argv]
+    else:
+        argv = [*argv, "--out-dir", str(tmp_path)]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "needs a CUDA GPU" in one_error(err)
+
+
+def test_a_checkpoint_without_a_tokenizer_says_so_and_takes_token_ids(tmp_path, capsys):
+    model = tiny_model(0, vocab_size=300)  # not bytes, and no tokenizer files beside it
+    ckpt = save_checkpoint(tmp_path, model, None, step=1)
+    code, _, err = run_cli(capsys, "generate", str(ckpt), "--prompt", "hi")
+    line = one_error(err)
+    assert code == 2 and "has no tokenizer" in line and "--prompt-ids" in line
+    argv = ["generate", str(ckpt), "--prompt-ids", "5,299,7", "--max-new", "4"]
+    code, out, err = run_cli(capsys, *argv, "--temperature", "0")
+    ids = [int(i) for i in out.strip().split(",")]
+    assert code == 0 and not err and ids[:3] == [5, 299, 7] and len(ids) == 7
+    assert all(0 <= i < 300 for i in ids)
+    code, _, err = run_cli(capsys, "generate", str(ckpt), "--prompt-ids", "5,x")
+    assert code == 2 and "--prompt-ids='5,x' is not integers" in one_error(err)

@@ -188,3 +188,20 @@ def test_python_dash_m_serve_refuses_in_one_line(capsys, argv, named):
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and err.startswith("python -m moekit.serve: error: ")
     assert named in err and "\n" not in err
+
+
+def test_python_dash_m_serve_refuses_a_taken_port_in_one_line(capsys, tmp_path):
+    sock = bind_socket("127.0.0.1", 0)
+    sock.listen()
+    port = str(sock.getsockname()[1])
+    try:
+        with pytest.raises(SystemExit) as stop:
+            serve_main([str(tmp_path), "--port", port, "--max-model-len", "32"])
+    finally:
+        sock.close()
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and f"port {port} on 127.0.0.1 is already in use" in err
+    assert "\n" not in err
+    with pytest.raises(SystemExit) as version:
+        serve_main(["--version"])
+    assert version.value.code == 0 and capsys.readouterr().out.startswith("moekit ")

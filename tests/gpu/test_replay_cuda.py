@@ -91,3 +91,17 @@ def test_hf_experts_replay_equals_eager(family):
     experts = model.model.layers[0].mlp.experts
     assert _BOUND[id(experts)][1][("replay", "auto")]._entries, "the call did not replay"
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_a_failed_capture_leaves_random_ops_working():
+    """A capture that fails (here: a host sync inside it) falls back to eager without leaving
+    the CUDA generator in capture: later random ops, eager and captured, still run."""
+    from moekit.replay import capture
+
+    x = torch.randn(8, device="cuda")
+    with pytest.raises(RuntimeError):
+        capture(lambda: x.sum().item(), x.device)
+    torch.randn(4, device="cuda")  # failed with "Offset increment outside graph capture"
+    graph, out = capture(lambda: torch.rand(4, device="cuda") + x[:4], x.device)
+    graph.replay()
+    assert out.shape == (4,) and bool(torch.isfinite(out).all())

@@ -15,13 +15,16 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
+from tests.oracle import by_weights  # noqa: E402
+
 from moekit import MoE, MoEConfig  # noqa: E402
-from moekit.backends.torch import experts_forward as torch_experts  # noqa: E402
-from moekit.backends.torch import experts_per_slot as torch_per_slot  # noqa: E402
-from moekit.backends.triton import experts_forward as triton_experts  # noqa: E402
-from moekit.backends.triton import experts_per_slot as triton_per_slot  # noqa: E402
-from moekit.config import ACTIVATIONS, GATED_ACTIVATIONS  # noqa: E402
+from moekit.backends.torch import TorchBackend  # noqa: E402
+from moekit.backends.triton import TritonBackend  # noqa: E402
 from moekit.dispatch import gather, make_plan  # noqa: E402
+from moekit.types import ACTIVATIONS, GATED_ACTIVATIONS  # noqa: E402
+
+torch_experts, torch_per_slot = by_weights(TorchBackend())
+triton_experts, triton_per_slot = by_weights(TritonBackend())
 
 
 def _case(seed: int, activation: str, dtype: torch.dtype, bias: bool, transposed: bool):

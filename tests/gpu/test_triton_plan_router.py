@@ -16,9 +16,13 @@ pytestmark = [
 ]
 
 from moekit import MoE, MoEConfig  # noqa: E402
+from moekit.backends.triton import TritonBackend  # noqa: E402
 from moekit.config import RouterConfig  # noqa: E402
-from moekit.dispatch import Plan, make_plan  # noqa: E402
+from moekit.dispatch import make_plan  # noqa: E402
 from moekit.routing import build_router  # noqa: E402
+from moekit.types import Plan  # noqa: E402
+
+TRITON = TritonBackend()
 
 
 def _routing(T: int, K: int, E: int, seed: int, empty: float = 0.0):
@@ -45,13 +49,15 @@ def _assert_same(a: Plan, b: Plan) -> None:
 def test_counting_sort_plan_equals_the_cpu_plan(T: int, K: int, E: int, empty: float) -> None:
     experts, weights = _routing(T, K, E, seed=T + K + E, empty=empty)
     want = make_plan(experts, weights, weights, E)
-    _assert_same(make_plan(experts.cuda(), weights.cuda(), weights.cuda(), E), want)
+    got = make_plan(experts.cuda(), weights.cuda(), weights.cuda(), E, backend=TRITON)
+    _assert_same(got, want)
 
 
 def test_capacity_plan_stays_sort_based() -> None:
     experts, weights = _routing(64, 2, 8, seed=0)
     want = make_plan(experts, weights, weights, 8, capacity=10)
-    got = make_plan(experts.cuda(), weights.cuda(), weights.cuda(), 8, capacity=10)
+    assert TRITON.make_plan(experts.cuda(), weights.cuda(), 8, 10) is None
+    got = make_plan(experts.cuda(), weights.cuda(), weights.cuda(), 8, capacity=10, backend=TRITON)
     _assert_same(got, want)
 
 
@@ -63,9 +69,10 @@ def test_fused_router_matches_the_torch_code(kind: str, T: int, E: int, K: int) 
     if kind == "sigmoid":
         router.expert_bias.copy_(torch.randn(E, device="cuda") * 0.1)
     logits = torch.randn(T, E, device="cuda")
-    want = router.select(logits.clone().requires_grad_())  # a gradient: the torch code
+    want = router.select(logits.clone().requires_grad_())  # the torch code
     with torch.no_grad():
-        got = router.select(logits)  # the fused kernel
+        got = router.select_fused(logits, TRITON.select)  # the fused kernel
+    assert got is not None
     assert torch.equal(got.experts, want.experts)
     for name in ("weights", "priority", "probs"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name).detach(), msg=name)

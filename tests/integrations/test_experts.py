@@ -55,7 +55,7 @@ def test_from_pretrained_takes_the_name_and_weights_are_views(tmp_path):
     )
     experts = model.model.layers[0].mlp.experts
     assert model.config._experts_implementation == "moekit"
-    w1, w2, _, _ = _weights(experts)
+    w1, w2, _, _ = _weights(experts).tensors
     assert w1.data_ptr() == experts.gate_up_proj.data_ptr() and w1.shape == (4, 16, 16)
     assert w2.data_ptr() == experts.down_proj.data_ptr() and w2.shape == (4, 8, 16)
 

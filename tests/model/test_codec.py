@@ -20,7 +20,7 @@ def test_bytes_wait_for_whole_characters_and_chat_has_a_fixed_template():
 
 def test_a_converted_checkpoints_tokenizer_json(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
-    from moekit.integrations.hf import load_tokenizer
+    from moekit.model.tokenizer import load_tokenizer
 
     words = ["<unk>", "<eos>", "hello", "world"]
     tok = tokenizers.Tokenizer(

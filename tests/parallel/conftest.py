@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -12,16 +13,22 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-_TIMEOUT_S = 60.0  # a collective mismatch deadlocks; fail the test instead of hanging CI
+# a collective mismatch deadlocks: fail the test instead of hanging CI (generous, since four
+# ranks share two loaded cores)
+_TIMEOUT_S = 300.0
 
 
-def _entry(rank: int, fn: Callable, world: int, store: str, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, world: int, path: str, args: tuple) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+    store = dist.FileStore(path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    fn(rank, world, *args)  # a failure ends this rank now: its error is the one reported
+    # Gloo's side of a connection can be done before its peer's: a rank that closed its
+    # sockets while a slower one still connected or read gave "Connection closed by peer".
+    # So no rank tears down before every rank has finished (a barrier on the file store).
+    store.set(f"finished-{rank}", "1")
+    store.wait([f"finished-{r}" for r in range(world)], timedelta(seconds=_TIMEOUT_S))
+    dist.destroy_process_group()
 
 
 def _launch(tmp_path: Path, fn: Callable, world: int, *args) -> None:

@@ -32,10 +32,10 @@ def _save(rank: int, world: int, directory: str) -> None:
 
 def _load(rank: int, world: int, directory: str) -> None:
     layer = load_layer(directory)
-    assert layer.ep_size == world and layer.n_local == 4 // world
+    assert layer.dispatcher.ep_size == world and layer.dispatcher.n_local == 4 // world
     dense = _dense_layer()
-    lo = rank * layer.n_local
-    assert torch.equal(layer.experts.w1, dense.experts.w1[lo : lo + layer.n_local])
+    lo = rank * layer.dispatcher.n_local
+    assert torch.equal(layer.experts.w1, dense.experts.w1[lo : lo + layer.dispatcher.n_local])
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(rank))
     y, y_ref = layer(x)[0], dense(x)[0]
     assert (y - y_ref).abs().max() <= 1e-6 * y_ref.abs().max()

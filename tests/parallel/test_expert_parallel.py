@@ -17,7 +17,13 @@ from torch import Tensor
 from moekit import MoE, MoEConfig, RouterConfig
 from moekit.backends import unsupported_reason
 from moekit.dispatch import combine
-from moekit.parallel import ExpertParallelMoE, gather_experts, split_expert_params
+from moekit.parallel import (
+    AllToAllDispatcher,
+    ExpertParallelMoE,
+    gather_experts,
+    split_expert_params,
+    to_dense,
+)
 
 REL_TOL = 1e-6
 
@@ -195,6 +201,20 @@ def test_experts_not_divisible_by_group_size(launch):
     launch(_bad_group, 4)
 
 
+def _swapped_dispatcher(rank: int, world: int) -> None:
+    """The expert-parallel layer is a plain MoE with the all-to-all dispatcher swapped in."""
+    cfg = MoEConfig(d_model=8, d_hidden=6, n_experts=4, k=2, backend="torch")
+    ep, dense = ExpertParallelMoE(cfg), MoE(cfg)
+    assert type(ep) is MoE and isinstance(ep.dispatcher, AllToAllDispatcher)
+    assert isinstance(ep, ExpertParallelMoE) and not isinstance(dense, ExpertParallelMoE)
+    assert ep.dispatcher.first_expert == rank * 2 and ep.replay is None
+    assert "ep_size=2, local_experts=2" in repr(ep)
+
+
+def test_expert_parallel_layer_is_an_moe_with_another_dispatcher(launch):
+    launch(_swapped_dispatcher, 2)
+
+
 def _subgroups(rank: int, world: int) -> None:
     """EP=2 inside a 4-rank world (two replicas): same layer as EP=4 and as the dense one."""
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -207,9 +227,9 @@ def _subgroups(rank: int, world: int) -> None:
     ep4 = ExpertParallelMoE(cfg)
     torch.manual_seed(0)
     dense = MoE(cfg)
-    assert ep2.n_local == 2 and ep4.n_local == 1
+    assert ep2.dispatcher.n_local == 2 and ep4.dispatcher.n_local == 1
     for ep in (ep2, ep4):
-        state = ep.to_dense().state_dict()
+        state = to_dense(ep).state_dict()
         for name, value in dense.state_dict().items():
             assert torch.equal(state[name], value), name
 
@@ -224,7 +244,7 @@ def _conversions(rank: int, world: int) -> None:
     dense = MoE(cfg)
     ep = ExpertParallelMoE.from_dense(dense)
     assert torch.equal(ep.experts.w2, dense.experts.w2[2 * rank : 2 * rank + 2])
-    back = ep.to_dense()
+    back = to_dense(ep)
     for (name, a), b in zip(back.state_dict().items(), dense.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     dense_names = {n for n, _ in dense.named_parameters()}
@@ -283,6 +303,8 @@ def _sigmoid_bias(rank: int, world: int) -> None:
         with torch.no_grad():
             ep(xs[rank])
             dense(torch.cat(xs))  # one process seeing every rank's tokens
+        ep.router.before_optimizer_step()  # the training step's hook: sums the ranks' load
+        dense.router.before_optimizer_step()
         bias = ep.router.expert_bias
         moved |= bool(bias.abs().sum() > 0)
         assert torch.equal(bias, dense.router.expert_bias), f"step {step}: bias != dense"
@@ -314,9 +336,10 @@ def _overlap(rank: int, world: int) -> None:
             y_TD, _ = ep(x_TD)
         else:
             _, plan = ep.route(x_TD)
-            out_ND = ep.compute_slots(x_TD, plan)
+            experts = ep.bind(x_TD, ep.backend(x_TD))
+            out_ND, _ = ep.dispatcher.slots(x_TD, plan, experts)
             y_TD = combine(out_ND, plan.token_S, plan.weight_S, x_TD.shape[0])
-            y_TD = MoE.finish(ep, x_TD, y_TD, plan)
+            y_TD = ep.finish(x_TD, y_TD, ep.shared(x_TD), plan)
         y_TD.square().sum().backward()
         runs.append([y_TD, x_TD.grad] + [p.grad for p in ep.parameters()])
     for i, (a, b) in enumerate(zip(*runs, strict=True)):

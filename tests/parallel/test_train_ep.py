@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,8 +99,9 @@ def test_torchrun_ep2_inside_dp2_trains_on_four_processes(tmp_path):
 def _ep_inside_dp_run(rank: int, world: int, root: str) -> None:
     """Trainer at ep=2 x dp=2: experts equal on their replicas, the rest equal everywhere."""
     cfg = tiny_ep_run(Path(root), ep=2, batch_size=2, steps=4, ckpt_interval=4)
-    cfg.parallel = ParallelConfig(ep=2, dp=2)
-    cfg.model.moe.router = moekit.RouterConfig(kind="sigmoid", options={"bias_update_rate": 0.01})
+    router = moekit.RouterConfig(kind="sigmoid", options={"bias_update_rate": 0.01})
+    model = replace(cfg.model, moe=replace(cfg.model.moe, router=router))
+    cfg = replace(cfg, parallel=ParallelConfig(ep=2, dp=2), model=model)
     trainer = quiet_trainer(cfg)
     assert trainer.fit()["step"] == 4
     trainer.close()

@@ -13,9 +13,7 @@ from moekit.routing.attention import AttentionRouter
 
 def make_moe(capacity_factor=None, heads=3, dim=5, dtype=torch.float64, **router):
     """The oracle's layer with an attention router over 6 experts."""
-    router = moekit.RouterConfig(
-        kind="attention", attention_heads=heads, attention_dim=dim, **router
-    )
+    router = moekit.RouterConfig(kind="attention", options={"heads": heads, "dim": dim}, **router)
     return oracle_moe(
         router,
         dtype=dtype,
@@ -85,7 +83,7 @@ def test_float32_and_constellations_match_reference():
 )
 def test_bad_sizes_name_the_field(options, field):
     with pytest.raises(ValueError, match=field):
-        moekit.RouterConfig(kind="attention", options=options)
+        moekit.MoE(moekit.MoEConfig(router=moekit.RouterConfig(kind="attention", options=options)))
 
 
 def test_trains_the_router_projections():

@@ -160,8 +160,8 @@ def test_constellations_need_tracking():
     ],
 )
 def test_bad_constellations_are_rejected(router, layer, match):
-    with pytest.raises(ValueError, match=match):
-        moekit.MoEConfig(n_experts=6, router=moekit.RouterConfig(**router), **layer)
+    with pytest.raises(ValueError, match=match):  # the kind is checked where the layer is built
+        moekit.MoE(moekit.MoEConfig(n_experts=6, router=moekit.RouterConfig(**router), **layer))
 
 
 def test_config_round_trip_with_constellations():

@@ -60,7 +60,7 @@ def test_kind_survives_the_config_round_trip():
 
 def test_bad_kinds_and_registrations_are_refused():
     with pytest.raises(ValueError, match="expert.kind='nope'"):
-        moekit.ExpertConfig(kind="nope")
+        moekit.MoE(moekit.MoEConfig(expert=moekit.ExpertConfig(kind="nope")))
     with pytest.raises(ValueError, match="subclass of moekit.experts.Experts"):
         moekit.register_expert("module_test")(nn.Linear)
     with pytest.raises(ValueError, match="already registered"):

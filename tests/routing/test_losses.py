@@ -1,7 +1,7 @@
 import torch
 
-from moekit.routing.base import Routing
 from moekit.routing.losses import router_losses
+from moekit.types import Routing
 
 
 def _routing(experts, logits):

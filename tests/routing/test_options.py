@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tests.oracle import against_reference, make_moe, rel
 
 import moekit
-from moekit.routing.schedule import Schedule
+from moekit.config import Schedule
 
 
 def _rcfg(kind="topk", **kw):
@@ -138,17 +138,28 @@ def test_set_step_moves_the_options_and_the_layer_follows_the_reference():
     torch.manual_seed(4)
     schedules = {"temperature": "4 -> 0.5 over 8", "capacity_factor": "2 -> 0.5 over 8"}
     moe = make_moe(_rcfg(schedules=schedules), capacity_factor=2.0)
+    configured = moe.cfg
     x = torch.randn(12, 8, dtype=torch.float64)
     for step in (0, 3, 8, 20):
         values = moe.router.set_step(step)
         assert values["temperature"] == pytest.approx(4 - 3.5 * min(step, 8) / 8)
-        assert moe.cfg.router.temperature == values["temperature"]
         assert moe.router.live_temperature.item() == pytest.approx(values["temperature"])
-        assert moe.cfg.capacity_factor == values["capacity_factor"]
+        assert moe.router.capacity_factor == values["capacity_factor"]
         layer, ref = against_reference(moe, x)
         assert rel(layer.y, ref.y) < 1e-6  # the live scalar is float32
         assert torch.equal(layer.info.routing.experts, ref.info.routing.experts)
-    assert moe.cfg.capacity(12) == math.ceil(0.5 * 12 * 2 / 4)
+    assert moe.router.capacity(12) == math.ceil(0.5 * 12 * 2 / 4)
+    # the config every block shares keeps the configured values
+    assert moe.cfg is configured and moe.cfg.capacity_factor == 2.0
+    assert moe.cfg.router.temperature == 1.0 and moe.cfg.capacity(12) == 12
+
+
+def test_a_router_built_outside_training_starts_at_the_schedules_end():
+    """What a checkpoint saved after the anneal serves with, whatever the configured value."""
+    schedules = {"temperature": "4 -> 0.5 over 8", "capacity_factor": "2 -> 0.5 over 8"}
+    moe = make_moe(_rcfg(temperature=3.0, schedules=schedules), capacity_factor=2.0)
+    assert moe.router.live_temperature.item() == 0.5 and moe.router.capacity_factor == 0.5
+    assert make_moe(_rcfg(), capacity_factor=2.0).router.capacity_factor == 2.0
 
 
 def test_scheduled_noise_uses_the_live_scale():

@@ -9,11 +9,11 @@ from tests.oracle import against_reference, make_moe, rel
 
 import moekit
 from moekit.config import RouterOptions
-from moekit.routing import Routing, available_routers, router_class, router_options
+from moekit.routing import Routing, available_routers, build_options, router_class, router_options
 from moekit.routing.base import Router
 
 
-@dataclass
+@dataclass(frozen=True)
 class RotatedOptions(RouterOptions):
     """The toy router's own option: how far its picks are rotated."""
 
@@ -101,11 +101,11 @@ def test_outside_router_runs_in_the_layer_and_the_oracle(capacity_factor):
 
 def test_outside_router_options_are_validated_and_round_trip():
     with pytest.raises(ValueError, match=r"router\.options\.shift=-1"):
-        moekit.RouterConfig(kind="rotated_test", options={"shift": -1})
+        build_options("rotated_test", {"shift": -1})
     with pytest.raises(ValueError, match="unknown router.options key.*'rotated_test'.*shift_by"):
-        moekit.RouterConfig(kind="rotated_test", options={"shift_by": 1})
+        moekit.MoE(moekit.MoEConfig(router={"kind": "rotated_test", "options": {"shift_by": 1}}))
     cfg = moekit.MoEConfig(n_experts=6, router={"kind": "rotated_test", "options": {"shift": 3}})
-    assert cfg.router.options == RotatedOptions(shift=3)
+    assert moekit.MoE(cfg).router.options == RotatedOptions(shift=3)
     assert cfg.to_dict()["router"]["options"] == {"shift": 3}
     assert moekit.MoEConfig.from_dict(cfg.to_dict()) == cfg
 

@@ -21,12 +21,30 @@ def test_aux_loss_free_bias_balances_a_skewed_stream():
     first = None
     for _ in range(200):
         _, info = moe(torch.randn(512, D) + skew)
+        moe.router.before_optimizer_step()  # the training step's hook
         if first is None:
             first = info.metrics["load_max_over_mean"].item()
     assert first > 1.5  # the stream really is skewed at the start
     assert info.metrics["load_max_over_mean"].item() < 1.2
     assert info.aux_loss.item() == 0.0
     assert "router.expert_bias" in moe.state_dict()  # saved with the model
+
+
+def test_the_bias_moves_once_per_optimizer_step_not_per_forward():
+    torch.manual_seed(3)
+    rcfg = moekit.RouterConfig(kind="sigmoid", options={"bias_update_rate": 0.1})
+    moe = moekit.MoE(moekit.MoEConfig(d_model=4, d_hidden=4, n_experts=4, k=1, router=rcfg)).train()
+    x = torch.randn(64, 4) + 3
+    moe(x)
+    moe(x)
+    assert torch.equal(moe.router.expert_bias, torch.zeros(4))  # forwards only count
+    assert moe.router.load_E.sum() == 2 * 64
+    moe.router.before_optimizer_step()
+    assert moe.router.expert_bias.abs().max() == 0.1 and moe.router.load_E.sum() == 0
+    assert "router.load_E" not in moe.state_dict()  # a running count, not part of the model
+    moved = moe.router.expert_bias.clone()
+    moe.router.before_optimizer_step()  # a step without training forwards: no change
+    assert torch.equal(moe.router.expert_bias, moved)
 
 
 def test_bias_changes_selection_not_weights():

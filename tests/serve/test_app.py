@@ -196,3 +196,154 @@ def test_a_tokenizer_brings_its_chat_template_and_eos(tmp_path):
         ]
         done = json.loads(stream.text.strip().split("\n")[-1][5:])
         assert "".join(p or "" for p in pieces) == done["text"]
+
+
+def test_openai_clients_common_options_are_accepted(client, model):
+    oa = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
+    prompt = "def f(x):"
+    ids = list(prompt.encode())
+    greedy = bytes(model.generate(torch.tensor([ids]), 6)[0, len(ids) :].tolist())
+    defaults = dict(frequency_penalty=0, presence_penalty=0, logit_bias={}, user="u", seed=1)
+    r = oa.completions.create(
+        model="tiny", prompt=prompt, max_tokens=6, temperature=0, best_of=1, suffix=None,
+        echo=False, stream_options=None, extra_body={"top_k": 5}, **defaults,
+    )  # fmt: skip
+    assert r.choices[0].text == greedy.decode("utf-8", "replace")
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    chat = dict(model="tiny", messages=messages, max_completion_tokens=4, temperature=0)
+    accepted = dict(
+        tools=[], tool_choice="none", response_format={"type": "text"}, service_tier="auto",
+        store=False, metadata={"k": "v"}, parallel_tool_calls=True, modalities=["text"],
+        prompt_cache_key="p", safety_identifier="s", verbosity="medium",
+    )  # fmt: skip
+    want = oa.chat.completions.create(**chat).choices[0].message.content
+    got = oa.chat.completions.create(**chat, **accepted, **defaults)
+    assert got.choices[0].message.content == want  # defaults change nothing
+    stream = oa.chat.completions.create(
+        **chat, **defaults, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == 4
+    nulls = {"model": "m", "prompt": "a", "max_tokens": None, "temperature": None, "n": None}
+    assert client.post("/v1/completions", json=nulls).status_code == 200  # null: the default
+
+
+@pytest.mark.parametrize(
+    "path, extra, field",
+    [
+        ("/v1/completions", {"best_of": 3}, "best_of"),
+        ("/v1/completions", {"echo": True}, "echo"),
+        ("/v1/completions", {"suffix": "end"}, "suffix"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {}}]}, "tools"),
+        ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"store": True}, "store"),
+        ("/v1/chat/completions", {"audio": {"voice": "x", "format": "wav"}}, "audio"),
+        ("/v1/chat/completions", {"reasoning_effort": "high"}, "reasoning_effort"),
+        ("/v1/chat/completions", {"service_tier": "flex"}, "service_tier"),
+    ],
+)
+def test_an_unsupported_value_is_400_naming_the_field(client, path, extra, field):
+    base = {"model": "m", "max_tokens": 2}
+    user = [{"role": "user", "content": "a"}]
+    base |= {"prompt": "a"} if path == "/v1/completions" else {"messages": user}
+    r = client.post(path, json={**base, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["field"] == field and "not supported" in err["message"]
+
+
+def test_unreadable_messages_and_malformed_fields(client):
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    tool = {"role": "tool", "content": "42", "tool_call_id": "c1"}
+    for messages, field in [
+        ([{"role": "user", "content": [image]}], "messages.0.content.0.type"),
+        ([{"role": "user", "content": "a"}, tool], "messages.1.role"),
+    ]:
+        r = client.post("/v1/chat/completions", json={"model": "m", "messages": messages})
+        assert r.status_code == 400 and r.json()["error"]["field"] == field
+    history = [  # an earlier refusal, and an assistant turn without content, are read past
+        {"role": "user", "content": "a", "name": "me"},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+        {"role": "assistant", "content": None, "tool_calls": []},
+    ]
+    r = client.post(
+        "/v1/chat/completions", json={"model": "m", "messages": history, "max_tokens": 1}
+    )
+    assert r.status_code == 200, r.text
+    for extra, field in [
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+        ({"logit_bias": {"1": 101}}, "logit_bias"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"²": 1}}, "logit_bias"),
+        ({"logit_bias": {"256": 1}}, "logit_bias"),
+        ({"best_of": "two"}, "best_of"),
+        ({"no_such_field": 1}, "no_such_field"),
+    ]:
+        r = client.post("/v1/completions", json={"model": "m", "prompt": "a", **extra})
+        assert r.status_code == 422 and r.json()["error"]["field"] == field, (extra, r.text)
+
+
+def test_logit_bias_and_penalties_reach_the_sampler(client):
+    body = {"model": "m", "prompt": "def f(x):", "max_tokens": 8, "temperature": 0}
+    forced = client.post("/v1/completions", json={**body, "logit_bias": {"65": 100}}).json()
+    assert forced["choices"][0]["text"] == "A" * 8
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    first = ord(plain[0])  # banned: the greedy reply starts otherwise
+    banned = client.post("/v1/completions", json={**body, "logit_bias": {str(first): -100}})
+    assert banned.json()["choices"][0]["text"][0] != plain[0]
+    penalised = {**body, "presence_penalty": 2.0, "frequency_penalty": 2.0, "max_tokens": 16}
+    text = client.post("/v1/completions", json=penalised).json()["choices"][0]["text"]
+    assert (
+        text
+        != client.post("/v1/completions", json={**body, "max_tokens": 16}).json()["choices"][0][
+            "text"
+        ]
+    )
+
+
+def test_prompts_past_the_context_are_refused_with_both_lengths(client):
+    long = "x" * 70  # the model's context: 64 positions
+    chat = {"model": "m", "messages": [{"role": "user", "content": long}]}
+    for path, body, field, n in [
+        ("/v1/generate", {"prompt": long}, "prompt", 70),
+        ("/v1/route", {"token_ids": [1] * 70}, "token_ids", 70),
+        ("/v1/completions", {"model": "m", "prompt": long}, "prompt", 70),
+        ("/v1/chat/completions", chat, "messages", 70 + len("<|user|>\n\n" + BYTE_CHAT_REPLY)),
+    ]:
+        r = client.post(path, json=body)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["field"] == field, (path, r.text)
+        assert "maximum context length is 64 tokens" in err["message"]
+        assert f"the prompt has {n} tokens" in err["message"]
+    over = {"model": "m", "prompt": "x" * 60, "max_tokens": 10}  # 60 + 10 > 64: refused
+    err = client.post("/v1/completions", json=over).json()["error"]
+    assert err["field"] == "max_tokens" and "70 tokens (60 in the prompt, 10 for" in err["message"]
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x" * 30}], "temperature": 0}
+    r = client.post("/v1/chat/completions", json=chat).json()  # no max_tokens: what is left
+    assert r["usage"]["total_tokens"] == 64 and r["choices"][0]["finish_reason"] == "length"
+    native = client.post("/v1/generate", json={"prompt": "x" * 60, "max_new_tokens": 10})
+    assert native.status_code == 200  # the native endpoint slides its window, as generate does
+
+
+def test_served_model_name_and_a_smaller_context(model):
+    app = create_app(
+        model,
+        "ckpt-dir",
+        EngineConfig(page_size=4, max_model_len=32, max_new_tokens=8),
+        served_model_name="alias",
+    )
+    with TestClient(app) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["alias"]
+        assert c.get("/health").json()["model"] == "alias"
+        r = c.post("/v1/completions", json={"model": "other", "prompt": "a", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "alias"
+        info = c.get("/v1/model").json()
+        assert info["context_length"] == 32 and info["engine"]["max_model_len"] == 32
+        kv = info["engine"]["kv"]  # pages for 32 positions a row, not the model's 64
+        full = create_app(model, engine=EngineConfig(page_size=4, max_new_tokens=8))
+        with TestClient(full) as f:
+            assert f.get("/v1/model").json()["engine"]["kv"]["bytes"] > kv["bytes"]
+        r = c.post("/v1/generate", json={"prompt": "x" * 40})
+        assert r.status_code == 400 and "maximum context length is 32" in r.text

@@ -203,20 +203,58 @@ def test_client_disconnect_cancels_the_sequence(client):
     assert stats["requests"]["active"] == 0
 
 
-def test_sigterm_drains_a_streaming_request(byte_ckpt):
-    srv = ServerProcess(byte_ckpt)
-    req = {"prompt": "x", "max_new_tokens": 200, "stream": True}
+def _signalled_stream(srv: ServerProcess, path: str, req: dict, *signals: int) -> list:
+    """Stream `req`; after its first line send `signals` (0.5 s apart); the SSE it got."""
     with (
         httpx.Client(base_url=srv.url, timeout=60) as c,
-        c.stream("POST", "/v1/generate", json=req) as s,
+        c.stream("POST", path, json=req) as s,
     ):
         lines = s.iter_lines()
         first = next(lines)
-        srv.sigterm()  # while it streams
-        events = _sse([first, *lines])
+        for i, sig in enumerate(signals):  # while it streams
+            time.sleep(0.5 if i else 0)
+            srv.proc.send_signal(sig)
+        return _sse([first, *lines])
+
+
+def test_sigterm_drains_a_streaming_request(byte_ckpt):
+    srv = ServerProcess(byte_ckpt)
+    req = {"prompt": "x", "max_new_tokens": 200, "stream": True}
+    events = _signalled_stream(srv, "/v1/generate", req, signal.SIGTERM)
     assert events[-1][0] == "done"
     assert len(json.loads(events[-1][1])["token_ids"]) == 200
-    assert srv.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+    assert srv.proc.wait(30) == 0  # drained: a normal exit, the signal is not raised again
     assert "Traceback" not in srv.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(srv.url + "/health")
+
+
+def test_ctrl_c_drains_like_sigterm_and_exits_0(byte_ckpt):
+    srv = ServerProcess(byte_ckpt)
+    req = {"model": "m", "prompt": "x", "max_tokens": 60, "stream": True, "temperature": 0}
+    events = _signalled_stream(srv, "/v1/completions", req, signal.SIGINT)  # Ctrl-C
+    assert events[-1][1] == "[DONE]"
+    chunks = [json.loads(d) for _, d in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert srv.proc.wait(30) == 0  # drained: a normal exit
+    out = srv.stop()
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+
+
+def test_ctrl_c_on_an_idle_server_exits_0_without_a_traceback(byte_ckpt):
+    srv = ServerProcess(byte_ckpt)
+    srv.proc.send_signal(signal.SIGINT)
+    assert srv.proc.wait(30) == 0
+    assert "Traceback" not in srv.stop()
+
+
+def test_a_second_ctrl_c_stops_at_once_with_130(byte_ckpt):
+    srv = ServerProcess(byte_ckpt)
+    req = {"prompt": "x", "max_new_tokens": 1000, "stream": True}
+    events = _signalled_stream(srv, "/v1/generate", req, signal.SIGINT, signal.SIGINT)
+    done = json.loads(events[-1][1])  # the request ends early, and says why
+    assert events[-1][0] == "done" and done["finish_reason"] == "shutdown"
+    assert len(done["token_ids"]) < 1000
+    assert srv.proc.wait(30) == 130
+    out = srv.stop()
+    assert "Traceback" not in out and "stopped at once" in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from moekit.serve.config import EngineConfig
@@ -178,3 +179,29 @@ def test_a_failed_step_frees_every_page_and_the_engine_goes_on():
     failed, ok, engine = asyncio.run(main())
     assert failed.finish_reason == "error" and ok.finish_reason == "length"
     assert engine.runner.kv.usage()["held"] == 0 and engine.stats.finished["error"] == 1
+
+
+def test_max_model_len_sizes_the_kv_not_the_configs_maximum():
+    """A config claiming 131072 positions on a tiny model: rows sized by max_model_len."""
+    model = make_model(max_seq_len=131072)
+    runner = ModelRunner(model, EngineConfig(page_size=16, max_batch=4, max_model_len=64), True)
+    assert runner.window == 64 and runner.kv.row_pages == 4
+    useful = 4 * 4 + EngineConfig().prefix_cache_tokens // 16 + 1  # rows + prefix + scratch
+    assert runner.kv.pool.n_pages == useful
+    assert runner.kv.usage()["bytes"] == useful * page_bytes(model, 16)
+    big = EngineConfig(page_size=16, max_batch=4, max_model_len=10**6)  # never past the model
+    assert big.context_length(model.cfg.max_seq_len) == 131072
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="max_model_len"):
+            EngineConfig(max_model_len=bad)  # type: ignore[arg-type]
+    prompt = torch.randint(0, 256, (50,))
+
+    async def main():
+        engine = Engine(model, EngineConfig(page_size=16, max_batch=4, max_model_len=64))
+        engine.start()
+        seq = engine.submit(prompt, SamplingParams(max_new_tokens=30))  # slides past 64
+        await _drain(seq)
+        await engine.stop()
+        return seq.outputs
+
+    assert len(asyncio.run(main())) == 30

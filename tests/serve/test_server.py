@@ -8,20 +8,20 @@ import torch
 import moekit
 from moekit import cli
 from moekit.model import save_model_files
-from moekit.serve.server import bind_socket
+from moekit.serve.server import PortInUse, bind_socket, run_server
 
 from .conftest import make_model
 
 
-def test_port_zero_and_a_taken_port_get_a_free_one():
+def test_port_zero_gets_a_free_one_and_a_taken_port_is_refused():
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     assert port > 0
     sock.listen()
     try:
-        moved = bind_socket("127.0.0.1", port)  # taken: another free port instead
-        assert moved.getsockname()[1] not in (0, port)
-        moved.close()
+        with pytest.raises(PortInUse, match=f"port {port} on 127.0.0.1 is already in use") as err:
+            bind_socket("127.0.0.1", port)  # taken: never moved elsewhere silently
+        assert "\n" not in str(err.value)
     finally:
         sock.close()
     with pytest.raises(OSError):
@@ -72,3 +72,13 @@ def test_load_in_a_dtype(tmp_path, dtype):
     assert torch.equal(loaded.state_dict()["blocks.0.ffn.experts.w1"], ref.to(want))
     with pytest.raises(ValueError, match="dtype"):
         moekit.load(tmp_path, dtype="int8")
+
+
+def test_run_server_refuses_a_taken_port_before_loading(tmp_path):
+    sock = bind_socket("127.0.0.1", 0)
+    sock.listen()
+    try:
+        with pytest.raises(PortInUse):  # the checkpoint does not even exist: never loaded
+            run_server(str(tmp_path / "missing"), port=sock.getsockname()[1])
+    finally:
+        sock.close()

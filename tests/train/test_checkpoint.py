@@ -88,6 +88,22 @@ def test_prune_keeps_best_and_latest(tmp_path):
     assert pick_checkpoint(tmp_path, "latest").name == "step-0000006"
 
 
+def test_prune_never_deletes_the_newest_intact_checkpoint(tmp_path):
+    model = _model()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, model, None, step=step)
+    damaged = list_checkpoints(tmp_path)[-1]["path"] / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    prune_checkpoints(tmp_path, keep_last=1, keep_best=0)  # the intact one found by manifest
+    assert [c["step"] for c in list_checkpoints(tmp_path)] == [2, 3]
+    assert pick_checkpoint(tmp_path, "latest").name == "step-0000002"
+    ckpts = Checkpointer(
+        tmp_path, {}, keep_last=1, keep_best=0, parallel=SingleProcess(torch.device("cpu"))
+    )
+    ckpts.save(model, {"step": 2}, step=2, metric=None)  # written again: known intact
+    assert [c["step"] for c in list_checkpoints(tmp_path)] == [2, 3]
+
+
 @pytest.mark.parametrize(
     "content", [b"not a checkpoint", None], ids=["garbage", "a list, not a state"]
 )

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import moekit
 from moekit.train.step import Precision, StepConfig, StepLoss, TrainStep, resolve_precision
 
 
@@ -141,3 +142,31 @@ def test_a_step_without_micro_batches_is_refused():
     model = _model()
     with pytest.raises(ValueError, match="micro_batches"):
         TrainStep(model)(torch.optim.SGD(model.parameters(), lr=0.1), [], _forward(model), _loss)
+
+
+def _sigmoid_moe():
+    torch.manual_seed(0)
+    rcfg = moekit.RouterConfig(kind="sigmoid", options={"bias_update_rate": 0.01})
+    return moekit.MoE(moekit.MoEConfig(d_model=8, d_hidden=6, n_experts=4, k=2, router=rcfg))
+
+
+def _moe_loss(out, batch):
+    y, info = out
+    return StepLoss(y.square().mean(), info.aux_loss)
+
+
+def test_sigmoid_bias_moves_once_per_step_whatever_the_accumulation():
+    """4 micro-batches give the bias of one batch of 4x the size (DeepSeek-V3's update runs
+    once per optimiser step, on the step's whole load)."""
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(64, 8, generator=g) + torch.arange(8.0) / 4 for _ in range(3)]
+    whole, parts = _sigmoid_moe(), _sigmoid_moe()
+    for model, split in ((whole, 1), (parts, 4)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # only the bias moves
+        step = TrainStep(model)
+        for x in batches:
+            step(opt, list(x.chunk(split)), lambda b, model=model: model(b), _moe_loss)
+            assert model.router.load_E.sum() == 0  # counted, applied, reset
+    bias = whole.router.expert_bias
+    assert bias.abs().sum() > 0 and torch.equal(parts.router.expert_bias, bias)
+    assert bias.abs().max() <= 3 * 0.01 + 1e-6  # at most one move of the rate per step

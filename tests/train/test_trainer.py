@@ -93,5 +93,5 @@ def test_run_config_reads_the_flat_task_layout_of_older_runs() -> None:
 
     cfg = RunConfig(task={"name": "signals", "noise": 0.2, "seq_len": 32})
     assert cfg.task.options == {"noise": 0.2}
-    with pytest.raises(ValueError, match="model: unknown ModelConfig field"):
+    with pytest.raises(ValueError, match=r"unknown model key\(s\): bogus"):
         RunConfig(model={"bogus": 1})

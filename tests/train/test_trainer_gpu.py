@@ -1,5 +1,7 @@
 """The trainer on a GPU: fused AdamW, bf16 experts, compile, checkpointing, pinned prefetch."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ def test_compiled_bf16_run_steps_on_cuda(tmp_path, make_run, backend, checkpoint
         activation_checkpointing=checkpointing,
         grad_accum=2,
     )
-    cfg.model.moe.backend = backend
+    cfg = replace(cfg, model=replace(cfg.model, moe=replace(cfg.model.moe, backend=backend)))
     trainer = Trainer(cfg)
     assert trainer.optimizer.defaults["fused"] is True
     assert trainer.batches._pool is not None  # batches built ahead, pinned

@@ -69,15 +69,21 @@ def test_dead_experts_are_named_in_the_log(tmp_path, make_run, capsys):
     assert "layer 0: dead experts 3; layer 1: dead experts 3" in capsys.readouterr().out
 
 
-def test_schedules_move_each_step_and_the_checkpoint_keeps_the_end_value(tmp_path, make_run):
+def test_schedules_move_each_step_and_the_checkpoint_serves_the_end_value(tmp_path, make_run):
     cfg = make_run(tmp_path, steps=6, log_interval=3, eval_interval=6)
     cfg = _with_router(cfg, temperature=2.0, schedules={"temperature": "2 -> 1 over 4"})
-    summary = Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
     train = [r for r in read_log(tmp_path) if r["kind"] == "train"]
     temps = [r["schedules"]["temperature"] for r in train]
     assert temps == pytest.approx([2.0, 1.75, 1.5, 1.25, 1.0, 1.0])
+    assert trainer.cfg == cfg  # the run's config is a value: the schedule moved the routers
     saved = json.loads((summary["checkpoint"] / "config.json").read_text())
-    assert saved["model"]["moe"]["router"]["temperature"] == 1.0
+    router = saved["model"]["moe"]["router"]
+    assert router["temperature"] == 2.0 and router["schedules"]["temperature"]["end"] == 1.0
+    loaded = moekit.load(summary["checkpoint"])
+    routers = [b.ffn.router for b in loaded.blocks if b.is_moe]
+    assert routers and all(r.live_temperature.item() == 1.0 for r in routers)
 
 
 def test_prefetcher_builds_the_same_batches_ahead(tmp_path, make_run):

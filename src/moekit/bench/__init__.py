@@ -1,8 +1,10 @@
 """Benchmarks, each a config dataclass registered by name and run as `moekit bench NAME`.
 
 Every benchmark writes its results through `report.write_report`: a Markdown table and a JSON
-file with the machine, GPU, versions, date and the command, in docs/benchmarks/ by default.
+file with the machine, GPU, versions, date and the command, in moekit-out/benchmarks/ by default.
 """
+
+from typing import Any
 
 from moekit.bench.registry import (
     argument,
@@ -14,7 +16,17 @@ from moekit.bench.registry import (
     run_bench,
     run_config,
 )
-from moekit.bench.report import Table, machine_info, write_report
+
+_REPORT = ("Table", "machine_info", "write_report")  # matplotlib: loaded when a bench runs
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REPORT:
+        from moekit.bench import report
+
+        return getattr(report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Table",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.experts import activate
+from moekit.types import activate
 
 
 def naive_loop(

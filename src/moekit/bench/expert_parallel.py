@@ -11,7 +11,7 @@ x.grad). Then: forward and forward + backward of the single-device layer (each r
 no communication) and of the EP layer; a step's time is the slowest rank's. tokens/s per
 device = T / step time. Then the layer's token all-to-all alone (its real split sizes) against
 an evenly split all-to-all of the same bytes: time, bus bandwidth and their ratio. Rank 0
-writes docs/benchmarks/expert-parallel-x<R>-<machine>-<date>.md and .json.
+writes moekit-out/benchmarks/expert-parallel-x<R>-<machine>-<date>.md and .json.
 Shape legend: T tokens per rank, E experts, K experts per token, D model dim, H expert hidden.
 """
 
@@ -29,9 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moekit import MoE, MoEConfig
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
+from moekit.config import MoEConfig
+from moekit.layer import MoE
 from moekit.parallel import ExpertParallelMoE
 from moekit.parallel.comm import _sync_split_sizes
 
@@ -116,7 +117,7 @@ def all_to_all_stats(ep: ExpertParallelMoE, x: Tensor, repeats: int) -> dict[str
     R, device = dist.get_world_size(), x.device
     with torch.no_grad():
         _, plan = ep.route(x.detach())
-    counts_RL = plan.counts_E.view(R, ep.n_local)
+    counts_RL = plan.counts_E.view(R, ep.dispatcher.n_local)
     send_R, recv_R, _ = _sync_split_sizes(counts_RL, None)
     rows = _sync_max(sum(send_R), device)
     even = -(-rows // R)  # every rank sends the largest rank's rows, split evenly

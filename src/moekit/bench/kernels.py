@@ -28,7 +28,8 @@ from moekit.backends import get_backend
 from moekit.bench.baselines import dense_equivalent, naive_loop
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
-from moekit.dispatch import Plan, make_plan
+from moekit.dispatch import make_plan
+from moekit.types import ExpertWeights, Plan
 
 SHAPES: dict[str, dict[str, int]] = {
     "mixtral": {"E": 8, "K": 2, "D": 4096, "H": 14336},
@@ -150,7 +151,8 @@ def bench_forward(
     x_SD = torch.randn(S, D, device="cuda", dtype=dtype)
     fns = {name: get_backend(name, x.device, dtype) for name in BACKENDS}
     methods: dict[str, Callable[[], object]] = {
-        name: (lambda f=f: f(x, plan, w1, w2, None, None, "swiglu")) for name, f in fns.items()
+        name: (lambda f=f: f.forward(x, plan, ExpertWeights(w1, w2), "swiglu"))
+        for name, f in fns.items()
     }
     methods["naive-loop"] = lambda: naive_loop(x, experts, weights, w1, w2, "swiglu")
     methods["dense-eq"] = lambda: dense_equivalent(x_SD, w1[0], w2[0], "swiglu")
@@ -182,7 +184,7 @@ def bench_backward(shape: dict[str, int], T: int, dtype: torch.dtype) -> list[di
             else:
                 fn = get_backend(name, x.device, dtype)
                 used = dataclasses.replace(plan, weight_S=wl.reshape(-1)[plan.order_S])
-                y = fn(xl, used, w1l, w2l, None, None, "swiglu")
+                y = fn.forward(xl, used, ExpertWeights(w1l, w2l), "swiglu")
             torch.autograd.grad(y, leaves, dy)
 
         step()

@@ -4,7 +4,7 @@ Every row times the whole layer users would run (routing included) except dense-
 is the two GEMMs of the same FLOPs with no routing: the floor a routed layer can approach.
 Each shape is timed at every T of `tokens`; rows keep the median and the min-max of the
 repeats, and the memory one forward+backward holds (saved activations; CUDA: also peak).
-Results go to docs/benchmarks/layer-<device>-<machine>-<date>.md, .json and .png.
+Results go to moekit-out/benchmarks/layer-<device>-<machine>-<date>.md, .json and .png.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-import moekit
 from moekit.backends import unsupported_reason
 from moekit.bench.baselines import dense_equivalent, naive_loop
 from moekit.bench.charts import Chart, Panel, Series
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
 from moekit.bench.timing import sample_ms, spread_ms
+from moekit.config import MoEConfig
+from moekit.layer import MoE
 from moekit.progress import progress
 
 
@@ -103,10 +104,10 @@ def _sync_peak_mib(step: Callable[[], None], device: torch.device) -> float | No
 def bench_shape(shape: Shape, device: torch.device, repeats: int) -> list[dict]:
     """Median (and min-max) ms of forward and forward+backward per contender on one shape."""
     torch.manual_seed(0)
-    cfg = moekit.MoEConfig(
+    cfg = MoEConfig(
         d_model=shape.d_model, d_hidden=shape.d_hidden, n_experts=shape.n_experts, k=shape.k
     )
-    moe = moekit.MoE(cfg).to(device)
+    moe = MoE(cfg).to(device)
     x = torch.randn(shape.tokens, shape.d_model, device=device, requires_grad=True)
     params = [x, *moe.parameters()]
     contenders: dict[str, Callable[[], torch.Tensor]] = {}
@@ -161,8 +162,8 @@ def bench_shape(shape: Shape, device: torch.device, repeats: int) -> list[dict]:
     return rows
 
 
-def _layer(moe: moekit.MoE, x: torch.Tensor, backend: str) -> torch.Tensor:
-    moe.cfg.backend = backend
+def _layer(moe: MoE, x: torch.Tensor, backend: str) -> torch.Tensor:
+    moe.cfg = replace(moe.cfg, backend=backend)  # the same weights through another backend
     return moe(x)[0]
 
 

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import moekit
 from moekit.bench.baselines import naive_loop
+from moekit.config import MoEConfig
 from moekit.dispatch import make_plan
+from moekit.layer import MoE
 
 
 def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
@@ -35,14 +36,17 @@ def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
     return 2 * n_bytes / (ms * 1e-3)
 
 
-def build_layer(shape: dict[str, int], dtype: torch.dtype, seed: int = 0) -> moekit.MoE:
+def build_layer(shape: dict[str, int], dtype: torch.dtype, seed: int = 0) -> MoE:
     """An inference MoE of the shape (softmax top-k, renormalised as Mixtral / Qwen3)."""
     torch.manual_seed(seed)
-    cfg = moekit.MoEConfig(
-        d_model=shape["D"], d_hidden=shape["H"], n_experts=shape["E"], k=shape["K"]
+    cfg = MoEConfig(
+        d_model=shape["D"],
+        d_hidden=shape["H"],
+        n_experts=shape["E"],
+        k=shape["K"],
+        backend="triton",
     )
-    cfg.backend = "triton"
-    return moekit.MoE(cfg).to("cuda", dtype).eval()
+    return MoE(cfg).to("cuda", dtype).eval()
 
 
 def sorted_grouped_mm(
@@ -72,19 +76,21 @@ def grouped_mm_layer(x_TD: Tensor, router_w: Tensor, w1: Tensor, w2: Tensor, k: 
     return sorted_grouped_mm(x_TD, experts_TK, weights_TK, w1, w2)
 
 
-def spans(moe: moekit.MoE, x_TD: Tensor) -> dict[str, Callable[[], object]]:
+def spans(moe: MoE, x_TD: Tensor) -> dict[str, Callable[[], object]]:
     """Named callables, one per timed span, over one layer and one input."""
     e = moe.experts
+    backend = moe.backend(x_TD)
     with torch.no_grad():
-        routing = moe.router(x_TD)
-        plan = make_plan(routing.experts, routing.weights, routing.priority, e.w1.shape[0])
-        y_TD = moe.compute(x_TD, plan)
+        routing = moe.router(x_TD, backend.select)
+        E = e.w1.shape[0]
+        plan = make_plan(routing.experts, routing.weights, routing.priority, E, backend=backend)
+        y_TD, shared_TD, _, _ = moe.compute(x_TD, plan, backend)
     experts_TK, weights_TK = routing.experts, routing.weights
     k = experts_TK.shape[1]
 
     def top_k_moekit() -> Tensor:
-        p = make_plan(experts_TK, weights_TK, weights_TK, e.w1.shape[0])
-        return moe.compute(x_TD, p)
+        p = make_plan(experts_TK, weights_TK, weights_TK, e.w1.shape[0], backend=backend)
+        return moe.compute(x_TD, p, backend)[0]
 
     def with_metrics() -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         y, info = moe(x_TD)
@@ -105,12 +111,12 @@ def spans(moe: moekit.MoE, x_TD: Tensor) -> dict[str, Callable[[], object]]:
         "from top-k: sort + grouped_mm": lambda: sorted_grouped_mm(
             x_TD, experts_TK, weights_TK, e.w1, e.w2
         ),
-        "stage 1 router": lambda: moe.router(x_TD),
+        "stage 1 router": lambda: moe.router(x_TD, backend.select),
         "stage 2 plan (counting sort)": lambda: make_plan(
-            experts_TK, weights_TK, weights_TK, e.w1.shape[0]
+            experts_TK, weights_TK, weights_TK, e.w1.shape[0], backend=backend
         ),
-        "stage 3 experts": lambda: moe.compute(x_TD, plan),
-        "stage 4 finish": lambda: moe.finish(x_TD, y_TD, plan),
+        "stage 3 experts": lambda: moe.compute(x_TD, plan, backend)[0],
+        "stage 4 finish": lambda: moe.finish(x_TD, y_TD, shared_TD, plan),
     }
 
 

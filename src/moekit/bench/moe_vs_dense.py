@@ -56,7 +56,9 @@ class MoEVsDenseBench:
     evals: int = option(20, "evaluations per run (the points of the curves)")
     runs: str = option("runs/moe-vs-dense", "directory of the run directories")
     train: bool = option(True, "train the selected runs (--no-train: only report)")
-    out_dir: str = option("docs/reports", "directory of the .md, .json and .png ('' writes none)")
+    out_dir: str = option(
+        "moekit-out/reports", "directory of the .md, .json and .png ('' writes none)"
+    )
 
     def __post_init__(self) -> None:
         if not self.minutes > 0:
@@ -89,7 +91,7 @@ def variant(model: ModelConfig, name: str) -> ModelConfig:
 def load_run_config(path: str | Path) -> RunConfig:
     """A run config from YAML (the file `moekit train CONFIG` reads)."""
     data = yaml.safe_load(Path(path).read_text()) or {}
-    return RunConfig(**data)
+    return RunConfig.from_dict(data)
 
 
 def bench_run_config(opts: MoEVsDenseBench) -> RunConfig:
@@ -437,7 +439,7 @@ def run(
     evals: int = 20,
     runs: str = "runs/moe-vs-dense",
     train: bool = True,
-    out_dir: str | None = "docs/reports",
+    out_dir: str | None = "moekit-out/reports",
 ) -> dict[str, Any]:
     """Trains the selected (model, seed) runs seed by seed and, after each, rewrites the report
     of every finished run under `runs` (with --no-train, only writes it)."""

@@ -81,7 +81,7 @@ def _register_commands() -> None:
 group(
     "bench",
     "Benchmarks. Each writes a .md table, a .json (machine, GPU, versions, date, command) "
-    "and a .png chart to --out-dir, docs/benchmarks/ by default. Lists are written [1,8,32].",
+    "and a .png chart to --out-dir, moekit-out/benchmarks/ by default. Lists are written [1,8,32].",
     load=_register_commands,
 )
 

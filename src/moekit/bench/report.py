@@ -23,7 +23,7 @@ import torch
 
 from moekit.bench.charts import Chart, auto_chart, draw_chart
 
-DEFAULT_DIR = "docs/benchmarks"
+DEFAULT_DIR = "moekit-out/benchmarks"  # under the output folder of the current directory
 
 
 @dataclass

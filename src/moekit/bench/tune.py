@@ -23,6 +23,7 @@ from moekit.backends import get_backend
 from moekit.bench.kernels import SHAPE_FORM, SHAPES, check_shapes, setup, shape_of
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
+from moekit.types import ExpertWeights
 
 CLASSES = ("decode", "small", "batch", "medium", "large")
 _PROFILE_ROWS = 14
@@ -310,7 +311,7 @@ def profile(
         def step(leaves=leaves, plan=plan, fn=fn) -> None:
             xl, w1l, w2l, wl = leaves
             used = dataclasses.replace(plan, weight_S=wl.reshape(-1)[plan.order_S])
-            y = fn(xl, used, w1l, w2l, None, None, "swiglu")
+            y = fn.forward(xl, used, ExpertWeights(w1l, w2l), "swiglu")
             torch.autograd.grad(y, leaves, torch.ones_like(y))
 
         step()

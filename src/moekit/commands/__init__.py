@@ -3,7 +3,8 @@
 `@command("name", NameConfig, help=...)` beside what a command runs makes `moekit name` parse
 the fields of NameConfig as options (help from `option(...)`), build the dataclass (its
 `__post_init__` refuses bad values) and call the function with it. A name of several words
-("bench layer") nests under a `group`. The command modules listed below load on first lookup.
+("bench layer") nests under a `group`. The command modules listed below load on first lookup;
+a group's own commands (every benchmark) only when that group is looked into.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Group:
     name: str
     help: str
     load: Callable[[], Any] | None = None  # registers the group's built-in commands
+    loaded: list[bool] = dataclasses.field(default_factory=list)  # [True] once `load` ran
 
 
 def option(default: Any, help: str, *, repeat: bool = False) -> Any:
@@ -114,18 +116,26 @@ def group(name: str, help: str, load: Callable[[], Any] | None = None) -> None:
     _TOP.setdefault(name)
 
 
-def _load_builtin() -> None:
+def _load_builtin(groups: tuple[str, ...] | None = None) -> None:
+    """Import the command modules, then load the built-in commands of `groups` (None: all)."""
     for module in _BUILTIN:
         importlib.import_module(module)
     for g in list(_GROUPS.values()):
-        if g.load is not None:
+        if g.load is not None and not g.loaded and (groups is None or g.name in groups):
+            g.loaded.append(True)
             g.load()
 
 
-def commands() -> tuple[Command, ...]:
-    """Every registered command in the order `moekit --help` lists them: top-level ones as
-    registered, the subcommands of a group by name."""
-    _load_builtin()
+def top_names() -> tuple[str, ...]:
+    """The first words of every command and group, in the order `moekit --help` lists them."""
+    _load_builtin(())
+    return tuple(_TOP)
+
+
+def commands(groups: tuple[str, ...] | None = None) -> tuple[Command, ...]:
+    """Registered commands in the order `moekit --help` lists them: top-level ones as
+    registered, the subcommands of a group by name; those of `groups` only when given."""
+    _load_builtin(groups)
     top = list(_TOP)
 
     def order(c: Command) -> tuple[int, str]:
@@ -136,13 +146,14 @@ def commands() -> tuple[Command, ...]:
 
 
 def groups() -> dict[str, Group]:
-    _load_builtin()
+    """The groups by name (their commands not loaded)."""
+    _load_builtin(())
     return dict(_GROUPS)
 
 
 def command_spec(name: str) -> Command:
     """The command registered as `name`; a ValueError naming it otherwise."""
-    _load_builtin()
+    _load_builtin((name.split()[0],))
     if name not in _COMMANDS:
         raise ValueError(f"command {name!r} is not one of {tuple(_COMMANDS)}")
     return _COMMANDS[name]

@@ -6,11 +6,13 @@ A user's mistake raises ValueError (or FileNotFoundError) naming the option or f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,6 @@ from moekit.train.config import RunConfig
 from moekit.train.metrics import evaluate_model
 from moekit.train.rundir import claim_run_dir
 from moekit.train.trainer import Trainer
-from moekit.viz import plot_training
 
 DEFAULT_TEXT_PROMPT = "def "
 # what the generate options are called on the command line
@@ -60,6 +61,37 @@ def train_argv(rest: list[str]) -> list[str]:
     return out
 
 
+LOCK_FILE = ".moekit.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold OUT/.moekit.lock while a run writes OUT: a second run into it is refused in one
+    line instead of interleaving its log and checkpoints. Released when the process ends."""
+    import fcntl
+
+    path = os.path.join(out, LOCK_FILE)
+    os.makedirs(out, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise ValueError(
+                f"--out {out} is in use by another moekit run (pid {holder}): wait for it to "
+                "end, or train into another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @dataclass
 class Train:
     """A whole run config (YAML and dotted options) and what to do with an existing --out."""
@@ -83,19 +115,25 @@ class Train:
 )
 def train(args: Train) -> dict[str, Any]:
     """Claim the run directory of a validated run config, then train (or resume)."""
+    from moekit.viz import plot_training  # matplotlib: loaded by the commands that draw
+
     cfg = args.run
     resume = cfg.out if args.resume == "auto" else args.resume
     # before the Trainer: under torchrun every rank checks the folder before any rank can
     # write to it (they meet first when the Trainer joins the process group); rank 0 moves
     is_main = os.environ.get("RANK", "0") == "0"
-    moved = claim_run_dir(cfg.out, resume, args.overwrite, is_main)
-    if moved is not None:
-        print(f"moved the previous run in {cfg.out} to {moved}", file=sys.stderr)
-    trainer = Trainer(cfg, plotter=plot_training)
-    try:
-        summary = trainer.fit(resume=resume)
-    finally:
-        trainer.close()
+    with contextlib.ExitStack() as held:
+        if is_main:
+            held.enter_context(run_lock(cfg.out))
+        moved = claim_run_dir(cfg.out, resume, args.overwrite, is_main)
+        if moved is not None:
+            print(f"moved the previous run in {cfg.out} to {moved}", file=sys.stderr)
+            held.enter_context(run_lock(cfg.out))  # the lock moved with the old run
+        trainer = Trainer(cfg, plotter=plot_training)
+        try:
+            summary = trainer.fit(resume=resume)
+        finally:
+            trainer.close()
     if not trainer.is_main:  # expert parallel: rank 0 reports
         return summary
     if summary["stopped_by_signal"]:
@@ -229,6 +267,38 @@ class Generate:
     top_p: float | None = option(0.95, "nucleus probability mass")
     samples: int = option(1, "number of samples")
     seed: int = option(0, "sampling seed")
+    prompt_ids: str | None = option(
+        None, "token ids '1,2,3' instead of --prompt text; prints ids (no tokenizer needed)"
+    )
+
+
+def _parse_ids(text: str) -> torch.Tensor:
+    """'1,2,3' -> [S] token ids; anything else refused naming --prompt-ids."""
+    try:
+        ids = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"--prompt-ids={text!r} is not integers such as '1,2,3'") from None
+    if any(i < 0 for i in ids):
+        raise ValueError(f"--prompt-ids={text!r}: token ids are >= 0")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _ids_stream() -> Callable[[Any], None]:
+    """on_step for --prompt-ids: each new id as it comes, after the prompt's."""
+    show = _printer("")
+
+    def step(nxt_B1: torch.Tensor) -> None:
+        show(f",{int(nxt_B1[0, 0])}")
+
+    return step
+
+
+def _no_tokenizer(ckpt: Any, vocab: int) -> ValueError:
+    return ValueError(
+        f"{ckpt} has no tokenizer and its vocab_size={vocab} is not UTF-8 bytes, so text "
+        "cannot be encoded: copy the original model's tokenizer.json and tokenizer_config.json "
+        "beside its model.safetensors, or give token ids with --prompt-ids 1,2,3"
+    )
 
 
 def check_generate_options(args: Generate) -> None:
@@ -245,31 +315,102 @@ def check_generate_options(args: Generate) -> None:
         raise ValueError(f"--samples={args.samples} must be >= 1")
 
 
+def capped_max_new(max_new: int, prompt_len: int, window: int) -> int:
+    """--max-new cut to what fits the context after the prompt, said in one line on stderr."""
+    room = window - prompt_len
+    if room < 1:
+        raise ValueError(
+            f"--prompt is {prompt_len} positions: with max_seq_len={window} nothing is left "
+            "to generate; give a shorter prompt"
+        )
+    if max_new > room:
+        print(
+            f"moekit generate: --max-new {max_new} capped at {room}: the prompt ({prompt_len}) "
+            f"and the continuation fit max_seq_len={window}",
+            file=sys.stderr,
+        )
+    return min(max_new, room)
+
+
+def _printer(first: str) -> Callable[[str], None]:
+    """print(piece) without a newline, flushed at once: a sample shown as it is generated."""
+    print(first, end="", flush=True)
+    return lambda piece: print(piece, end="", flush=True)
+
+
+def _text_stream(codec: Any, prompt_ids: list[int], max_new: int) -> Callable[[Any], None]:
+    """on_step for one text sample: each token's text once it is whole; none after an EOS
+    (the text `_token_text` gives, piece by piece)."""
+    decoder = codec.decoder()
+    show = _printer("".join(decoder.feed(t) for t in prompt_ids))
+    left, ended = max_new, False
+
+    def step(nxt_B1: torch.Tensor) -> None:
+        nonlocal left, ended
+        left -= 1
+        if ended:
+            return
+        token = int(nxt_B1[0, 0])
+        show(decoder.feed(token))
+        ended = token in codec.eos_ids
+        if ended or left == 0:
+            show(decoder.flush())
+
+    return step
+
+
+def _rows_stream() -> Callable[[Any], None]:
+    """on_step for a continuous rollout: each row 'a,b,c' as it comes, rows split by ';'."""
+    show, sep = _printer(""), ""
+
+    def step(nxt_B1D: torch.Tensor) -> None:
+        nonlocal sep
+        show(sep + _row(nxt_B1D[0, 0].tolist()))
+        sep = ";"
+
+    return step
+
+
+def _row(values: list[float]) -> str:
+    return ",".join(f"{v:.4f}" for v in values)
+
+
 @command("generate", Generate, help="Sample from a checkpoint: text, or a continuous rollout.")
 def generate(args: Generate) -> list[str]:
     """Print samples: text for token models (the checkpoint's tokenizer, else UTF-8 bytes),
-    rolled-out values for continuous ones."""
+    rolled-out values for continuous ones. One sample is printed as it is generated."""
     check_generate_options(args)
     ckpt = pick_checkpoint(args.path)
     model = load_files(ckpt)
     gen = torch.Generator().manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     outputs = []
+    window = model.cfg.max_seq_len
+    stream = args.samples == 1 or not model.is_lm  # a rollout is one sample
     if model.is_lm:
+        from moekit.model.codec import ByteCodec
         from moekit.tasks.text import TextTask
 
         codec = _tokenizer_codec(model, ckpt)
+        if args.prompt_ids is not None:
+            if args.prompt is not None:
+                raise ValueError("give --prompt (text) or --prompt-ids (token ids), not both")
+            return _generate_ids(args, model, _parse_ids(args.prompt_ids), gen, sampling)
+        if codec is None and (model.cfg.vocab_size or 0) > 256:
+            raise _no_tokenizer(ckpt, model.cfg.vocab_size)
         if codec is None:
             ids = _text_prompt(args.prompt, model)
         else:
             ids = torch.tensor(codec.encode(_prompt_text(args.prompt)), dtype=torch.long)
             ids = _check_prompt_ids(ids, model, "token")
         prompt = ids[None].repeat(args.samples, 1)  # [N, S]
-        seq = model.generate(prompt, args.max_new, generator=gen, **sampling)
+        S = prompt.shape[1]
+        max_new = capped_max_new(args.max_new, S, window)
+        on_step = _text_stream(codec or ByteCodec(), ids.tolist(), max_new) if stream else None
+        seq = model.generate(prompt, max_new, generator=gen, on_step=on_step, **sampling)
         if codec is None:
             outputs = [TextTask.decode(s) for s in seq]
         else:
-            S = prompt.shape[1]
             outputs = [_token_text(codec, s[:S].tolist(), s[S:].tolist()) for s in seq]
     else:
         prompt = _parse_vectors(args.prompt, model.cfg.d_in)
@@ -278,8 +419,32 @@ def generate(args: Generate) -> list[str]:
                 f"{ckpt} predicts d_out={model.cfg.d_out} values from d_in={model.cfg.d_in}: "
                 "it cannot roll out"
             )
-        seq = model.generate(prompt, args.max_new)[0, prompt.shape[1] :]
-        outputs = [";".join(",".join(f"{v:.4f}" for v in row) for row in seq.tolist())]
+        max_new = capped_max_new(args.max_new, prompt.shape[1], window)
+        seq = model.generate(prompt, max_new, on_step=_rows_stream())[0, prompt.shape[1] :]
+        outputs = [";".join(_row(row) for row in seq.tolist())]
+    return _print_samples(outputs, stream)
+
+
+def _generate_ids(
+    args: Generate, model: Transformer, ids: torch.Tensor, gen: Any, sampling: dict[str, Any]
+) -> list[str]:
+    """Token ids in, token ids out ('1,2,3' per sample, the prompt's first)."""
+    ids = _check_prompt_ids(ids, model, "token")
+    prompt = ids[None].repeat(args.samples, 1)  # [N, S]
+    max_new = capped_max_new(args.max_new, prompt.shape[1], model.cfg.max_seq_len)
+    stream = args.samples == 1
+    if stream:
+        print(",".join(str(i) for i in ids.tolist()), end="", flush=True)
+    on_step = _ids_stream() if stream else None
+    seq = model.generate(prompt, max_new, generator=gen, on_step=on_step, **sampling)
+    return _print_samples([",".join(str(i) for i in s.tolist()) for s in seq], stream)
+
+
+def _print_samples(outputs: list[str], streamed: bool) -> list[str]:
+    """End a streamed sample's line, or print the samples (headed when several)."""
+    if streamed:
+        print()
+        return outputs
     for i, text in enumerate(outputs):
         print(f"--- sample {i} ---\n{text}" if len(outputs) > 1 else text)
     return outputs

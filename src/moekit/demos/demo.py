@@ -2,7 +2,8 @@
 
 Both train for the same steps on the same data. The demo prints their validation loss,
 parameter counts and throughput, which experts each signal family is routed to, and the
-paths of the dashboard, specialisation heatmap and checkpoint it wrote.
+paths of the dashboard, specialisation heatmap and checkpoint it wrote. A Ctrl-C stops the
+model training and the demo with it: no comparison is drawn from a run cut short.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from moekit.model.task import TaskConfig
 from moekit.tasks.signals import CATEGORIES
 from moekit.train.config import RunConfig, TrainConfig
 from moekit.train.trainer import Trainer
-from moekit.viz import category_shares, plot_training
 
 
 @dataclass
@@ -62,6 +62,8 @@ def demo_config(out: str, seed: int = 0, steps: int = 1500) -> RunConfig:
 
 def routing_table(routing: dict[str, list[list[float]]], categories: list[str]) -> Table:
     """Category -> the expert taking the largest share of its tokens, per MoE layer."""
+    from moekit.viz import category_shares  # matplotlib: loaded by the commands that draw
+
     table = Table(title="routing: top expert per signal family (share of its token-slots)")
     table.add_column("category")
     layers = sorted(routing, key=int)
@@ -86,6 +88,8 @@ def routing_table(routing: dict[str, list[list[float]]], categories: list[str]) 
 )
 def run_demo(options: Demo | None = None) -> dict:
     """Train both models, print the comparison, return both summaries."""
+    from moekit.viz import plot_training
+
     options, console = options or Demo(), Console()
     out, seed, steps = Path(options.out), options.seed, options.steps
     moe_cfg = demo_config(str(out / "moe"), seed, steps)
@@ -94,6 +98,11 @@ def run_demo(options: Demo | None = None) -> dict:
     for name, cfg in (("MoE 8x top-2", moe_cfg), ("dense (same active)", dense_cfg)):
         console.print(f"[bold]training {name} on signals for {steps} steps[/bold]")
         results[name] = Trainer(cfg, title=name, plotter=plot_training).fit()
+        if results[name]["stopped_by_signal"]:
+            raise KeyboardInterrupt(
+                f"interrupted: {name} stopped at step {results[name]['step']} of {steps} "
+                f"(checkpoint {results[name]['checkpoint']}); the demo compares finished runs only"
+            )
     table = Table(title=f"signals, {steps} steps, batch 16 x 32 positions, seed {seed}")
     for col in ("model", "val MSE", "total params", "active params", "tokens/s"):
         table.add_column(col, justify="right" if col != "model" else "left")

@@ -21,7 +21,6 @@ from moekit.commands import command, option
 from moekit.config import MoEConfig, RouterConfig
 from moekit.layer import MoE, MoEInfo
 from moekit.train.step import StepLoss, TrainStep
-from moekit.viz import plot_specialisation
 
 REGIMES = ("calm", "trending", "oscillating", "volatile")
 
@@ -111,6 +110,8 @@ class LayerDemo:
 )
 def run_demo(options: LayerDemo | None = None, console: Console | None = None) -> dict:
     """Train, report, plot. Returns the numbers it printed."""
+    from moekit.viz import plot_specialisation  # matplotlib: loaded by the commands that draw
+
     options, console = options or LayerDemo(), console or Console()
     seed, steps = options.seed, options.steps
     torch.manual_seed(seed)

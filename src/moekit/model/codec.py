@@ -3,7 +3,7 @@
 A checkpoint that carries a tokenizer (a converted Hugging Face checkpoint, or any directory
 with `tokenizer.json` / `tokenizer_config.json`) is served with it: its ids, its chat template
 and its end-of-sequence ids. transformers reads it when installed (chat templates need it);
-otherwise `moekit.integrations.hf.load_tokenizer` does, through `tokenizers` (no template).
+otherwise `moekit.model.tokenizer.load_tokenizer` does, through `tokenizers` (no template).
 Byte-level models (vocab_size >= 256, ids 0..255 are bytes) read text as UTF-8 and, having no
 template of their own, format chats with `BYTE_CHAT_TEMPLATE`. Decoders are incremental: a
 piece goes out once it is whole text, never half of a multi-byte character or of a word the
@@ -161,7 +161,7 @@ def _hf_tokenizer(path: Path) -> Any:
     try:
         from transformers import AutoTokenizer  # reads chat templates too
     except ImportError:
-        from moekit.integrations.hf import load_tokenizer  # tokenizer.json alone
+        from moekit.model.tokenizer import load_tokenizer  # tokenizer.json alone
 
         return load_tokenizer(path)
     return AutoTokenizer.from_pretrained(str(path))

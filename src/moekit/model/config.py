@@ -1,4 +1,4 @@
-"""`ModelConfig`: the decoder-only transformer, validated at construction.
+"""`ModelConfig`: the decoder-only transformer, a frozen value validated at construction.
 
 A model reads tokens (``vocab_size``) or continuous vectors (``d_in``) and writes LM logits
 (``vocab_size``) or regression outputs (``d_out``). Feed-forward blocks are MoE layers every
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from moekit.config import ACTIVATIONS, MoEConfig, strict_from_dict
+from moekit.config import ACTIVATIONS, MoEConfig, build_nested, from_dict
 
 NORMS = ("rms", "layer")
 QK_NORMS = ("none", "head", "full")
@@ -21,7 +21,7 @@ def _at_least(name: str, value: Any, low: int) -> None:
         raise ValueError(f"model.{name}={value!r} must be an integer >= {low}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Sizes and options of `Transformer`.
 
@@ -57,14 +57,10 @@ class ModelConfig:
     loss_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.moe, dict):
-            try:
-                self.moe = MoEConfig.from_dict(self.moe)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"model.moe: {err}") from err
+        build_nested(self, "model.")
         # the MoE layer always works at the model width: one number to change, not two
         if self.moe.d_model != self.d_model:
-            self.moe = replace(self.moe, d_model=self.d_model)
+            object.__setattr__(self, "moe", replace(self.moe, d_model=self.d_model))
         if self.vocab_size is not None and self.d_in is not None:
             raise ValueError("model.vocab_size / model.d_in: set one of them, not both")
         for name in ("vocab_size", "d_in", "d_out"):
@@ -135,4 +131,4 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return strict_from_dict(cls, data, "ModelConfig field(s)")
+        return from_dict(cls, data, "ModelConfig field(s)")

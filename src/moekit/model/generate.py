@@ -7,6 +7,7 @@ positions stay within what the model was trained on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -56,8 +57,10 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    on_step: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
-    """Continue prompt by max_new positions; see `Transformer.generate`."""
+    """Continue prompt by max_new positions; see `Transformer.generate`. `on_step` gets each
+    new position ([B, 1] or [B, 1, d_out]) as it comes, for callers that stream."""
     _check(model, prompt, temperature)
     was_training = model.training
     model.eval()
@@ -72,6 +75,8 @@ def generate(
         else:
             nxt = out[:, None, :].to(seq.dtype)  # [B, 1, d_out]
         seq = torch.cat([seq, nxt], dim=1)
+        if on_step is not None:
+            on_step(nxt)
         if cache is None:
             feed = seq[:, -window:]
         elif len(cache) + 1 > window:  # slide: recompute on the last half window

@@ -134,10 +134,31 @@ def list_checkpoints(ckpt_root: str | Path) -> list[dict[str, Any]]:
     return sorted(found, key=lambda c: c["step"])
 
 
-def prune_checkpoints(ckpt_root: str | Path, keep_last: int, keep_best: int) -> None:
-    """Delete checkpoints that are neither among the latest N nor the best K by metric."""
+def _newest_intact(ckpts: list[dict[str, Any]]) -> Path | None:
+    """The highest-step checkpoint that its manifest vouches for (damaged newer ones skipped)."""
+    for c in reversed(ckpts):
+        try:
+            verify_manifest(c["path"])
+        except CheckpointError:
+            continue
+        return c["path"]
+    return None
+
+
+def prune_checkpoints(
+    ckpt_root: str | Path, keep_last: int, keep_best: int, intact: Path | None = None
+) -> None:
+    """Delete checkpoints that are neither among the latest N nor the best K by metric.
+
+    The newest intact checkpoint always stays, so a damaged newer one (skipped by a resume)
+    never costs the run its last good state; `intact`: one known good (just written), else
+    the manifests are checked newest first.
+    """
     ckpts = list_checkpoints(ckpt_root)
     keep = {c["path"] for c in ckpts[-keep_last:]} if keep_last else set()
+    good = Path(intact) if intact is not None else _newest_intact(ckpts)
+    if good is not None:
+        keep.add(good)
     scored = sorted((c for c in ckpts if c["metric"] is not None), key=lambda c: c["metric"])
     keep |= {c["path"] for c in scored[:keep_best]}
     for c in ckpts:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moekit.config import MIGRATIONS, from_dict
+
 _TASKS: dict[str, type[Task]] = {}
 _FLAT_OPTIONS = ("noise", "max_bytes", "val_every")  # task options of the older flat layout
 
@@ -64,7 +66,7 @@ def _options_of(name: str, options: dict[str, Any]) -> Any:
     return cls(**options)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskConfig:
     """Which task, the sizes every task has, and the named task's own `options`."""
 
@@ -78,7 +80,7 @@ class TaskConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"task.{name}={getattr(self, name)} must be >= 1")
         if dataclasses.is_dataclass(self.options) and not isinstance(self.options, type):
-            self.options = dataclasses.asdict(self.options)
+            object.__setattr__(self, "options", dataclasses.asdict(self.options))
         if not isinstance(self.options, dict):
             raise ValueError(f"task.options={self.options!r} must be a mapping of option values")
         _options_of(self.name, self.options)  # options left out take the task's defaults
@@ -86,17 +88,23 @@ class TaskConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskConfig:
         """A config from a dict, also in the flat layout of older runs (options beside `name`)."""
-        data = dict(data)
-        flat = {k: data.pop(k) for k in _FLAT_OPTIONS if k in data}
-        if flat:  # the flat layout ignored the options a task did not use
-            used = {
-                f.name for f in dataclasses.fields(task_class(data.get("name", cls.name)).Options)
-            }
-            data["options"] = {
-                **{k: v for k, v in flat.items() if k in used},
-                **data.get("options", {}),
-            }
-        return cls(**data)
+        return from_dict(cls, data, "task key(s)")
+
+
+def _migrate_flat_options(data: dict[str, Any]) -> dict[str, Any]:
+    """Older runs kept task options beside `name`; the flat layout ignored unused ones."""
+    flat = {k: data.pop(k) for k in _FLAT_OPTIONS if k in data}
+    if flat:
+        name = data.get("name", TaskConfig.name)
+        used = {f.name for f in dataclasses.fields(task_class(name).Options)}
+        data["options"] = {
+            **{k: v for k, v in flat.items() if k in used},
+            **data.get("options", {}),
+        }
+    return data
+
+
+MIGRATIONS[TaskConfig] = (_migrate_flat_options,)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from moekit.model.cache import AttentionCache, KVCache
 from moekit.model.config import ModelConfig
 from moekit.model.layers import Block, build_norm
 from moekit.model.loss import chunked_cross_entropy
+from moekit.routing.losses import training_loss
 
 
 @dataclass
@@ -128,7 +129,7 @@ class Transformer(nn.Module):
             if targets is not None:
                 result.task_loss = self.task_loss(result.out, targets)
         if targets is not None:
-            result.loss = result.task_loss + self.cfg.aux_loss_weight * result.aux_loss
+            result.loss = training_loss(result.task_loss, result.aux_loss, self.cfg.aux_loss_weight)
         return result
 
     def task_loss(self, out: Tensor, targets: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.model.store import CONFIG_FILE, WEIGHTS_FILE
-from moekit.parallel.expert_parallel import ExpertParallelMoE, gather_experts
+from moekit.parallel.expert_parallel import ExpertParallelMoE, gather_experts, to_dense
 
 
 def _expert_layers(model: nn.Module) -> dict[str, ExpertParallelMoE]:
@@ -40,14 +40,17 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     state = model.state_dict()
     for prefix, layer in _expert_layers(model).items():
         for name, p in layer.experts.named_parameters():
-            state[f"{prefix}experts.{name}"] = gather_experts(p.detach(), layer.group)
+            state[f"{prefix}experts.{name}"] = gather_experts(p.detach(), layer.dispatcher.group)
     return state
 
 
 def shard_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """A dense state dict cut to this rank's experts for every expert-parallel layer."""
     ranges = {
-        f"{prefix}experts.": (layer.first_expert, layer.first_expert + layer.n_local)
+        f"{prefix}experts.": (
+            layer.dispatcher.first_expert,
+            layer.dispatcher.first_expert + layer.dispatcher.n_local,
+        )
         for prefix, layer in _expert_layers(model).items()
     }
     out = {}
@@ -64,7 +67,7 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict
 
 def to_dense_model(model: nn.Module) -> nn.Module:
     """A copy of `model` with every `ExpertParallelMoE` replaced by its dense `moekit.MoE`."""
-    memo = {id(layer): layer.to_dense() for layer in _expert_layers(model).values()}
+    memo = {id(layer): to_dense(layer) for layer in _expert_layers(model).values()}
     return copy.deepcopy(model, memo)
 
 
@@ -94,7 +97,10 @@ def save_safetensors(model: nn.Module, path: str | Path) -> None:
 def load_safetensors(model: nn.Module, path: str | Path) -> None:
     """Load a dense safetensors file, each rank reading only its own experts' rows."""
     prefixes = {
-        f"{prefix}experts.": (layer.first_expert, layer.first_expert + layer.n_local)
+        f"{prefix}experts.": (
+            layer.dispatcher.first_expert,
+            layer.dispatcher.first_expert + layer.dispatcher.n_local,
+        )
         for prefix, layer in _expert_layers(model).items()
     }
     device = next(model.parameters()).device
@@ -153,8 +159,12 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
             continue
         slots = dict(state["state"][i])
         for key, value in slots.items():
-            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == layer.n_local:
-                slots[key] = gather_experts(value, layer.group)
+            if (
+                isinstance(value, Tensor)
+                and value.dim() > 0
+                and value.shape[0] == layer.dispatcher.n_local
+            ):
+                slots[key] = gather_experts(value, layer.dispatcher.group)
         state["state"][i] = slots
     return state
 
@@ -165,7 +175,8 @@ def load_full_optimizer_state(
     """Load a single-process optimizer state dict, each rank keeping its experts' rows."""
     state = {**state, "state": dict(state["state"])}
     for i, layer in _expert_ranges(model, optimizer).items():
-        lo, hi = layer.first_expert, layer.first_expert + layer.n_local
+        lo = layer.dispatcher.first_expert
+        hi = lo + layer.dispatcher.n_local
         slots = dict(state["state"].get(i, {}))
         for key, value in slots.items():
             if isinstance(value, Tensor) and value.dim() > 0:

@@ -17,13 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig, RouterOptions
-from moekit.reference_routing import attention_reference
-from moekit.routing import register_router
 from moekit.routing.base import router_dtype
+from moekit.routing.registry import register_router
 from moekit.routing.topk import TopKRouter
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionOptions(RouterOptions):
     """Heads and per-head width of the query / key projections."""
 
@@ -46,8 +45,6 @@ class AttentionRouter(TopKRouter):
     queries. With one head and identity projections this is the linear router scaled by
     1/sqrt(A).
     """
-
-    reference = staticmethod(attention_reference)
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__(cfg)

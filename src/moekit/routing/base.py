@@ -7,34 +7,21 @@ E for expert choice), D model dim.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig
+from moekit.config import MoEConfig, RouterOptions
+from moekit.types import Routing, capacity
 
 # scheduled options the router reads as device scalars (capacity_factor stays a Python number:
 # the plan's capacity is a size)
 LIVE_OPTIONS = ("temperature", "noise_std")
-
-
-@dataclass
-class Routing:
-    """Which experts each token uses, with what weight.
-
-    ``experts`` holds -1 in slots that carry no expert (expert choice leaves slots empty,
-    capacity drops empty them); ``weights`` is 0 there. ``priority`` orders capacity drops:
-    within an expert, higher priority is kept first, whatever the token's position.
-    """
-
-    experts: Tensor  # [T, K] int64, -1 = empty slot
-    weights: Tensor  # [T, K] router dtype (float32, float64 for float64 inputs)
-    priority: Tensor  # [T, K] score deciding capacity drops
-    logits: Tensor  # [T, E] clean logits (after temperature, before noise)
-    probs: Tensor  # [T, E] scores normalised over experts, used by the balance losses
+# a backend's fused selection: (logits_TE, k, renormalize, scaling, bias_E) -> Routing or None
+FusedSelect = Callable[..., "Routing | None"]
 
 
 def router_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -142,6 +129,8 @@ class Router(nn.Module):
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
+        if not isinstance(cfg.router.options, RouterOptions):
+            raise ValueError("routers are made by moekit.routing.build_router (it builds options)")
         self.cfg = cfg
         self.rcfg = cfg.router
         self.options = cfg.router.options  # this router's own options dataclass
@@ -150,10 +139,14 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         nn.init.normal_(self.weight, std=cfg.expert.init_std)
         self.norm = InputNorm(cfg.d_model) if cfg.router.pre_norm == "rms" else None
-        # scheduled router options as device scalars: moving them recompiles nothing
-        for name in LIVE_OPTIONS:
-            if name in (cfg.router.schedules or {}):
-                value = torch.tensor(getattr(cfg.router, name), dtype=torch.float32)
+        # scheduled options live here, never in the config every block shares: they start at
+        # each schedule's end (what a trained model serves with) until `set_step` moves them
+        schedules = cfg.router.schedules or {}
+        cf = schedules.get("capacity_factor")
+        self.capacity_factor = cfg.capacity_factor if cf is None else cf.end  # a size: a number
+        for name in LIVE_OPTIONS:  # device scalars: moving them recompiles nothing
+            if name in schedules:
+                value = torch.tensor(schedules[name].end, dtype=torch.float32)
                 self.register_buffer(f"live_{name}", value, persistent=False)
 
     def live(self, name: str) -> float | Tensor:
@@ -168,25 +161,34 @@ class Router(nn.Module):
         for name, schedule in (self.rcfg.schedules or {}).items():
             values[name] = schedule.value(step)
             if name == "capacity_factor":
-                self.cfg.capacity_factor = values[name]
+                self.capacity_factor = values[name]
             else:
-                setattr(self.rcfg, name, values[name])
                 getattr(self, f"live_{name}").fill_(values[name])  # no host sync
         return values
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """Per-expert capacity at the live capacity factor, or None when dropless."""
+        return capacity(n_tokens, self.k, self.n_experts, self.capacity_factor)
+
+    def before_optimizer_step(self) -> None:
+        """Once per optimiser step, after the backward of every micro-batch: state a router
+        keeps across forwards moves here (the training step calls it), not in the forward."""
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """Clean logits [T, E] in router precision, divided by the temperature."""
         dtype = router_dtype(x_TD.dtype)
         return F.linear(x_TD.to(dtype), self.weight.to(dtype)) / self.live("temperature")
 
-    def forward(self, x_TD: Tensor) -> Routing:
+    def forward(self, x_TD: Tensor, fused: FusedSelect | None = None) -> Routing:
+        """Routing of x_TD [T, D]; `fused` is a backend's one-kernel selection (its `select`),
+        tried by routers that have one before their torch code."""
         device_type = x_TD.device.type
         if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
             with torch.autocast(device_type, enabled=False):  # router math stays float32
-                return self._route(x_TD)
-        return self._route(x_TD)
+                return self._route(x_TD, fused)
+        return self._route(x_TD, fused)
 
-    def _route(self, x_TD: Tensor) -> Routing:
+    def _route(self, x_TD: Tensor, fused: FusedSelect | None) -> Routing:
         if self.norm is not None:
             x_TD = self.norm(x_TD)
         if self.training and self.rcfg.dropout > 0:
@@ -202,7 +204,9 @@ class Router(nn.Module):
         elif noisy and noise == "gumbel":
             u = torch.rand_like(logits_TE).clamp_(1e-9, 1.0 - 1e-9)
             scored_TE = logits_TE - torch.log(-torch.log(u)) * std
-        routing = self.select(scored_TE)
+        routing = self.select_fused(scored_TE, fused) if fused is not None else None
+        if routing is None:
+            routing = self.select(scored_TE)
         routing.logits = logits_TE
         if self.training and self.rcfg.expert_dropout > 0:
             routing = drop_slots(routing, self.rcfg.expert_dropout)
@@ -210,6 +214,10 @@ class Router(nn.Module):
 
     def select(self, logits_TE: Tensor) -> Routing:
         raise NotImplementedError
+
+    def select_fused(self, logits_TE: Tensor, fused: FusedSelect) -> Routing | None:
+        """`select` by a backend's kernel where it computes this router's choice, else None."""
+        return None
 
 
 def _jitter(x_TD: Tensor, std: float | Tensor) -> Tensor:

@@ -6,24 +6,23 @@ when expert e chose the token, -1 otherwise.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from moekit.config import RouterOptions
-from moekit.reference_routing import expert_choice_reference
-from moekit.routing import register_router
-from moekit.routing.base import Router, Routing
+from moekit.routing.base import Router
+from moekit.routing.registry import register_router
+from moekit.types import Routing, capacity
 
 
 def expert_choice_capacity(n_tokens: int, k: int, n_experts: int, factor: float) -> int:
     """C = ceil(factor * T * k / E), at most T."""
-    return min(n_tokens, math.ceil(factor * n_tokens * k / n_experts))
+    return min(n_tokens, capacity(n_tokens, k, n_experts, factor))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExpertChoiceOptions(RouterOptions):
     """How many tokens each expert takes when MoEConfig.capacity_factor is None."""
 
@@ -41,12 +40,11 @@ class ExpertChoiceRouter(Router):
 
     uses_capacity = False
     batch_invariant = False  # an expert's top-C depends on every token of the pass
-    reference = staticmethod(expert_choice_reference)
 
     def select(self, logits_TE: Tensor) -> Routing:
         T, E = logits_TE.shape
         probs_TE = logits_TE.softmax(dim=-1)
-        factor = self.cfg.capacity_factor or self.options.capacity_factor
+        factor = self.capacity_factor or self.options.capacity_factor
         C = expert_choice_capacity(T, self.k, E, factor)
         # stable sort rather than topk: equal scores go to the earlier token, deterministically
         chosen_EC = probs_TE.t().argsort(dim=-1, descending=True, stable=True)[:, :C]  # [E, C]

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import RouterConfig
-from moekit.routing.base import Routing
+from moekit.types import Routing
 
 LOSS_NAMES = ("load_balance", "z_loss", "entropy", "seq_balance")
 
@@ -60,6 +60,17 @@ def weighted_aux_loss(losses: dict[str, Tensor], cfg: RouterConfig) -> Tensor:
         + cfg.entropy_weight * losses["entropy"]
         + cfg.seq_balance_weight * losses["seq_balance"]
     )
+
+
+def training_loss(
+    task_loss: Tensor, aux_loss: Tensor, aux_weight: float, penalty: Tensor | None = None
+) -> Tensor:
+    """The loss a model trains on: task + aux_weight * the MoE layers' aux loss (+ penalty).
+
+    The one place it is composed: `ModelOutput.loss` and `TrainStep` both call it.
+    """
+    total = task_loss + aux_weight * aux_loss
+    return total if penalty is None else total + penalty
 
 
 def routing_metrics(

@@ -1,8 +1,10 @@
 """Sigmoid routing with DeepSeek-V3's auxiliary-loss-free load balancing.
 
 A per-expert bias is added to the scores for *selection only*; the weights come from the
-unbiased scores. During training the bias moves by `options.bias_update_rate` towards
-balance: up for under-loaded experts, down for over-loaded ones (DeepSeek-V3, sec. 2.1.2).
+unbiased scores. Training forwards count each expert's load; once per optimiser step
+(`before_optimizer_step`, called by the training step) the bias moves by
+`options.bias_update_rate` towards balance: up for under-loaded experts, down for over-loaded
+ones (DeepSeek-V3, sec. 2.1.2). Gradient accumulation counts every micro-batch of the step.
 """
 
 from __future__ import annotations
@@ -13,14 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moekit.backends.triton import fused_routing
 from moekit.config import MoEConfig, RouterOptions
-from moekit.reference_routing import sigmoid_reference
-from moekit.routing import register_router
-from moekit.routing.base import Router, Routing, group_limited, renormalize
+from moekit.routing.base import FusedSelect, Router, group_limited, renormalize
+from moekit.routing.registry import register_router
+from moekit.types import Routing
 
 
-@dataclass
+@dataclass(frozen=True)
 class SigmoidOptions(RouterOptions):
     """How fast the selection bias moves towards balance."""
 
@@ -34,25 +35,27 @@ class SigmoidOptions(RouterOptions):
 
 @register_router("sigmoid", options=SigmoidOptions)
 class SigmoidRouter(Router):
-    """Sigmoid scores, top-k by score + bias; the bias only moves in training forward passes."""
+    """Sigmoid scores, top-k by score + bias; the bias moves once per optimiser step."""
 
     uses_capacity = True
     batch_invariant = True  # in inference: the bias is fixed, each token routes alone
-    reference = staticmethod(sigmoid_reference)
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__(cfg)
         # saved with the model: the balance it learned is part of the routing function
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
+        # slots each expert took in the training forwards since the last optimiser step
+        self.register_buffer("load_E", torch.zeros(cfg.n_experts), persistent=False)
         # load_E [E] -> load_E: set by moekit.parallel to sum the load over the router's replicas
         self.load_reduce: Callable[[Tensor], Tensor] | None = None
 
+    def select_fused(self, logits_TE: Tensor, fused: FusedSelect) -> Routing | None:
+        if self.training or self.rcfg.n_groups != 1:  # the bias moves in training
+            return None
+        rcfg = self.rcfg
+        return fused(logits_TE, self.k, rcfg.renormalize, rcfg.scaling_factor, self.expert_bias)
+
     def select(self, logits_TE: Tensor) -> Routing:
-        if not self.training and self.rcfg.n_groups == 1:  # one kernel on CUDA inference
-            rcfg, bias_E = self.rcfg, self.expert_bias
-            fused = fused_routing(logits_TE, self.k, rcfg.renormalize, rcfg.scaling_factor, bias_E)
-            if fused is not None:
-                return fused
         scores_TE = logits_TE.sigmoid()
         biased_TE = scores_TE.detach() + self.expert_bias.to(scores_TE.dtype)
         biased_TE = group_limited(biased_TE, self.rcfg.n_groups, self.rcfg.topk_groups)
@@ -61,7 +64,7 @@ class SigmoidRouter(Router):
         if self.rcfg.renormalize:  # for every k (DeepSeek-V3 norm_topk_prob)
             weights_TK = renormalize(weights_TK)
         if self.training and self.options.bias_update_rate > 0:
-            self._update_bias(experts_TK)
+            self._count_load(experts_TK)
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
         return Routing(
             experts=experts_TK,
@@ -72,13 +75,20 @@ class SigmoidRouter(Router):
         )
 
     @torch.no_grad()
-    def _update_bias(self, experts_TK: Tensor) -> None:
-        """bias += rate * sign(mean load - load): no host sync, a buffer update."""
-        load_E = torch.zeros(self.n_experts, device=experts_TK.device, dtype=torch.float32)
-        load_E.scatter_add_(
-            0, experts_TK.reshape(-1), torch.ones_like(experts_TK.reshape(-1), dtype=torch.float32)
-        )
-        if self.load_reduce is not None:
-            load_E = self.load_reduce(load_E)
+    def _count_load(self, experts_TK: Tensor) -> None:
+        """load_E += slots per expert: a buffer update, no host sync."""
+        flat = experts_TK.reshape(-1)
+        self.load_E.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.load_E.dtype))
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """bias += rate * sign(mean load - load) over the step's counted load, then reset it.
+
+        A step without training forwards (all-zero load) leaves the bias alone.
+        """
+        load_E = self.load_E
+        if self.load_reduce is not None:  # every replica calls this once per step
+            load_E = self.load_reduce(load_E.clone())
         rate = self.options.bias_update_rate
         self.expert_bias.add_(rate * torch.sign(load_E.mean() - load_E))
+        self.load_E.zero_()

@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 
 from moekit.config import RouterOptions
-from moekit.reference_routing import sinkhorn_reference
-from moekit.routing import register_router
-from moekit.routing.base import Router, Routing, renormalize
+from moekit.routing.base import Router, renormalize
+from moekit.routing.registry import register_router
+from moekit.types import Routing
 
 
-@dataclass
+@dataclass(frozen=True)
 class SinkhornOptions(RouterOptions):
     """The balancing iterations and how hard the balanced plan is."""
 
@@ -110,7 +110,6 @@ class SinkhornRouter(Router):
 
     uses_capacity = True
     batch_invariant = False  # the balance is over every token of the pass
-    reference = staticmethod(sinkhorn_reference)
 
     def select(self, logits_TE: Tensor) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from moekit.backends.triton import fused_routing
 from moekit.config import MoEConfig
-from moekit.reference_routing import topk_reference
-from moekit.routing import register_router
 from moekit.routing.base import (
+    FusedSelect,
     Router,
-    Routing,
     group_limited,
     membership_limited,
     membership_mask,
     renormalize,
 )
+from moekit.routing.registry import register_router
+from moekit.types import Routing
 
 
 @register_router("topk")
@@ -30,7 +29,6 @@ class TopKRouter(Router):
     uses_capacity = True
     batch_invariant = True
     supports_constellations = True
-    reference = staticmethod(topk_reference)
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__(cfg)
@@ -39,12 +37,12 @@ class TopKRouter(Router):
         members_GE = membership_mask(groups, cfg.n_experts) if groups is not None else None
         self.register_buffer("members_GE", members_GE, persistent=False)
 
+    def select_fused(self, logits_TE: Tensor, fused: FusedSelect) -> Routing | None:
+        if self.members_GE is not None or self.rcfg.n_groups != 1:
+            return None
+        return fused(logits_TE, self.k, self.rcfg.renormalize, self.rcfg.scaling_factor)
+
     def select(self, logits_TE: Tensor) -> Routing:
-        if self.members_GE is None and self.rcfg.n_groups == 1:  # one kernel on CUDA inference
-            rcfg = self.rcfg
-            fused = fused_routing(logits_TE, self.k, rcfg.renormalize, rcfg.scaling_factor)
-            if fused is not None:
-                return fused
         probs_TE = logits_TE.softmax(dim=-1)
         if self.members_GE is not None:
             candidates_TE = membership_limited(probs_TE, self.members_GE, self.rcfg.topk_groups)

@@ -83,13 +83,17 @@ def create_app(
     security: SecurityConfig | None = None,
     codec: Codec | None = None,
     cors_origins: tuple[str, ...] | list[str] = (),
+    served_model_name: str | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `model`; its engine starts and drains with the app's lifespan.
 
     `security` (default: no keys, no rate limit) is checked before any route runs. `codec`
     turns text into ids and back (default: `load_codec(model)`: the model's tokenizer, or
     UTF-8 bytes). `cors_origins` ('*' for any) may call it from a browser.
+    `served_model_name` replaces `name` in /health and /v1/models and is the `model` of every
+    OpenAI answer (without it, answers repeat the name the request gave).
     """
+    name = served_model_name or name
     cfg = engine or EngineConfig()
     policy = security or SecurityConfig()
     guard = Guard(policy)
@@ -101,12 +105,15 @@ def create_app(
         eng = Engine(model, cfg)
         registry = build_registry(eng)
         registry.register(GuardCollector(guard))
-        app.state.serve = ServerState(model, name, cfg, eng, device, registry, text)
+        app.state.serve = ServerState(
+            model, name, cfg, eng, device, registry, text, served_name=served_model_name
+        )
         eng.start()
         try:
             yield
         finally:
-            await eng.stop()  # in-flight requests finish first
+            # in-flight requests finish first, unless a second signal asked to stop now
+            await eng.stop(timeout=0 if app.state.drain.stop_now else None)
 
     app = FastAPI(
         title="moekit inference server",

@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from moekit.config import strict_from_dict
+from moekit.config import from_dict
 
 DECODE_MODES = ("auto", "graphs", "static", "eager")
 # 'auto', a fraction of free GPU memory ('0.9'), or a size ('8GiB', '512MiB', '1e9' bytes)
@@ -21,7 +21,9 @@ class EngineConfig:
     max_batch: int = 32  # sequences decoded together in one forward pass
     max_queue: int = 64  # waiting requests beyond this are refused with 429
     max_new_tokens: int = 1024  # per-request upper bound on generated positions
-    max_prompt_tokens: int = 8192  # longer prompts are refused (only the last window is fed)
+    max_prompt_tokens: int = 8192  # longer prompts are refused
+    max_model_len: int | None = None  # context served (prompt + reply): at most the model's
+    # max_seq_len; sizes the KV pages of a row. None: the model's max_seq_len
     prefix_cache_tokens: int = 16384  # positions kept for prefix reuse once unused; 0 = off
     min_prefix: int = 4  # shortest shared prefix worth reusing
     request_timeout_s: float = 120.0  # a request still running after this stops early
@@ -43,6 +45,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"engine.{name}={value!r} must be an integer >= 0")
+        n = self.max_model_len
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"engine.max_model_len={n!r} must be an integer >= 1 (or None)")
         t = self.request_timeout_s
         if not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"engine.request_timeout_s={t!r} must be finite and > 0")
@@ -56,10 +61,14 @@ class EngineConfig:
                 f"engine.decode_mode={self.decode_mode!r} is not one of {DECODE_MODES}"
             )
 
+    def context_length(self, max_seq_len: int) -> int:
+        """Positions one sequence may hold: the model's max_seq_len, or less if asked."""
+        return min(max_seq_len, self.max_model_len or max_seq_len)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> EngineConfig:
         """Build from keyword options, refusing names that are not fields."""
-        return strict_from_dict(cls, options, "engine option(s)")
+        return from_dict(cls, options, "engine option(s)")

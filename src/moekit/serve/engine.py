@@ -48,6 +48,23 @@ class Engine:
         self.model = model.eval()
         self.batch_invariant = batch_invariant(model)
         self.runner = ModelRunner(model, self.cfg, self.batch_invariant)
+        kv = self.runner.kv.usage()
+        log.info(
+            "KV memory: %d pages of %d positions (%.1f MiB) for a context of %d positions",
+            kv["pages"],
+            kv["page_size"],
+            kv["bytes"] / 2**20,
+            self.runner.window,
+        )
+        if self.cfg.max_model_len is None and kv["pages"] * kv["page_size"] < (
+            self.runner.kv.n_rows * self.runner.window
+        ):  # memory, not the context, limits the batch: a smaller context may serve more
+            log.warning(
+                "KV memory holds fewer than %d full rows of max_seq_len=%d positions;"
+                " give max_model_len (--max-model-len) to size rows for shorter contexts",
+                self.runner.kv.n_rows,
+                self.runner.window,
+            )
         self.stats = ServeStats(
             self.runner.moe_layers, self.runner.n_experts, max_batch=self.runner.kv.n_rows
         )
@@ -89,6 +106,11 @@ class Engine:
         return len(self.runner.active)
 
     @property
+    def context_length(self) -> int:
+        """Positions one sequence holds (prompt + reply): max_model_len, or max_seq_len."""
+        return self.runner.window
+
+    @property
     def prefix_cache(self) -> bool:
         return self.runner.prefix
 
@@ -106,6 +128,7 @@ class Engine:
         """How this engine is set up: its config, then what it chose (rows, caches, decode)."""
         return {
             **self.cfg.to_dict(),
+            "context_length": self.context_length,
             "batch_invariant": self.batch_invariant,
             "effective_max_batch": self.runner.kv.n_rows,
             "prefix_cache": self.prefix_cache,

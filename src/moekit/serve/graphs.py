@@ -17,6 +17,7 @@ Shapes: B live rows, b bucket size, N rows, V vocabulary (or d_out), L MoE layer
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from moekit.layer import MoEInfo
 from moekit.model.transformer import Transformer
+from moekit.replay import capture
 from moekit.serve.paged import PagedKVCache
 
 log = logging.getLogger(__name__)
@@ -101,14 +103,8 @@ class DecodeStep:
         pool = None
         try:
             for b in reversed(self.buckets):  # largest first: the others reuse its memory pool
-                side = torch.cuda.Stream(self.kv.device)
-                side.wait_stream(torch.cuda.current_stream(self.kv.device))
-                with torch.cuda.stream(side):
-                    self._forward(b)  # warm-up: kernels built and tuned outside the capture
-                torch.cuda.current_stream(self.kv.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    out = self._forward(b)
+                forward = functools.partial(self._forward, b)
+                graph, out = capture(forward, self.kv.device, pool, error_mode="thread_local")
                 pool = graph.pool()
                 self.graphs[b] = (graph, out)
         except Exception as err:  # e.g. a backend that reads counts on the host

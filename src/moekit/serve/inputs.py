@@ -72,7 +72,7 @@ def model_input(
         x = torch.tensor(check_ids(body.token_ids or [], "token_ids", model), dtype=torch.long)
     else:
         x = _vectors(body.inputs or [], model.cfg.d_in)  # type: ignore[arg-type]
-    check_prompt_length(len(x), field, cfg)
+    check_prompt_length(len(x), field, cfg, cfg.context_length(model.cfg.max_seq_len))
     return x
 
 
@@ -96,11 +96,38 @@ def check_ids(ids: list[int], field: str, model: Transformer) -> list[int]:
     return ids
 
 
-def check_prompt_length(n: int, field: str, cfg: EngineConfig) -> None:
+def check_prompt_length(n: int, field: str, cfg: EngineConfig, context: int) -> None:
+    """422 for an empty prompt or one over max_prompt_tokens; 400 past the context (never cut)."""
     if n == 0:
         raise _invalid(field, "must hold at least one position")
+    if n > context:
+        raise ApiError(
+            400,
+            f"{field}: this model's maximum context length is {context} tokens, but the prompt"
+            f" has {n} tokens; shorten it",
+            field,
+        )
     if n > cfg.max_prompt_tokens:
         raise _invalid(field, f"{n} positions exceed max_prompt_tokens={cfg.max_prompt_tokens}")
+
+
+def check_total_length(prompt: int, max_tokens: int, field: str, context: int) -> None:
+    """400 when prompt + completion cannot fit the context (OpenAI endpoints refuse, as vLLM's
+    do, instead of sliding the window)."""
+    if prompt + max_tokens > context:
+        raise ApiError(
+            400,
+            f"{field}: this model's maximum context length is {context} tokens, but you requested"
+            f" {prompt + max_tokens} tokens ({prompt} in the prompt, {max_tokens} for the"
+            f" completion); shorten the prompt or lower {field}",
+            field,
+        )
+
+
+def room_left(prompt: int, cfg: EngineConfig, context: int) -> int:
+    """The completion length a request that gives none gets: the server's max_new_tokens, or
+    what the context leaves after the prompt (at least 1, so a full prompt is refused)."""
+    return max(1, min(cfg.max_new_tokens, context - prompt))
 
 
 def _vectors(rows: list[list[float]], d_in: int) -> Tensor:

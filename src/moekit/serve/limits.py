@@ -11,8 +11,11 @@ the server stops. Both sit inside the API-key check.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
+import socket
 import time
 from types import FrameType
 from typing import Any
@@ -24,6 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moekit.serve.inputs import error_response
 
+log = logging.getLogger(__name__)
+FORCED_GRACE_S = 2.0  # a forced stop waits this long for handlers to send their end
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt the engine accepts
 # a JSON escape of a UTF-16 surrogate; only these can put invalid Unicode into a parsed str
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -171,6 +176,7 @@ class Drain:
     def __init__(self, retry_after_s: int = 1) -> None:
         self.in_flight = 0
         self.draining = False
+        self.stop_now = False  # a second signal: the engine ends what runs instead of finishing
         self.retry_after_s = retry_after_s
 
 
@@ -198,25 +204,47 @@ class DrainGate:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, but the first SIGTERM / SIGINT drains: new requests get 503 while those in
-    flight finish (at most `timeout_s`), then the server stops as uvicorn does. A second
-    signal stops it at once."""
+    """uvicorn, but the first SIGTERM / SIGINT (Ctrl-C) drains: new requests get 503 while
+    those in flight finish (at most `timeout_s`), then the server stops as uvicorn does. A
+    second signal stops it at once (`forced`). The signal is not raised again afterwards,
+    so a drained stop ends the process normally, without a traceback."""
 
     def __init__(self, config: uvicorn.Config, drain: Drain, timeout_s: float) -> None:
         super().__init__(config)
         self.drain, self.timeout_s = drain, timeout_s
-        self._signal: tuple[int, FrameType | None] | None = None
+        self._signal: int | None = None
         self._deadline = 0.0
+        self.forced = False  # a second signal cut the requests still in flight
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._signal is not None or self.should_exit or self.drain.in_flight == 0:
-            super().handle_exit(sig, frame)  # nothing to drain, or asked twice
+        if self._signal is not None or self.should_exit:  # asked twice: stop now
+            self.forced = self.drain.in_flight > 0
+            self.should_exit = self.force_exit = self.drain.stop_now = True
             return
-        self._signal, self._deadline = (sig, frame), time.monotonic() + self.timeout_s
+        if self.drain.in_flight == 0:  # nothing to drain
+            self.should_exit = True
+            return
+        self._signal, self._deadline = sig, time.monotonic() + self.timeout_s
         self.drain.draining = True
+        log.warning(
+            "draining %d request(s) in flight; new ones get 503 (signal again to stop at once)",
+            self.drain.in_flight,
+        )
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if not self.force_exit:
+            await super().shutdown(sockets)
+            return
+        # stopping now: the engine ends every request ('shutdown') so each handler sends its
+        # end and returns; uvicorn skips the app's shutdown when forced, so it runs first here
+        await self.lifespan.shutdown()
+        await super().shutdown(sockets)
+        deadline = time.monotonic() + FORCED_GRACE_S
+        while self.server_state.tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     async def on_tick(self, counter: int) -> bool:
         drained = self.drain.in_flight == 0 or time.monotonic() > self._deadline
         if self._signal is not None and not self.should_exit and drained:
-            super().handle_exit(*self._signal)
+            self.should_exit = True
         return await super().on_tick(counter)

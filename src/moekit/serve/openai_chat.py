@@ -2,7 +2,8 @@
 
 Messages become one prompt through the tokenizer's chat template; byte-level models, which
 have none, use `text.BYTE_CHAT_TEMPLATE`. Without max_tokens / max_completion_tokens a reply
-may run to the server's max_new_tokens (or the tokenizer's end-of-sequence token).
+may run to the server's max_new_tokens or the end of the context, whichever comes first (or
+the tokenizer's end-of-sequence token). Tools, images and audio are refused with 400.
 """
 
 from __future__ import annotations
@@ -11,8 +12,15 @@ import torch
 from fastapi import APIRouter, Request
 
 from moekit.model.codec import Codec
-from moekit.serve.inputs import ApiError, check_max_new, check_prompt_length, text_ids
-from moekit.serve.openai_compat import head, stream_reply, submit
+from moekit.serve.inputs import (
+    ApiError,
+    check_max_new,
+    check_prompt_length,
+    check_total_length,
+    room_left,
+    text_ids,
+)
+from moekit.serve.openai_compat import head, refuse_unsupported, stream_reply, submit
 from moekit.serve.openai_schemas import (
     ChatChoice,
     ChatChunk,
@@ -34,6 +42,16 @@ from moekit.serve.state import Security, ServerState, State
 router = APIRouter()
 
 
+def _refuse_unsupported(body: ChatRequest) -> None:
+    """400 naming the first field, or part of a message, this server does not implement."""
+    refuse_unsupported(body)
+    for i, message in enumerate(body.messages):
+        problem = message.unreadable()
+        if problem is not None:
+            field, why = f"messages.{i}.{problem[0]}", problem[1]
+            raise ApiError(400, f"{field}: {why}", field)
+
+
 def _prompt(body: ChatRequest, s: ServerState) -> torch.Tensor:
     if s.codec is None:
         raise ApiError(422, "messages: this model reads no text (no tokenizer)", "messages")
@@ -43,18 +61,22 @@ def _prompt(body: ChatRequest, s: ServerState) -> torch.Tensor:
     except ValueError as err:  # a tokenizer without a chat template
         raise ApiError(422, f"messages: {err}", "messages") from None
     ids = text_ids(text, "messages", s.codec, s.model, chat=True)
-    check_prompt_length(len(ids), "messages", s.cfg)
+    check_prompt_length(len(ids), "messages", s.cfg, s.engine.context_length)
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _max_tokens(body: ChatRequest, s: ServerState) -> int:
-    if body.max_completion_tokens is not None:
-        check_max_new(body.max_completion_tokens, "max_completion_tokens", s.model, s.cfg)
-        return body.max_completion_tokens
-    if body.max_tokens is not None:
-        check_max_new(body.max_tokens, "max_tokens", s.model, s.cfg)
-        return body.max_tokens
-    return s.cfg.max_new_tokens
+def _max_tokens(body: ChatRequest, s: ServerState, prompt: int) -> int:
+    """The reply's length limit; without one, what the context leaves (at most max_new_tokens)."""
+    context = s.engine.context_length
+    for field in ("max_completion_tokens", "max_tokens"):
+        value = getattr(body, field)
+        if value is not None:
+            check_max_new(value, field, s.model, s.cfg)
+            check_total_length(prompt, value, field, context)
+            return value
+    value = room_left(prompt, s.cfg, context)
+    check_total_length(prompt, value, "max_completion_tokens", context)
+    return value
 
 
 def _token(token: int, logprob: float, codec: Codec) -> TopChatLogprob:
@@ -79,12 +101,14 @@ def _logprobs(items: list[tuple[int, Logprobs]], codec: Codec) -> ChatLogprobs:
 )
 async def chat(body: ChatRequest, request: Request, s: State, security: Security):
     codec: Codec = s.codec  # type: ignore[assignment]
+    _refuse_unsupported(body)
     prompt = _prompt(body, s)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(422, "top_logprobs: needs logprobs=true", "top_logprobs")
-    handle = submit(s, body, [prompt], _max_tokens(body, s), top_logprobs, request)
-    top = head(body, "chatcmpl")
+    max_tokens = _max_tokens(body, s, len(prompt))
+    handle = submit(s, body, [prompt], max_tokens, top_logprobs, request)
+    top = head(body, "chatcmpl", s)
     if body.stream:
 
         def chunk(d: Delta) -> ChatChunkChoice | None:

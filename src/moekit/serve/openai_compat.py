@@ -18,14 +18,21 @@ from pydantic import BaseModel
 from torch import Tensor
 
 from moekit.model.codec import Codec
-from moekit.serve.inputs import ApiError, check_ids, check_max_new, check_prompt_length, text_ids
+from moekit.serve.inputs import (
+    ApiError,
+    check_ids,
+    check_max_new,
+    check_prompt_length,
+    check_total_length,
+    text_ids,
+)
 from moekit.serve.openai_schemas import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    OpenAIBody,
     ResponseHead,
-    Sampled,
 )
 from moekit.serve.security import SecurityConfig, log_exchange
 from moekit.serve.sequence import Logprobs, SamplingParams
@@ -38,8 +45,36 @@ router = APIRouter()
 
 @router.get("/v1/models", summary="The served model, as OpenAI lists models")
 async def models(s: State) -> dict:
-    entry = {"id": s.name, "object": "model", "created": int(s.started), "owned_by": "moekit"}
+    entry = {
+        "id": s.name,
+        "object": "model",
+        "created": int(s.started),
+        "owned_by": "moekit",
+        "max_model_len": s.engine.context_length,
+    }
     return {"object": "list", "data": [entry]}
+
+
+def refuse_unsupported(body: OpenAIBody) -> None:
+    """400 naming the first field set to a value this server does not implement."""
+    for name, (accepted, what) in body.unsupported.items():
+        value = getattr(body, name)
+        if not accepted(value):
+            msg = f"{name}: {value!r} is not supported by this server (accepted: {what})"
+            raise ApiError(400, msg, name)
+
+
+def logit_bias(body: OpenAIBody, s: ServerState) -> tuple[tuple[int, float], ...]:
+    """The body's logit_bias as (token id, bias) pairs; 422 for a key that is not a token id."""
+    vocab = s.model.cfg.vocab_size or 0
+    out = []
+    for key, bias in (body.logit_bias or {}).items():
+        token = int(key) if key.isascii() and key.isdigit() else -1
+        if not 0 <= token < vocab:
+            msg = f"logit_bias: key {key!r} is not a token id in [0, vocab_size={vocab})"
+            raise ApiError(422, msg, "logit_bias")
+        out.append((token, bias))
+    return tuple(out)
 
 
 def _prompts(body: CompletionRequest, s: ServerState) -> list[Tensor]:
@@ -58,21 +93,22 @@ def _prompts(body: CompletionRequest, s: ServerState) -> list[Tensor]:
     out = []
     for text in texts:
         ids = text_ids(text, "prompt", s.codec, s.model) if isinstance(text, str) else text
-        check_prompt_length(len(ids), "prompt", s.cfg)
+        check_prompt_length(len(ids), "prompt", s.cfg, s.engine.context_length)
+        check_total_length(len(ids), body.max_tokens, "max_tokens", s.engine.context_length)
         out.append(torch.tensor(check_ids(ids, "prompt", s.model), dtype=torch.long))
     return out
 
 
 def submit(
     s: ServerState,
-    body: Sampled,
+    body: OpenAIBody,
     prompts: list[Tensor],
     max_tokens: int,
     logprobs: int | None,
     request: Request,
 ) -> Handle:
     """An OpenAI request's n choices of each prompt, queued on the app's service."""
-    params = SamplingParams.from_request(body, max_tokens, logprobs)
+    params = SamplingParams.from_request(body, max_tokens, logprobs, logit_bias(body, s))
     return s.service.submit(
         prompts,
         params,
@@ -84,17 +120,18 @@ def submit(
     )
 
 
-def head(body: Sampled, prefix: str) -> dict:
-    """The id, time and model every object of one answer carries."""
+def head(body: OpenAIBody, prefix: str, s: ServerState) -> dict:
+    """The id, time and model every object of one answer carries: the model is the served
+    name when one was given (`served_model_name`), else the name the request used."""
     rid = body.request_id or f"{prefix}-{uuid.uuid4().hex}"
-    return {"id": rid, "created": int(time.time()), "model": body.model}
+    return {"id": rid, "created": int(time.time()), "model": s.served_name or body.model}
 
 
 async def stream_reply(
     handle: Handle,
     top: dict,
     reply: type[ResponseHead],
-    body: Sampled,
+    body: OpenAIBody,
     chunk: Callable[[Delta], BaseModel | None],
     security: SecurityConfig,
     prompt: object,
@@ -122,10 +159,11 @@ async def stream_reply(
 )
 async def completions(body: CompletionRequest, request: Request, s: State, security: Security):
     codec: Codec = s.codec  # type: ignore[assignment]
-    prompts = _prompts(body, s)
+    refuse_unsupported(body)
     check_max_new(body.max_tokens, "max_tokens", s.model, s.cfg)
+    prompts = _prompts(body, s)
     handle = submit(s, body, prompts, body.max_tokens, body.logprobs, request)
-    top = head(body, "cmpl")
+    top = head(body, "cmpl", s)
     if body.stream:
         offsets = [0] * len(handle.choices)  # text sent so far by each choice
 

@@ -68,20 +68,28 @@ def _sync_free_gpu(device: torch.device) -> int:
 
 
 class PagedKVCache:
-    """Paged K/V for `n_rows` sequences of at most max_seq_len positions, in `n_pages` pages."""
+    """Paged K/V for `n_rows` sequences of at most `max_len` positions (default: the model's
+    max_seq_len), in `n_pages` pages."""
 
     def __init__(
-        self, model: Transformer, n_rows: int, n_pages: int, page: int, cache_pages: int
+        self,
+        model: Transformer,
+        n_rows: int,
+        n_pages: int,
+        page: int,
+        cache_pages: int,
+        max_len: int | None = None,
     ) -> None:
         cfg = model.cfg
         p = next(model.parameters())
         self.page = page
-        self.max_len = cfg.max_seq_len
-        self.row_pages = -(-cfg.max_seq_len // page)  # M
+        self.max_len = max_len or cfg.max_seq_len
+        self.row_pages = -(-self.max_len // page)  # M
         if n_pages < self.row_pages + 1:
             raise ValueError(
-                f"{n_pages} KV pages cannot hold one sequence of max_seq_len={cfg.max_seq_len}"
-                f" ({self.row_pages} pages of {page} + scratch): raise kv_memory"
+                f"{n_pages} KV pages cannot hold one sequence of {self.max_len} positions"
+                f" ({self.row_pages} pages of {page} + scratch): raise kv_memory or lower"
+                " max_model_len"
             )
         shape = (n_pages * page, cfg.kv_heads, cfg.head_dim)  # [P * page, Hkv, Dh]
         # zeros, not empty: masked keys still pass through attention, and NaN * 0 is NaN
@@ -220,6 +228,7 @@ class PagedKVCache:
         return {
             "pages": self.pool.n_pages - 1,
             "page_size": self.page,
+            "bytes": sum(t.nbytes for t in (*self.keys, *self.values)),
             "held": self.pool.held,
             "cached": len(self.pool.cached),
             "free": len(self.pool.free),

@@ -12,7 +12,7 @@ import torch
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from moekit.serve.inputs import ApiError, check_max_new, model_input
+from moekit.serve.inputs import check_max_new, model_input
 from moekit.serve.schemas import (
     GenerateRequest,
     GenerateResponse,
@@ -139,11 +139,7 @@ async def _stream(
     response_model=RouteResponse,
 )
 async def route(body: RouteRequest, s: State) -> RouteResponse:
-    x = model_input(body, s.model, s.cfg, s.codec)
-    if len(x) > s.model.cfg.max_seq_len:
-        field = "inputs" if not s.model.is_lm else ("prompt" if body.prompt else "token_ids")
-        msg = f"{field}: {len(x)} positions exceed max_seq_len={s.model.cfg.max_seq_len}"
-        raise ApiError(422, msg, field)
+    x = model_input(body, s.model, s.cfg, s.codec)  # at most the context (<= max_seq_len)
 
     def run() -> list:
         with torch.no_grad():

@@ -5,7 +5,8 @@ A step (1) advances every decoding sequence by one position in one batched forwa
 prompts, several sequences per forward pass padded to a common length and at most
 `prefill_chunk` prompt positions per step, so a long prompt never stalls the decodes, and
 (3) picks the next output of every sequence that got one, in one batched call on the device
-(per-row temperature, top-k, top-p and seed; log-probabilities when asked). The step's only
+(per-row penalties and logit biases, temperature, top-k, top-p and seed; log-probabilities,
+of the unadjusted logits, when asked). The step's only
 host sync reads those outputs back (`_sync_outputs`); expert counts stay on the device.
 
 K/V live in a `PagedKVCache`. Admission reserves every page a sequence may need, so none
@@ -28,6 +29,7 @@ from moekit.serve.config import EngineConfig
 from moekit.serve.graphs import DecodeStep, count_routed
 from moekit.serve.paged import PagedKVCache, kv_budget, page_bytes
 from moekit.serve.pages import block_hashes
+from moekit.serve.penalties import LogitAdjust
 from moekit.serve.sequence import Logprobs, Sequence
 
 PAD_WASTE = 0.25  # a prefill group pads at most this fraction of its real positions
@@ -88,7 +90,7 @@ class ModelRunner:
         self.model = model.eval()
         self.cfg = cfg
         self.exact = exact  # batch-invariant model: batching, padding and prefix reuse allowed
-        self.window = model.cfg.max_seq_len
+        self.window = cfg.context_length(model.cfg.max_seq_len)  # positions a row holds
         max_batch = cfg.max_batch if exact else 1
         p = next(model.parameters())
         dev = p.device
@@ -98,6 +100,7 @@ class ModelRunner:
             self._n_pages(max_batch, dev),
             cfg.page_size,
             cfg.prefix_cache_tokens // cfg.page_size if exact else 0,
+            self.window,
         )
         self.prefix = exact and cfg.prefix_cache_tokens > 0
         self.chunk = cfg.prefill_chunk if exact else None  # None: a prompt in one pass
@@ -114,6 +117,7 @@ class ModelRunner:
         if model.is_lm:
             self.inputs = torch.zeros(N, 1, dtype=torch.long, device=dev)  # [N, 1]
             self.sampling = RowSampling(N, mc.vocab_size, dev)  # type: ignore[arg-type]
+            self.adjust = LogitAdjust(N, mc.vocab_size, dev)  # type: ignore[arg-type]
         else:
             self.inputs = torch.zeros(N, 1, mc.d_in, dtype=p.dtype, device=dev)  # type: ignore[arg-type]
         # the rows a step samples for, staged in pinned host memory: no per-step tensor, no sync
@@ -152,6 +156,7 @@ class ModelRunner:
         if self.model.is_lm:
             p = seq.params
             self.sampling.set(row, p.temperature, p.top_k, p.top_p, seq.seed)
+            self.adjust.set(row, p.frequency_penalty, p.presence_penalty, p.logit_bias)
         if len(feed) - seq.fed == 1:  # all but the last position cached: a decode step feeds it
             self.inputs[row, 0] = feed[-1].to(self.inputs.dtype)
             seq.fed = len(feed)
@@ -305,8 +310,13 @@ class ModelRunner:
             if values.shape[-1] == self.inputs.shape[-1]:  # d_out == d_in: it rolls out
                 self.inputs[rows, 0] = values.to(self.inputs.dtype)
             return [(s, v, None) for s, v in zip(seqs, _sync_outputs(values), strict=True)]
-        hot = self.sampling.hot([s.row for s in seqs])  # type: ignore[misc]
-        tokens = self.sampling.sample_at(out, rows, hot)  # [n]
+        host_rows: list[int] = [s.row for s in seqs]  # type: ignore[misc]
+        hot = self.sampling.hot(host_rows)
+        adjusted = self.adjust.active(host_rows)
+        scores = self.adjust.apply(out, rows) if adjusted else out  # [n, V]
+        tokens = self.sampling.sample_at(scores, rows, hot)  # [n]
+        if adjusted:
+            self.adjust.count(rows, tokens)
         self.inputs[rows, 0] = tokens
         if not asked:
             return [(s, t, None) for s, t in zip(seqs, _sync_outputs(tokens), strict=True)]

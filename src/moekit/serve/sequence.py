@@ -24,13 +24,38 @@ class SamplingParams:
     seed: int | None = None  # None = a fresh random seed
     logprobs: int | None = None  # best alternatives reported with each token; None = none
     stop_token_ids: tuple[int, ...] = ()  # ends the sequence ('stop'), not emitted: e.g. EOS
+    frequency_penalty: float = 0.0  # OpenAI's: logit -= count of the token among the outputs x this
+    presence_penalty: float = 0.0  # OpenAI's: logit -= this once the token is among the outputs
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     @classmethod
-    def from_request(cls, body: Any, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
-        """The sampling of any request body (native or OpenAI): top_p 1 and no top_k are off."""
+    def from_request(
+        cls,
+        body: Any,
+        max_new_tokens: int,
+        logprobs: int | None,
+        logit_bias: tuple[tuple[int, float], ...] = (),
+    ) -> SamplingParams:
+        """The sampling of any request body (native or OpenAI): top_p 1 and top_k None or <= 0
+        are off; penalties are 0 where the body has none."""
         top_p = body.top_p if body.top_p is not None and body.top_p < 1.0 else None
-        top_k = getattr(body, "top_k", None)  # OpenAI's requests have none
-        return cls(max_new_tokens, body.temperature, top_k, top_p, body.seed, logprobs)
+        top_k = getattr(body, "top_k", None)
+        return cls(
+            max_new_tokens,
+            body.temperature,
+            top_k if top_k is not None and top_k > 0 else None,
+            top_p,
+            body.seed,
+            logprobs,
+            frequency_penalty=getattr(body, "frequency_penalty", 0.0),
+            presence_penalty=getattr(body, "presence_penalty", 0.0),
+            logit_bias=logit_bias,
+        )
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties or biases change this request's logits before sampling."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
 
 
 @dataclass

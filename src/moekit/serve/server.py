@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.metadata
 import logging
 import socket
+import sys
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,17 @@ from moekit.serve.limits import DrainingServer
 from moekit.serve.security import SecurityConfig, check_bind, tls_options
 
 DRAIN_TIMEOUT_S = 300  # SIGTERM: in-flight requests get this long to finish
+INTERRUPTED = 130  # exit status of a stop that cut requests short (128 + SIGINT)
 log = logging.getLogger(__name__)
 
 
+class PortInUse(ValueError):
+    """The port asked for is held by another process (the message is one line)."""
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port; port 0, or a port another process holds, gets a free one."""
+    """A socket bound to host:port; port 0 gets a free one. A port another process holds
+    raises PortInUse: a server asked to listen somewhere must not move elsewhere silently."""
     family, kind, proto, _, addr = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
@@ -34,11 +43,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         sock.bind(addr)
     except OSError as err:
-        if err.errno != errno.EADDRINUSE or port == 0:
-            sock.close()
-            raise
-        log.warning("port %d is taken; picking a free one", port)
-        sock.bind((addr[0], 0, *addr[2:]))
+        sock.close()
+        if err.errno == errno.EADDRINUSE and port != 0:
+            raise PortInUse(
+                f"port {port} on {host} is already in use; stop what holds it, choose another"
+                " port, or give port 0 for a free one"
+            ) from None
+        raise
     sock.set_inheritable(True)
     return sock
 
@@ -64,16 +75,20 @@ def run_server(
     ssl_keyfile: str | None = None,
     dtype: str | None = None,
     cors_origins: tuple[str, ...] | list[str] = (),
+    served_model_name: str | None = None,
     **engine_options: Any,
 ) -> None:
     """Serve a checkpoint (directory or run dir) over HTTP(S); OpenAPI docs at /docs.
 
-    engine_options are `EngineConfig` fields (max_batch, kv_memory, prefill_chunk...).
+    engine_options are `EngineConfig` fields (max_batch, kv_memory, max_model_len...).
     threads sets torch's CPU threads (1 is often fastest on a busy machine). dtype ('bf16',
-    'fp16', 'fp32') casts the weights as they load. port 0, or a port already taken, serves
-    on a free one; the chosen address is printed. security defaults to the keys in
-    $MOEKIT_API_KEY (none: no authentication, refused off loopback unless
-    allow_unauthenticated). Raises SecurityConfigError before loading anything when refused.
+    'fp16', 'fp32') casts the weights as they load. port 0 serves on a free one (the address
+    is printed); a port already taken raises PortInUse. served_model_name (default: the
+    checkpoint directory's name) is the name /v1/models lists and answers carry. security
+    defaults to the keys in $MOEKIT_API_KEY (none: no authentication, refused off loopback
+    unless allow_unauthenticated). Raises SecurityConfigError or PortInUse before loading.
+    SIGTERM or Ctrl-C drains (returns once in-flight requests finished); a second one stops
+    at once and exits with status 130.
     """
     if not 0 <= port <= 65535:  # the resolver would wrap it silently (99999 -> 34463)
         raise ValueError(f"port={port} must be in [0, 65535] (0: a free port)")
@@ -88,15 +103,22 @@ def run_server(
     scheme = "https" if tls else "http"
     shown = f"[{host}]" if ":" in host else host
     print(f"moekit serve: {scheme}://{shown}:{sock.getsockname()[1]}", flush=True)
-    path = _checkpoint_dir(ckpt)
-    model = load(path, default_device(device), dtype)
+    try:
+        path = _checkpoint_dir(ckpt)
+        model = load(path, default_device(device), dtype)
+        codec = load_codec(model, path)
+    except KeyboardInterrupt:  # Ctrl-C while loading: nothing to drain yet
+        sock.close()
+        print(f"moekit serve: interrupted while loading {ckpt}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
     app = create_app(
         model,
         name=Path(ckpt).resolve().name,
         engine=cfg,
         security=security,
-        codec=load_codec(model, path),
+        codec=codec,
         cors_origins=cors_origins,
+        served_model_name=served_model_name,
     )
     config = uvicorn.Config(
         app,
@@ -105,8 +127,12 @@ def run_server(
         access_log=False,  # its lines carry query strings; the app logs its own without them
         **tls,
     )
-    # SIGTERM: new requests get 503 while those in flight finish, then exit
-    DrainingServer(config, app.state.drain, DRAIN_TIMEOUT_S).run(sockets=[sock])
+    # SIGTERM / Ctrl-C: new requests get 503 while those in flight finish, then exit
+    server = DrainingServer(config, app.state.drain, DRAIN_TIMEOUT_S)
+    server.run(sockets=[sock])
+    if server.forced:  # a second signal cut requests short: say so, no traceback
+        print("moekit serve: stopped at once; requests in flight were cut", file=sys.stderr)
+        raise SystemExit(INTERRUPTED)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,11 +151,17 @@ def main(argv: list[str] | None = None) -> None:
         help="origin browsers may call from (repeatable; * for any)",
     )
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--served-model-name", default=None, help="the model name answers and /v1/models carry"
+    )
+    p.add_argument("--version", action="version", version=f"moekit {_version()}")
     _add_security_arguments(p)
     defaults = EngineConfig()
+    hints = typing.get_type_hints(EngineConfig)
     for f in fields(EngineConfig):
         value = getattr(defaults, f.name)
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(value), default=value)
+        kind = type(value) if value is not None else _optional(hints[f.name])
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=value)
     args = vars(p.parse_args(argv))
     try:
         security = SecurityConfig.from_options(
@@ -142,6 +174,18 @@ def main(argv: list[str] | None = None) -> None:
         run_server(**args, security=security)
     except (ValueError, FileNotFoundError, OverflowError) as err:  # one line, no traceback
         p.exit(2, f"{p.prog}: error: {err}\n")  # a refused setting, checkpoint or port
+
+
+def _optional(hint: Any) -> type:
+    """The type inside `X | None`."""
+    return next(t for t in typing.get_args(hint) if t is not type(None))
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("moekit")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _add_security_arguments(p: argparse.ArgumentParser) -> None:

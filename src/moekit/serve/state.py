@@ -32,6 +32,7 @@ class ServerState:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     codec: Codec | None = None  # text in and out; None: token ids or vectors only
     started: float = field(default_factory=time.time)  # wall clock, for /v1/models
+    served_name: str | None = None  # given by the operator: the `model` of every answer
     service: Service = field(init=False)  # every generation endpoint submits here
 
     def __post_init__(self) -> None:
@@ -65,6 +66,7 @@ class ServerState:
             "params": m.num_params(),
             "moe_layers": layers,
             "device": str(self.device),
+            "context_length": self.engine.context_length,
             "engine": self.engine.info(),
         }
 

@@ -109,7 +109,7 @@ class Checkpointer:
             return self.root / checkpoint_name(step)
         run = json.dumps(self.run, indent=2) + "\n"
         path = save_checkpoint(self.root, dense, state, step, metric, texts={RUN_FILE: run})
-        prune_checkpoints(self.root, self.keep_last, self.keep_best)
+        prune_checkpoints(self.root, self.keep_last, self.keep_best, intact=path)
         return path
 
     def restore(
@@ -143,7 +143,7 @@ def run_config_of(path: str | Path) -> RunConfig:
     """The run config saved beside a checkpoint; a missing or broken one is named."""
     file = pick_checkpoint(path) / RUN_FILE
     try:
-        return RunConfig(**json.loads(file.read_bytes()))
+        return RunConfig.from_dict(json.loads(file.read_bytes()))
     except FileNotFoundError:
         raise CheckpointError(
             f"{file}: missing (eval needs a checkpoint written by training)"

@@ -1,7 +1,8 @@
 """`TrainConfig` (optimisation, logging, checkpoints), `ParallelConfig` and `RunConfig`.
 
 `RunConfig` is what `moekit train CONFIG` parses: YAML keys and `--dotted.overrides` map
-onto these dataclasses, and every bad value raises a ValueError naming its key.
+onto these frozen dataclasses (nested dicts through `moekit.config.from_dict`), and every bad
+value raises a ValueError naming its key.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from moekit.config import build_nested, from_dict
 from moekit.model.config import ModelConfig
 from moekit.model.task import TaskConfig
 from moekit.train.step import Precision
@@ -18,7 +20,7 @@ LIVE_MODES = ("auto", "rich", "plain", "off")
 CHECKPOINTING = ("none", "experts", "blocks")  # train.activation_checkpointing
 
 
-@dataclass
+@dataclass(frozen=True)
 class HealthConfig:
     """When an expert counts as dead and an MoE layer as collapsed (`moekit.train.health`)."""
 
@@ -37,7 +39,7 @@ class HealthConfig:
             raise ValueError(f"train.health.patience={self.patience} must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimiser, schedule, precision, evaluation, logging and checkpointing."""
 
@@ -97,12 +99,13 @@ class TrainConfig:
             raise ValueError("train.weight_decay and train.grad_clip must be >= 0")
         if self.precision != "auto":
             try:
-                self.precision = Precision.parse(self.precision).value
+                precision = Precision.parse(self.precision).value
             except ValueError:
                 raise ValueError(
                     f"train.precision={self.precision!r} is not one of {PRECISIONS} "
                     "(or bfloat16, float16, float32)"
                 ) from None
+            object.__setattr__(self, "precision", precision)
         if self.live not in LIVE_MODES:
             raise ValueError(f"train.live={self.live!r} is not one of {LIVE_MODES}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
@@ -116,18 +119,14 @@ class TrainConfig:
             raise ValueError(f"train.prefetch={self.prefetch} must be >= 0")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"train.time_budget_s={self.time_budget_s} must be > 0 (or null)")
-        if isinstance(self.health, dict):
-            try:
-                self.health = HealthConfig(**self.health)
-            except TypeError as err:
-                raise ValueError(f"train.health: {err}") from err
+        build_nested(self, "train.")
 
     @property
     def checkpoint_every(self) -> int:
         return self.ckpt_interval or self.eval_interval
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     """Multi-process training, launched with torchrun."""
 
@@ -141,7 +140,7 @@ class ParallelConfig:
             raise ValueError(f"parallel.dp={self.dp} must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """One training run. The model's input/output sizes are filled from the task."""
 
@@ -153,21 +152,7 @@ class RunConfig:
     out: str = "runs/latest"  # run directory: logs, plots, checkpoints/
 
     def __post_init__(self) -> None:
-        sections = (
-            ("task", TaskConfig),
-            ("model", ModelConfig),
-            ("train", TrainConfig),
-            ("parallel", ParallelConfig),
-        )
-        for name, cls in sections:
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                build = getattr(cls, "from_dict", None) or (lambda d, cls=cls: cls(**d))
-                try:
-                    setattr(self, name, build(value))
-                except (TypeError, ValueError) as err:  # say which section the key is in
-                    text = str(err)
-                    raise ValueError(text if text.startswith(name) else f"{name}: {text}") from err
+        build_nested(self)  # sections given as dicts; an error names the section
         if self.parallel.ep > 1 and self.train.activation_checkpointing != "none":
             raise ValueError(
                 "train.activation_checkpointing needs parallel.ep=1 (a recompute would repeat "
@@ -181,3 +166,8 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """A run config from YAML or run.json; unknown keys are named in a ValueError."""
+        return from_dict(cls, data, "run config key(s)")

@@ -8,8 +8,9 @@
 
 Non-reentrant `torch.utils.checkpoint` with the RNG state preserved, so router noise and dropout
 draw the same numbers twice and the gradients equal those without checkpointing bit for bit on
-CPU. Buffers a forward updates (the sigmoid router's bias, co-activation counts) are put back to
-their pre-forward values for the recompute and restored after it, so nothing is counted twice.
+CPU. Buffers a forward updates (the sigmoid router's load counts, co-activation counts) are put
+back to their pre-forward values for the recompute and restored after it, so nothing is counted
+twice.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def checkpoint_activations(model: nn.Module, mode: str) -> int:
 
 
 def _mutable_buffers(module: nn.Module) -> list[Tensor]:
-    """Buffers saved with the model (the ones a forward may update); derived ones are not."""
-    names = set(module.state_dict(keep_vars=True))
-    return [b for name, b in module.named_buffers() if name in names]
+    """Every buffer a forward may update: saved ones and running counts (the sigmoid router's
+    load since the last optimiser step), so the recompute starts where the forward did."""
+    return list(module.buffers())
 
 
 def _recompute(fn: Callable[..., Any], buffers: list[Tensor], *args: Any, **kwargs: Any) -> Any:

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from moekit.routing.losses import training_loss
+
 
 class Precision(StrEnum):
     """Precision of the forward pass; fp16 also scales the loss (its gradients underflow)."""
@@ -56,7 +58,7 @@ def resolve_precision(value: str, device: torch.device) -> Precision:
     return Precision.parse(value)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepConfig:
     """What a training step does besides the forward and the loss."""
 
@@ -65,7 +67,7 @@ class StepConfig:
     aux_weight: float = 1.0  # multiplies StepLoss.aux_loss in the loss
 
     def __post_init__(self) -> None:
-        self.precision = Precision.parse(self.precision)
+        object.__setattr__(self, "precision", Precision.parse(self.precision))
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be > 0 (or None)")
         if not self.aux_weight >= 0:
@@ -152,9 +154,9 @@ class TrainStep:
                 with self.autocast():
                     out = forward(batch)
                 terms = loss(out, batch)
-                total = terms.task_loss + self.cfg.aux_weight * terms.aux_loss
-                if terms.penalty is not None:
-                    total = total + terms.penalty
+                total = training_loss(
+                    terms.task_loss, terms.aux_loss, self.cfg.aux_weight, terms.penalty
+                )
                 self.scaler.scale(total / n).backward()
             parts.append(
                 {
@@ -165,6 +167,8 @@ class TrainStep:
                 }
             )
         self.grads.reduce_gradients_(self.model)
+        for hook in optimizer_step_hooks(self.model):  # modules swapped after init included
+            hook()
         self.scaler.unscale_(optimizer)
         record = mean_metrics(parts)
         if self.cfg.max_grad_norm is not None:
@@ -172,6 +176,15 @@ class TrainStep:
         self.scaler.step(optimizer)
         self.scaler.update()
         return record
+
+
+def optimizer_step_hooks(model: nn.Module) -> list[Callable[[], None]]:
+    """Each submodule's `before_optimizer_step`: state it updates once per optimiser step, after
+    every micro-batch's forward and backward (the sigmoid router's balance bias), so gradient
+    accumulation and activation recompute count each token once (torchtitan: optimizer pre-hook).
+    """
+    hooks = (getattr(m, "before_optimizer_step", None) for m in model.modules())
+    return [hook for hook in hooks if callable(hook)]
 
 
 def mean_metrics(parts: list[dict[str, Any]]) -> dict[str, Any]:

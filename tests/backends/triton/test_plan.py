@@ -20,7 +20,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from moekit.backends.triton import plan as plan_module  # noqa: E402
 from moekit.backends.triton.plan import make_plan_dropless  # noqa: E402
-from moekit.dispatch import Plan, make_plan  # noqa: E402
+from moekit.dispatch import make_plan  # noqa: E402
+from moekit.types import Plan  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tests run under TRITON_INTERPRET=1"

@@ -15,21 +15,23 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="the triton backend needs the triton package")
 
+from tests.oracle import by_weights  # noqa: E402
+
 from moekit import MoE, MoEConfig, reference  # noqa: E402
-from moekit.backends.torch import experts_forward as torch_experts  # noqa: E402
-from moekit.backends.torch import experts_per_slot as torch_per_slot  # noqa: E402
-from moekit.backends.triton import experts_forward as triton_experts  # noqa: E402
-from moekit.backends.triton import experts_per_slot as triton_per_slot  # noqa: E402
-from moekit.backends.triton import supported  # noqa: E402
+from moekit.backends.torch import TorchBackend  # noqa: E402
+from moekit.backends.triton import TritonBackend  # noqa: E402
 from moekit.backends.triton.align import schedule  # noqa: E402
 from moekit.backends.triton.backward import backward, backward_per_slot  # noqa: E402
 from moekit.backends.triton.configs import INTERPRETER  # noqa: E402
 from moekit.backends.triton.down import combine as combine_op  # noqa: E402
 from moekit.backends.triton.down import down  # noqa: E402
 from moekit.backends.triton.up import Tiles, gemm_down, gemm_dx, gemm_up, up  # noqa: E402
-from moekit.config import GATED_ACTIVATIONS  # noqa: E402
 from moekit.dispatch import combine as combine_rows  # noqa: E402
 from moekit.dispatch import make_plan  # noqa: E402
+from moekit.types import GATED_ACTIVATIONS  # noqa: E402
+
+torch_experts, torch_per_slot = by_weights(TorchBackend())
+triton_experts, triton_per_slot = by_weights(TritonBackend())
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tests run under TRITON_INTERPRET=1"
@@ -127,8 +129,9 @@ def test_no_tokens_gives_empty_output() -> None:
 
 
 def test_supported_reasons() -> None:
-    assert supported(torch.device("cpu"), torch.float32) is None  # interpreter
-    assert "dtype" in supported(torch.device("cpu"), torch.int32)
+    backend = TritonBackend()
+    assert backend.supported(torch.device("cpu"), torch.float32)  # interpreter
+    assert "dtype" in backend.unsupported(torch.device("cpu"), torch.int32)
 
 
 def test_layer_matches_reference() -> None:

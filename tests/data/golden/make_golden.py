@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 import moekit
+from moekit.train.step import optimizer_step_hooks
 
 SEED = 1234
 # one thread: a CPU reduction split over threads may round differently
@@ -107,12 +108,15 @@ def run_model(model: torch.nn.Module, tokens: Tensor, targets: Tensor) -> dict[s
 
 
 def run_layer(moe: moekit.MoE, x: Tensor) -> dict[str, Tensor]:
-    """Training forward and backward of sum(y * ramp) + aux_loss; outputs, gradients, buffers."""
+    """Training forward and backward of sum(y * ramp) + aux_loss, then the training step's
+    pre-optimiser hooks (the sigmoid bias); outputs, gradients, buffers."""
     moe.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_()
     y, info = moe(x)
     ramp = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
     ((y * ramp).sum() + info.aux_loss).backward()
+    for hook in optimizer_step_hooks(moe):
+        hook()
     buffers = {f"buffer.{n}": b for n, b in moe.named_buffers() if n in moe.state_dict()}
     return {
         "y": y,

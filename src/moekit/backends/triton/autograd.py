@@ -2,7 +2,7 @@
 
 `FusedExperts`: y [T, D] = combine(weight * expert(x[token])), gather and combine fused.
 `PerSlotExperts`: out [S, D] = expert(x_SD) on rows already sorted by expert, unweighted and
-uncombined, zero past the kept rows (the `experts_per_slot` contract of `moekit.backends`).
+uncombined, zero past the kept rows (the `Backend.per_slot` contract of `moekit.backends`).
 Both run the same ops (align.schedule, up, down, backward*); in the decode and interpreter
 shape classes the forward GEMM programs find their own tile (one launch fewer).
 

@@ -40,6 +40,7 @@ from moekit.backends.triton.up import (
     gemm_dx,
     tile_of,
 )
+from moekit.types import ExpertWeights
 
 
 @triton.jit
@@ -416,15 +417,13 @@ def _weight_grads(
     token_S: Tensor | None,
     weight_S: Tensor | None,
     offsets_E1: Tensor,
-    w1: Tensor,
-    w2: Tensor,
-    b1: Tensor | None,
-    b2: Tensor | None,
+    w: ExpertWeights,
     activation: str,
     cfg_key: str,
 ) -> tuple[Tiles, dict, tuple[Tensor, Tensor, Tensor, Tensor], Tensor | None]:
     """The parts both ops share: (tiles, dX config, (dw1, dw2, db1, db2), d weight [S] fp32 or
     None when unweighted). h1_SH1 holds dh1 on return, ready for dX."""
+    w1, w2, b1, b2 = w.tensors
     _check_backward(dy, x, h1_SH1, w1, w2)
     cfg = config_by_key(x.device, cfg_key)
     S, block_m = (token_S if token_S is not None else x).shape[0], cfg["block_m"]
@@ -472,8 +471,9 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw1, dw2, db1, db2, dweight_S) of the fused y; db1 / db2 are empty when the bias
     is None. h1_SH1 is consumed: it holds dh1 on return."""
+    w = ExpertWeights(w1, w2, b1, b2)
     tiles, dx_cfg, grads, dweight = _weight_grads(
-        dy_TD, x_TD, h1_SH1, token_S, weight_S, offsets_E1, w1, w2, b1, b2, activation, cfg_key
+        dy_TD, x_TD, h1_SH1, token_S, weight_S, offsets_E1, w, activation, cfg_key
     )
     # dX: per-slot rows dh1 @ w1[e]^T, summed per token in slot order
     dx = combine(gemm_dx(h1_SH1, w1, tiles, dx_cfg), inv_S, None, kept_TK, x_TD.shape[0])
@@ -500,8 +500,9 @@ def backward_per_slot(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx_SD, dw1, dw2, db1, db2) of the per-slot outputs; dx_SD is zero past the kept rows,
     db1 / db2 are empty when the bias is None. h1_SH1 holds dh1 on return."""
+    w = ExpertWeights(w1, w2, b1, b2)
     tiles, dx_cfg, grads, _ = _weight_grads(
-        dout_SD, x_SD, h1_SH1, None, None, offsets_E1, w1, w2, b1, b2, activation, cfg_key
+        dout_SD, x_SD, h1_SH1, None, None, offsets_E1, w, activation, cfg_key
     )
     return gemm_dx(h1_SH1, w1, tiles, dx_cfg, zero_tail=True), *grads
 

@@ -21,50 +21,10 @@ _LOG = logging.getLogger(__name__)
 _DIR = Path(__file__).with_name("configs")
 
 # Per shape class: block_m (shared by every tiled kernel of one call, it defines the schedule),
-# then per kernel: block sizes, GROUP_M swizzle, num_warps, num_stages.
+# then per kernel: block sizes, GROUP_M swizzle, num_warps, num_stages. Data, like the tuned
+# files beside it: the configs any GPU starts from.
+DEFAULT: dict[str, dict] = json.loads((_DIR / "defaults.json").read_text())
 _GEMM = ("block_n", "block_k", "group_m", "num_warps", "num_stages")
-DEFAULT: dict[str, dict] = {
-    "decode": {
-        "block_m": 16,
-        "up": dict(zip(_GEMM, (32, 128, 1, 4, 4), strict=True)),
-        "down": dict(zip(_GEMM, (32, 128, 1, 4, 4), strict=True)),
-        "dh": dict(zip(_GEMM, (32, 128, 1, 4, 4), strict=True)),
-        "dx": dict(zip(_GEMM, (64, 64, 1, 4, 4), strict=True)),
-        "wgrad": {"block_m": 32, "block_p": 64, "block_q": 64, "num_warps": 4, "num_stages": 3},
-    },
-    "small": {
-        "block_m": 32,
-        "up": dict(zip(_GEMM, (64, 128, 1, 4, 4), strict=True)),
-        "down": dict(zip(_GEMM, (64, 128, 1, 4, 4), strict=True)),
-        "dh": dict(zip(_GEMM, (64, 128, 1, 4, 4), strict=True)),
-        "dx": dict(zip(_GEMM, (64, 64, 1, 4, 4), strict=True)),
-        "wgrad": {"block_m": 32, "block_p": 64, "block_q": 64, "num_warps": 4, "num_stages": 3},
-    },
-    "batch": {
-        "block_m": 64,
-        "up": dict(zip(_GEMM, (128, 64, 1, 4, 4), strict=True)),
-        "down": dict(zip(_GEMM, (128, 64, 1, 4, 4), strict=True)),
-        "dh": dict(zip(_GEMM, (64, 128, 1, 4, 4), strict=True)),
-        "dx": dict(zip(_GEMM, (64, 64, 1, 4, 4), strict=True)),
-        "wgrad": {"block_m": 32, "block_p": 64, "block_q": 64, "num_warps": 4, "num_stages": 3},
-    },
-    "medium": {
-        "block_m": 64,
-        "up": dict(zip(_GEMM, (128, 64, 8, 4, 4), strict=True)),
-        "down": dict(zip(_GEMM, (128, 64, 8, 4, 4), strict=True)),
-        "dh": dict(zip(_GEMM, (128, 64, 8, 4, 4), strict=True)),
-        "dx": dict(zip(_GEMM, (128, 64, 8, 4, 4), strict=True)),
-        "wgrad": {"block_m": 64, "block_p": 128, "block_q": 128, "num_warps": 8, "num_stages": 3},
-    },
-    "large": {
-        "block_m": 128,
-        "up": dict(zip(_GEMM, (128, 64, 8, 8, 4), strict=True)),
-        "down": dict(zip(_GEMM, (128, 64, 8, 8, 4), strict=True)),
-        "dh": dict(zip(_GEMM, (128, 64, 8, 8, 4), strict=True)),
-        "dx": dict(zip(_GEMM, (128, 64, 8, 8, 4), strict=True)),
-        "wgrad": {"block_m": 64, "block_p": 128, "block_q": 128, "num_warps": 8, "num_stages": 3},
-    },
-}
 
 # Under the CPU interpreter every block is the smallest tl.dot accepts: it is slow per element.
 INTERPRETER: dict = {

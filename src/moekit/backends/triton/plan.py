@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moekit.backends.triton.ops import triton_op
-from moekit.dispatch import Plan
+from moekit.types import Plan
 
 MAX_PROGRAMS = 64  # each program of launch 2 reads the whole [P, B] table: keep P small
 

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moekit.backends.triton.ops import triton_op
-from moekit.routing.base import Routing
+from moekit.types import Routing
 
 
 @triton.jit

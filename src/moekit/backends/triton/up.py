@@ -29,7 +29,7 @@ from moekit.backends.triton.configs import config_by_key, for_dtype
 from moekit.backends.triton.decode import spread
 from moekit.backends.triton.launch import launch_with_retry
 from moekit.backends.triton.ops import triton_op
-from moekit.config import GATED_ACTIVATIONS
+from moekit.types import GATED_ACTIVATIONS
 
 ACT_CODE = {"gelu": 1, "relu": 2, "silu": 3, "swiglu": 3, "geglu": 1, "reglu": 2}
 

@@ -8,7 +8,7 @@ from moekit.integrations.hf.convert import hf_to_moekit, load_hf, moekit_to_hf, 
 from moekit.integrations.hf.experts import register
 from moekit.integrations.hf.families import FAMILIES, UnsupportedCheckpoint
 from moekit.integrations.hf.report import RoutingReport, routing_report
-from moekit.integrations.hf.tokenizer import TextTokenizer, load_tokenizer
+from moekit.model.tokenizer import TextTokenizer, load_tokenizer
 
 __all__ = [
     "FAMILIES",

@@ -7,8 +7,9 @@ with weights gate_up_proj [E, 2H, D] and down_proj [E, D, H] ([E, D, 2H] / [E, H
 transposed views (no copies) by stage 3 of the layer; gradients reach HF's parameters and the
 router's weights through the backend's autograd. A module flag moekit cannot honour exactly
 raises a ValueError naming it. Flags and activation are checked on a module's first call and
-the backend resolved once per (backend, device, dtype): at decode sizes host work is the cost,
-which is why inference calls of up to 64 tokens on CUDA replay a CUDA graph of plan and
+the backend object resolved once per (backend, device, dtype); it makes the plan and computes
+the experts, as in the layer. At decode sizes host work is the cost, which is why inference
+calls of up to `MoEConfig.graph_max_tokens` tokens on CUDA replay a CUDA graph of plan and
 experts instead (`moekit.replay`).
 """
 
@@ -23,16 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.backends import available_backends, get_backend
+from moekit.backends import Backend, available_backends, get_backend
+from moekit.config import MoEConfig
 from moekit.dispatch import make_plan
 from moekit.replay import GraphReplay
+from moekit.types import ExpertWeights
 
 NAME = "moekit"
 _PLAIN = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 _GATED = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
 _PROBE = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)  # on the CPU: never a device sync
 _ACTIVATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-REPLAY_MAX_TOKENS = 64  # decode batches up to this size replay a CUDA graph (moekit.replay)
 
 
 def _sync_activation(act: Callable) -> str | None:
@@ -95,7 +97,7 @@ def _member(module: nn.Module, name: str, default: Any = None) -> Any:
 
 def _views(
     module: nn.Module, names: tuple[str, str, str | None, str | None], transposed: bool
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+) -> ExpertWeights:
     """w1 [E, D, H1], w2 [E, H, D] as views of HF's parameters, b1 [E, H1], b2 [E, D] or None.
 
     Made on every call, never kept: a kept view would hold a weight's memory after the module
@@ -104,11 +106,11 @@ def _views(
     up, down = _member(module, names[0]), _member(module, names[1])
     w1, w2 = (up, down) if transposed else (up.mT, down.mT)
     if names[2] is None:
-        return w1, w2, None, None
-    return w1, w2, _member(module, names[2]), _member(module, names[3])
+        return ExpertWeights(w1, w2)
+    return ExpertWeights(w1, w2, _member(module, names[2]), _member(module, names[3]))
 
 
-def _weights(module: nn.Module) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+def _weights(module: nn.Module) -> ExpertWeights:
     """`_views` of a module, its flags checked now."""
     return _views(module, _weight_names(module), bool(module.is_transposed))
 
@@ -131,7 +133,7 @@ _BOUND: dict[int, tuple[_Bound, dict]] = {}
 
 
 def _bound(module: nn.Module) -> tuple[_Bound, dict]:
-    """The module's binding and its {(backend, device, dtype): experts_forward} cache."""
+    """The module's binding and its {(backend, device, dtype): Backend} cache."""
     key = id(module)
     entry = _BOUND.get(key)
     if entry is not None and entry[0].act_fn is _member(module, "act_fn"):
@@ -149,6 +151,7 @@ def experts_forward(
     top_k_index: Tensor,
     top_k_weights: Tensor,
     backend: str = "auto",
+    graph_max_tokens: int = MoEConfig.graph_max_tokens,
 ) -> Tensor:
     """The experts of an HF MoE block on moekit's stage 3: [T, D] -> [T, D] in the input dtype."""
     T, K = top_k_index.shape
@@ -166,7 +169,7 @@ def experts_forward(
     bound, cache = _bound(module)
     replay = cache.get(("replay", backend))
     if replay is None:
-        replay = cache[("replay", backend)] = _graph_replay(module, backend)
+        replay = cache[("replay", backend)] = _graph_replay(module, backend, graph_max_tokens)
     if replay.usable(hidden_states, experts_TK, weights_TK):  # a decode step: one replay
         out = replay(hidden_states, experts_TK, weights_TK)
         if out is not None:
@@ -183,17 +186,18 @@ def _compute(
     experts_TK: Tensor,
     weights_TK: Tensor,
 ) -> Tensor:
-    """Plan and stage 3 with the module's weights: y [T, D]."""
-    w1, w2, b1, b2 = _views(module, bound.names, bound.transposed)
-    plan = make_plan(experts_TK, weights_TK, weights_TK, module.num_experts)  # dropless
+    """Plan and stage 3 with the module's weights, both on the one backend object: y [T, D]."""
     where = (backend, hidden_states.device, hidden_states.dtype)
-    forward = cache.get(where)
-    if forward is None:
-        forward = cache[where] = get_backend(*where)
-    return forward(hidden_states, plan, w1, w2, b1, b2, bound.activation)
+    chosen: Backend | None = cache.get(where)
+    if chosen is None:
+        chosen = cache[where] = get_backend(*where)
+    E = module.num_experts
+    plan = make_plan(experts_TK, weights_TK, weights_TK, E, backend=chosen)  # dropless
+    w = _views(module, bound.names, bound.transposed)
+    return chosen.forward(hidden_states, plan, w, bound.activation)
 
 
-def _graph_replay(module: nn.Module, backend: str) -> GraphReplay:
+def _graph_replay(module: nn.Module, backend: str, max_tokens: int) -> GraphReplay:
     """Small inference batches of this module from CUDA graphs (`moekit.replay`); padded rows
     route to expert 0 with weight 0. Holds the module weakly: the cache must not keep it."""
     ref = weakref.ref(module)
@@ -206,15 +210,20 @@ def _graph_replay(module: nn.Module, backend: str) -> GraphReplay:
     def state() -> tuple[Tensor, ...]:
         m = ref()
         bound = _bound(m)[0]
-        return tuple(t for t in _views(m, bound.names, bound.transposed) if t is not None)
+        w = _views(m, bound.names, bound.transposed)
+        return tuple(t for t in w.tensors if t is not None)
 
-    return GraphReplay(run, state, REPLAY_MAX_TOKENS)
+    return GraphReplay(run, state, max_tokens)
 
 
-def register(backend: str = "auto", name: str = NAME) -> str:
+def register(
+    backend: str = "auto", name: str = NAME, graph_max_tokens: int = MoEConfig.graph_max_tokens
+) -> str:
     """Add moekit to transformers' experts registry; models then take experts_implementation=name.
 
     backend: a moekit backend name, or "auto" (triton on CUDA, torch on the CPU).
+    graph_max_tokens: inference calls up to this many tokens on CUDA replay a CUDA graph, as
+    `MoEConfig.graph_max_tokens` does for the layer (0 = never).
     """
     if backend not in ("auto", *available_backends()):
         names = ", ".join(("auto", *available_backends()))
@@ -227,7 +236,9 @@ def register(backend: str = "auto", name: str = NAME) -> str:
         ) from err
 
     def forward(module: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights):
-        return experts_forward(module, hidden_states, top_k_index, top_k_weights, backend)
+        return experts_forward(
+            module, hidden_states, top_k_index, top_k_weights, backend, graph_max_tokens
+        )
 
     ExpertsInterface.register(name, forward)
     return name

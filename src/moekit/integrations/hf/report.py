@@ -213,7 +213,7 @@ def report_text(
 ) -> RoutingReport:
     """`routing_report` of an HF checkpoint directory on some text, tokenized by its tokenizer."""
     from moekit.integrations.hf.convert import _transformers
-    from moekit.integrations.hf.tokenizer import load_tokenizer
+    from moekit.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(hf_dir)
     if tokenizer is None:
