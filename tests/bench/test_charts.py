@@ -25,6 +25,7 @@ def test_rows_against_an_integer_column_become_lines_with_percentile_bands():
     assert latency.x == [1, 8, 32] and latency.y == [0.1, 0.8, 3.2]
     assert latency.lo == [0.1, 0.8, 3.2] and latency.hi[-1] == 32 * 0.3
     assert chart.panels[0].logx and chart.panels[0].series[0].lo is None  # a plain number
+    assert [p.ylabel for p in chart.panels] == ["per second", "s"]  # the unit the key ends in
 
 
 def test_rows_without_an_integer_column_become_bars_per_row_label():

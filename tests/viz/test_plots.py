@@ -69,7 +69,9 @@ def test_dashboard_leaves_out_panels_without_data():
 def test_every_colour_bar_is_labelled_and_no_text_overlaps():
     fig = dashboard_figure(_records(steps=200))
     bars = [ax for ax in fig.axes if not ax.get_title()]
-    assert len(bars) == 2 and all(ax.get_ylabel() == "load / uniform share" for ax in bars)
+    assert len(bars) == 1 and all(ax.get_ylabel() == "load / uniform share" for ax in bars)
+    heatmaps = [ax for ax in fig.axes if "expert load" in ax.get_title()]
+    assert len(heatmaps) == 2 and len({ax.images[0].get_clim() for ax in heatmaps}) == 1
     assert "layer 0: expert load, mean of 5 steps" in [ax.get_title() for ax in fig.axes]
     assert text_overlaps(fig) == []
 

@@ -1,10 +1,12 @@
 """The charts of benchmark reports: a declarative `Chart` drawn as one PNG in the viz style.
 
 A benchmark may describe its own chart (lines with a spread band and a floor, bars with
-whiskers); otherwise `auto_chart` draws one from the report's `rows`: each varying metric
-against the first numeric column every row label repeats over (concurrency, size, T,
-threshold), one line per label, or as bars per row label when there is none. Percentile
-dicts ({"p50": .., "p99": ..}) draw as the median with a band.
+whiskers, `grouped_bars`: a group per shape, a bar per contender); otherwise `auto_chart`
+draws one from the report's `rows`: each varying metric against the first numeric column
+every row label repeats over (concurrency, size, T, threshold), one line per label, or as
+bars per row label when there is none. Percentile
+dicts ({"p50": .., "p99": ..}) draw as the median with a band. Bar labels stay level, wrapped
+at spaces, and the panels grow to hold them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from moekit.viz.figure import save_figure
-from moekit.viz.style import colors, hide_unused, new_figure, styled
+from moekit.viz.style import (
+    STYLE,
+    colors,
+    figure_legend,
+    hide_unused,
+    new_figure,
+    styled,
+    text_inches,
+    wrap,
+)
 
 MAX_PANELS = 8
 COLS = 4
@@ -89,7 +100,7 @@ def _line(ax: Axes, panel: Panel, palette: dict[str, Any]) -> None:
 
 
 def _bar(ax: Axes, panel: Panel, palette: dict[str, Any]) -> None:
-    labels = list(dict.fromkeys(x for s in panel.series for x in s.x))
+    labels = _bar_labels(panel)
     width = 0.8 / max(1, len(panel.series))
     horizontal = panel.kind == "barh"
     for i, s in enumerate(panel.series):
@@ -104,29 +115,68 @@ def _bar(ax: Axes, panel: Panel, palette: dict[str, Any]) -> None:
             ax.barh(pos, s.y, width, xerr=err, capsize=3, color=colour, label=s.label)
         else:
             ax.bar(pos, s.y, width, yerr=err, capsize=3, color=colour, label=s.label)
+    shown = [wrap(x) for x in labels]  # level and whole: never rotated, never cut
     if horizontal:
-        ax.set_yticks(range(len(labels)), labels)
+        ax.set_yticks(range(len(labels)), shown)
         ax.invert_yaxis()
         ax.grid(axis="y", visible=False)
     else:
-        tilt = len(labels) > 3 or max(map(len, map(str, labels)), default=0) > 12
-        ax.set_xticks(range(len(labels)), labels, rotation=90 if tilt else 0)
+        ax.set_xticks(range(len(labels)), shown)
         ax.grid(axis="x", visible=False)
     if panel.logy:
         ax.set_yscale("log")
 
 
+def _bar_labels(panel: Panel) -> list[Any]:
+    return list(dict.fromkeys(x for s in panel.series for x in s.x))
+
+
+def _panel_inches(chart: Chart) -> tuple[float, float]:
+    """The chart's panel size grown to fit its bar labels: a slot per label as wide as the
+    label (vertical bars), or the panel widened by the widest label (horizontal bars)."""
+    w, h = chart.panel_size
+    tick = STYLE["xtick.labelsize"]
+    for panel in chart.panels:
+        if panel.kind == "line":
+            continue
+        labels = _bar_labels(panel)
+        sizes = [text_inches(wrap(x), tick) for x in labels] or [(0.0, 0.0)]
+        widest, tallest = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        if panel.kind == "bar":
+            slot = max(widest + 0.15, 0.22 * len(panel.series) + 0.1)
+            w = max(w, len(labels) * slot + 1.0)
+            h = max(h, 2.6 + tallest)
+        else:
+            w = max(w, 2.8 + widest)
+            h = max(h, 1.0 + len(labels) * max(tallest + 0.08, 0.16 * len(panel.series) + 0.1))
+    return w, h
+
+
+def _shared_series(chart: Chart) -> list[str]:
+    """The series names when every panel draws the same two or more (one legend serves all)."""
+    names = [[s.label for s in p.series] for p in chart.panels]
+    if (
+        len(names[0]) > 1
+        and all(n == names[0] for n in names)
+        and all(p.floor is None for p in chart.panels)
+    ):
+        return names[0]
+    return []
+
+
 @styled
 def chart_figure(chart: Chart) -> Figure:
-    """The chart's panels on a grid, one shared legend per panel; returns the Figure."""
+    """The chart's panels on a grid, sized to their labels, with one legend for the figure
+    when every panel draws the same series, else one per panel; returns the Figure."""
     n = len(chart.panels)
     cols = min(chart.cols, n)
-    fig, axes = new_figure(-(-n // cols), cols, panel=chart.panel_size, title=chart.title)
+    fig, axes = new_figure(-(-n // cols), cols, panel=_panel_inches(chart), title=chart.title)
     names = [s.label for p in chart.panels for s in p.series]
     names += [
         x for p in chart.panels if p.kind != "line" and len(p.series) == 1 for x in p.series[0].x
     ]
     palette = colors(dict.fromkeys(names))
+    shared = _shared_series(chart)
     for ax, panel in zip(axes.flat, chart.panels, strict=False):
         (_line if panel.kind == "line" else _bar)(ax, panel, palette)
         ax.set_title(panel.title)
@@ -135,8 +185,10 @@ def chart_figure(chart: Chart) -> Figure:
             ax.set(xlabel=value_label, ylabel=panel.xlabel)
         else:
             ax.set(xlabel=panel.xlabel, ylabel=value_label)
-        if len(panel.series) > 1 or panel.floor is not None:
+        if not shared and (len(panel.series) > 1 or panel.floor is not None):
             ax.legend(fontsize=7)
+    if shared:
+        figure_legend(fig, axes.flat[0], ncol=min(4, len(shared)))
     hide_unused(axes, n)
     return fig
 
@@ -177,6 +229,15 @@ def _metrics(rows: list[dict[str, Any]], skip: set[str]) -> list[str]:
         if varying or all(_percentiles(v) for v in values):
             out.append(key)
     return out[:MAX_PANELS]
+
+
+UNITS = (("tok_s", "tokens/s"), ("per_s", "per second"), ("_ms", "ms"), ("_s", "s"),
+         ("_gib", "GiB"), ("_mib", "MiB"), ("percent", "%"))  # fmt: skip
+
+
+def unit_of(key: str) -> str:
+    """The unit a row key's name ends in ("ttft_s" -> "s", "fwd_tok_s" -> "tokens/s"), or ""."""
+    return next((unit for end, unit in UNITS if key.endswith(end)), "")
 
 
 def _positive_span(values: list[float]) -> float:
@@ -229,6 +290,7 @@ def auto_chart(results: dict[str, Any], title: str) -> Chart | None:
                 title=key.replace("_", " "),
                 series=list(series.values()),
                 xlabel=x.replace("_", " ") if x else "",
+                ylabel=unit_of(key),
                 kind="line" if x else "bar",
                 logx=bool(x) and _positive_span([r[x] for r in rows]) >= 8,
                 logy=_positive_span(values) >= 20,
@@ -236,3 +298,31 @@ def auto_chart(results: dict[str, Any], title: str) -> Chart | None:
             )
         )
     return Chart(title, panels)
+
+
+def grouped_bars(
+    title: str,
+    rows: list[dict[str, Any]],
+    group: str,
+    series: str,
+    metrics: Sequence[tuple[str, str, str]],
+) -> Chart | None:
+    """One bar panel per metric (row key, panel title, unit): a group of bars per value of
+    `group` along x, in each a bar per value of `series`, named by the figure's legend.
+    A metric spanning 20x or more is drawn on a log axis. None without rows."""
+    if not rows:
+        return None
+    names = list(dict.fromkeys(str(r[series]) for r in rows))
+    panels = []
+    for key, name, unit in metrics:
+        lines = []
+        for label in names:
+            mine = [r for r in rows if str(r[series]) == label and _number(r.get(key))]
+            lines.append(Series(label, [str(r[group]) for r in mine], [r[key] for r in mine]))
+        values = [v for s in lines for v in s.y]
+        lines = [s for s in lines if s.y]
+        if lines:
+            only = lines[0].label if len(names) == 1 else ""  # no legend: the axis names it
+            logy = _positive_span(values) >= 20
+            panels.append(Panel(name, lines, only, unit, kind="bar", logy=logy))
+    return Chart(title, panels) if panels else None

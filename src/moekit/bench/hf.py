@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from moekit.bench.charts import grouped_bars
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
 from moekit.bench.timing import median_ms
@@ -211,6 +212,14 @@ def _table(rows: list[dict[str, Any]], batches: Sequence[int], tokens: int) -> T
     return table
 
 
+def _chart(rows: list[dict[str, Any]], batches: Sequence[int], tokens: int, title: str) -> Any:
+    """tokens/s per phase: a group of bars per shape, a bar per experts_implementation."""
+    metrics = [("fwd_tok_s", f"forward, T={tokens}", "tokens/s"),
+               ("fwd_bwd_tok_s", f"forward + backward, T={tokens}", "tokens/s")]  # fmt: skip
+    metrics += [(f"decode_b{b}_tok_s", f"decode, batch {b}", "tokens/s") for b in batches]
+    return grouped_bars(title, rows, "shape", "implementation", metrics) or False
+
+
 @register_bench("hf", HFBench)
 def run(
     device: str = "cuda",
@@ -247,9 +256,10 @@ def run(
         implementations=list(implementations),
         repeats=repeats,
     )
+    title = f"Hugging Face MoE layers per experts_implementation, {dev.type}"
     return write_report(
         f"hf-{dev.type}",
-        f"Hugging Face MoE layers per experts_implementation, {dev.type}",
+        title,
         command,
         [_table(rows, list(decode_batches), tokens)],
         {"rows": rows, "shapes": [asdict(s) for s in picked]},
@@ -261,4 +271,5 @@ def run(
             f"steps after a {context}-token prefill, rows x steps / time."
         ],
         out_dir=out_dir,
+        chart=_chart(rows, list(decode_batches), tokens, title),
     )

@@ -217,7 +217,7 @@ def _plot(curves: dict[tuple[str, int], dict], path: Path, title: str) -> Path:
 def _curves_figure(curves: dict[tuple[str, int], dict], title: str) -> Any:
     from moekit.viz.style import figure_legend, new_figure
 
-    fig, axes = new_figure(1, 1, title=title)
+    fig, axes = new_figure(1, 1, panel=(7.0, 4.2), title=title)  # wide: a legend of 3 columns
     ax = axes.flat[0]
     colours = dict(zip(MODELS, ("tab:red", "tab:blue", "tab:green"), strict=True))
     styles = ("-", "--", ":", "-.")

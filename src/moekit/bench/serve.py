@@ -360,7 +360,7 @@ def run(
         "floor": floor,
         "server_args": list(server_args),
     }
-    from moekit.bench.serve_report import report_parts
+    from moekit.bench.serve_report import report_parts, serve_chart
 
     tables, text, notes, targets = report_parts(info, rows, prefix, floor_ms, peer_rows, config)
     results = {
@@ -384,6 +384,7 @@ def run(
         text=text,
         notes=notes,
         out_dir=out_dir,
+        chart=serve_chart(rows, peer_rows, f"Serving benchmark: {Path(ckpt).name}, {device}"),
     )
 
 

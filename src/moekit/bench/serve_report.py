@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from moekit.bench.charts import Chart, Panel, Series
 from moekit.bench.report import Table
 
 TARGET_CONCURRENCY = 32
@@ -83,6 +84,47 @@ def _peer_table(peer_rows: list[dict[str, Any]]) -> Table:
         if not levels or p["status"] != "ok":
             table.rows.append((p["peer"], "-", "-", "-", "-", p["status"]))
     return table
+
+
+def _peer_series(peer_rows: list[dict[str, Any]], key: str, scale: float) -> list[Series]:
+    """Each peer's `key` per concurrency, where it measured one (a p50 for a percentile dict)."""
+    out = []
+    for p in peer_rows:
+        levels = sorted(
+            (line for line in p["lines"] if "concurrency" in line and key in line),
+            key=lambda line: line["concurrency"],
+        )
+        if levels:
+            y = [line[key]["p50"] if isinstance(line[key], dict) else line[key] for line in levels]
+            x = [line["concurrency"] for line in levels]
+            out.append(Series(f"transformers {p['peer']}", x, [v * scale for v in y]))
+    return out
+
+
+def serve_chart(rows: list[dict[str, Any]], peer_rows: list[dict[str, Any]], title: str) -> Chart:
+    """Output tokens/s, time to first token and inter-token latency against concurrency:
+    moekit's median with a p50-p99 band, the peers on the same axes where they measured it."""
+    rows = sorted(rows, key=lambda r: r["concurrency"])
+    levels = [r["concurrency"] for r in rows] + [
+        line["concurrency"] for line in _peer_levels(peer_rows)
+    ]
+    wide = max(levels) / max(1, min(levels)) >= 8
+    x = [r["concurrency"] for r in rows]
+    speed = Series("moekit serve", x, [r["tokens_per_s"] for r in rows])
+    panels = [
+        Panel("output tokens/s", [speed, *_peer_series(peer_rows, "tokens_per_s", 1.0)],
+              "concurrent requests", "tokens/s (all requests)", logx=wide)
+    ]  # fmt: skip
+    for key, name in (("ttft_s", "time to first token"), ("itl_s", "inter-token latency")):
+        ms = [{k: v * 1e3 for k, v in r[key].items()} for r in rows]
+        ours = Series("moekit serve", x, [d["p50"] for d in ms], [d["p50"] for d in ms],
+                      [d["p99"] for d in ms])  # fmt: skip
+        peers = _peer_series(peer_rows, key, 1e3)
+        panels.append(
+            Panel(name if peers else f"{name}, moekit serve", [ours, *peers], "concurrent requests",
+                  "ms", logx=wide, note="median; band: p50 to p99")
+        )  # fmt: skip
+    return Chart(title, panels, cols=3)
 
 
 def check_targets(

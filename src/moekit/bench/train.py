@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from moekit.bench.charts import Chart, auto_chart
+from moekit.bench.charts import Chart, grouped_bars
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
 from moekit.bench.train_models import SHAPES, Step, flops_per_token, hf_step, moekit_step
@@ -425,10 +425,16 @@ def _write(opts: TrainBench, values: dict[str, Any], peak: dict[str, Any], rows:
 
 
 def _chart(rows: list[dict], title: str) -> Chart | bool:
-    """Step time, MFU and peak memory of the rows that ran (a failed row draws nothing)."""
+    """Step time, MFU and peak memory of the rows that ran (a failed row draws nothing):
+    a group of bars per shape, a bar per contender (and checkpointing, where it varies)."""
+    ok = [r for r in rows if "mfu" in r]
+    modes = {r["checkpointing"] for r in ok}
     points = [
-        {"run": f"{_label(r)} {r['shape']} ckpt={r['checkpointing']}", "step_ms": r["step_s"] * 1e3,
-         "mfu_percent": 100 * r["mfu"], "peak_gib": r["peak_gib"]}
-        for r in rows if "mfu" in r
+        {"shape": r["shape"], "step_ms": r["step_s"] * 1e3, "mfu_percent": 100 * r["mfu"],
+         "peak_gib": r["peak_gib"],
+         "contender": _label(r) + (f", ckpt {r['checkpointing']}" if len(modes) > 1 else "")}
+        for r in ok
     ]  # fmt: skip
-    return auto_chart({"rows": points}, title) or False
+    metrics = [("step_ms", "step time", "ms"), ("mfu_percent", "MFU", "% of measured peak"),
+               ("peak_gib", "peak memory", "GiB")]  # fmt: skip
+    return grouped_bars(title, points, "shape", "contender", metrics) or False

@@ -2,7 +2,8 @@
 
 A panel is drawn only when the run logged something for it: a dense model has no load
 heatmaps, a dropless one no dropped-slots panel. Per-step expert load is mostly sampling
-noise, so the heatmaps show a moving mean over a window of logged steps.
+noise, so the heatmaps show a moving mean over a window of logged steps. The line panels
+fill the rows above; the heatmaps share the rows below, one colour scale and one colour bar.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from moekit.viz.figure import save_figure
-from moekit.viz.style import colorbar, hide_unused, new_figure, styled
+from moekit.viz.style import FIGURE_WIDTH_PANELS, colorbar, grid_cols, hide_unused, styled
 
 COLS = 3
 
@@ -42,10 +44,12 @@ def load_window(n_steps: int) -> int:
     return max(1, n_steps // 40)
 
 
-def _loss_panel(ax: Axes, train: list[dict], evals: list[dict]) -> None:
-    # the total loss underneath (wide, pale) and the task loss on top (thin) stay both visible
-    ax.plot(*_series(train, "loss"), lw=3.5, alpha=0.35, label="train loss (task + aux)")
-    ax.plot(*_series(train, "task_loss"), lw=1.0, color="black", label="train task loss")
+def _loss_panel(ax: Axes, train: list[dict], evals: list[dict], aux: bool) -> None:
+    if aux:  # the total underneath (wide, pale) and the task loss on top (thin): both visible
+        ax.plot(*_series(train, "loss"), lw=3.5, alpha=0.35, label="train loss (task + aux)")
+        ax.plot(*_series(train, "task_loss"), lw=1.0, color="black", label="train task loss")
+    else:  # no aux loss: the total is the task loss
+        ax.plot(*_series(train, "loss"), lw=1.0, color="black", label="train loss")
     if evals:
         ax.plot(*_series(evals, "val_loss"), "o-", ms=3, color="tab:red", label="val loss")
     ax.set_yscale("log")
@@ -61,11 +65,20 @@ def _dropped_panel(ax: Axes, train: list[dict], layers: list[str]) -> None:
     ax.legend()
 
 
-def _load_panel(fig: Figure, ax: Axes, train: list[dict], layer: str) -> None:
-    load = np.array([r["expert_load"][layer] for r in train], dtype=float).T  # [E, steps]
-    E, n = load.shape
-    window = load_window(n)
-    ratio = smooth(load * E, window)  # 1 = the uniform share
+def _load_ratios(train: list[dict], layers: list[str]) -> tuple[dict[str, np.ndarray], int]:
+    """Per layer the smoothed load over the uniform share [E, steps] (1 = even), and the window."""
+    out = {}
+    window = load_window(len(train))
+    for layer in layers:
+        load = np.array([r["expert_load"][layer] for r in train], dtype=float).T  # [E, steps]
+        out[layer] = smooth(load * load.shape[0], window)
+    return out, window
+
+
+def _load_panel(
+    ax: Axes, train: list[dict], layer: str, ratio: np.ndarray, top: float, window: int
+) -> Any:
+    E = ratio.shape[0]
     im = ax.imshow(
         ratio,
         aspect="auto",
@@ -73,13 +86,13 @@ def _load_panel(fig: Figure, ax: Axes, train: list[dict], layer: str) -> None:
         interpolation="nearest",
         extent=(train[0]["step"], train[-1]["step"], E - 0.5, -0.5),
         vmin=0,
-        vmax=max(2.0, float(ratio.max())),
+        vmax=top,
     )
     mean = f", mean of {window} steps" if window > 1 else ""
     ax.set(title=f"layer {layer}: expert load{mean}", xlabel="step", ylabel="expert")
     ax.yaxis.set_major_locator(MaxNLocator(nbins=min(E, 8), integer=True))
     ax.grid(False)
-    colorbar(fig, im, ax, "load / uniform share")
+    return im
 
 
 def _entropy_panel(ax: Axes, train: list[dict], layers: list[str]) -> None:
@@ -122,9 +135,8 @@ def dashboard_figure(records: list[dict[str, Any]], title: str = "") -> Figure:
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     layers = sorted(train[-1].get("expert_load", {}), key=int) if train else []
-    panels: list[Any] = ["loss"]
-    if any(r.get("aux_loss", 0) for r in train):
-        panels.append("aux")
+    aux = any(r.get("aux_loss", 0) for r in train)
+    panels = ["loss"] + (["aux"] if aux else [])
     if _has_drops(train, layers):
         panels.append("dropped")
     if _series(train, "tokens_per_s")[0]:
@@ -133,12 +145,19 @@ def dashboard_figure(records: list[dict[str, Any]], title: str = "") -> Figure:
         panels.append("entropy")
     if any(r["health"]["dead_experts"] for r in _flushed(train)):
         panels.append("dead")
-    panels += [("load", layer) for layer in layers]
-    rows = -(-len(panels) // COLS)
-    fig, axes = new_figure(rows, COLS, title=title or "training dashboard")
+    cols, maps = grid_cols(len(panels)), grid_cols(len(layers))
+    rows, map_rows = -(-len(panels) // cols), -(-len(layers) // max(1, maps))
+    width = max(cols, maps) * FIGURE_WIDTH_PANELS
+    fig = Figure(figsize=(width, 3.3 * (rows + map_rows) + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(title or "training dashboard")
+    lines, heat = fig.subfigures(2, 1, height_ratios=[rows, max(map_rows, 1e-3)]) if layers else (
+        fig, None
+    )  # fmt: skip
+    axes = lines.subplots(rows, cols, squeeze=False)
     for ax, panel in zip(axes.flat, panels, strict=False):
         if panel == "loss":
-            _loss_panel(ax, train, evals)
+            _loss_panel(ax, train, evals, aux)
         elif panel == "aux":
             ax.plot(*_series(train, "aux_loss"))
             ax.set(title="router aux loss (weighted)", xlabel="step", ylabel="aux loss")
@@ -149,11 +168,19 @@ def dashboard_figure(records: list[dict[str, Any]], title: str = "") -> Figure:
             ax.set(title="throughput", xlabel="step", ylabel="tokens/s")
         elif panel == "entropy":
             _entropy_panel(ax, train, layers)
-        elif panel == "dead":
-            _dead_panel(ax, train, layers)
         else:
-            _load_panel(fig, ax, train, panel[1])
+            _dead_panel(ax, train, layers)
     hide_unused(axes, len(panels))
+    if heat is not None:
+        ratios, window = _load_ratios(train, layers)
+        top = max(2.0, *(float(r.max()) for r in ratios.values()))
+        grid = heat.subplots(map_rows, maps, squeeze=False)
+        ims = [
+            _load_panel(ax, train, layer, ratios[layer], top, window)
+            for ax, layer in zip(grid.flat, layers, strict=False)
+        ]
+        hide_unused(grid, len(layers))
+        colorbar(heat, ims[0], list(grid.flat[: len(layers)]), "load / uniform share")
     return fig
 
 

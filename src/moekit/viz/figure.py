@@ -18,11 +18,19 @@ from matplotlib.figure import Figure  # noqa: E402
 from moekit.viz.style import panel_titles  # noqa: E402
 
 PANELS_KEY = "Panels"
+DPI = 110
 
 
-def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
+def settle(fig: Figure, dpi: int = DPI) -> Figure:
+    """Lay the figure out at `dpi` as `save_figure` writes it (what a test measures)."""
     if fig.get_layout_engine() is None:
         fig.tight_layout()
+    fig.set_dpi(dpi)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
+    settle(fig, dpi)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {PANELS_KEY: json.dumps(panel_titles(fig)), "Software": "moekit"}

@@ -129,10 +129,15 @@ def performance_vs_preference_figure(by_inst: pd.DataFrame) -> Figure:
     return fig
 
 
+def seeds_title(n_seeds: int) -> str:
+    return f"Over {n_seeds} training seeds" if n_seeds != 1 else "One training seed"
+
+
 @styled
 def seeds_figure(summary: pd.DataFrame, dm: pd.DataFrame, n_seeds: int) -> Figure:
-    """QLIKE per asset class and method (mean over seeds, 95% CI) and the DM statistics."""
-    fig, axes = new_figure(1, 2, panel=(6.2, 4.4), title=f"Over {n_seeds} training seeds")
+    """QLIKE per asset class and method (mean over seeds, with its 95% CI from two seeds on)
+    and the DM statistics."""
+    fig, axes = new_figure(1, 2, panel=(6.2, 4.4), title=seeds_title(n_seeds))
     ax = axes[0, 0]
     classes = list(dict.fromkeys(summary["asset_class"]))
     methods = list(dict.fromkeys(summary["method"]))
@@ -142,14 +147,17 @@ def seeds_figure(summary: pd.DataFrame, dm: pd.DataFrame, n_seeds: int) -> Figur
         rows = summary[summary["method"] == m].set_index("asset_class").reindex(classes)
         pos = np.arange(len(classes)) + (i - (len(methods) - 1) / 2) * width
         mean = rows["mean"].to_numpy()
-        low = np.clip(rows["low"].to_numpy(), mean / 10, None)  # a log axis shows no CI below 0
-        err = np.vstack([mean - low, rows["high"].to_numpy() - mean])
-        err = np.where(np.isfinite(err), err, 0.0)
+        err = None
+        if n_seeds > 1:  # one seed has no interval: no whiskers that look like one
+            low = np.clip(rows["low"].to_numpy(), mean / 10, None)  # a log axis shows no CI below 0
+            err = np.vstack([mean - low, rows["high"].to_numpy() - mean])
+            err = np.where(np.isfinite(err), err, 0.0)
         ax.bar(pos, mean, width, yerr=err, capsize=2, color=palette[m], label=m)
     ax.set_yscale("log")
     ax.set_xticks(range(len(classes)), classes, rotation=25, ha="right")
     ax.grid(axis="x", visible=False)
-    ax.set(title="QLIKE by asset class", ylabel="QLIKE (log; mean, 95% CI over seeds)")
+    spread = "mean, 95% CI over seeds" if n_seeds > 1 else "one seed"
+    ax.set(title="QLIKE by asset class", ylabel=f"QLIKE (log; {spread})")
     ax.legend()
     ax = axes[0, 1]
     if len(dm):

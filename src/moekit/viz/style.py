@@ -9,6 +9,7 @@ can check a written file's panels without parsing pixels.
 from __future__ import annotations
 
 import functools
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -17,7 +18,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colorbar import Colorbar
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
+from matplotlib.font_manager import FontProperties
 from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
@@ -42,6 +44,7 @@ STYLE: dict[str, Any] = {
     "figure.dpi": 110,
     "image.cmap": "viridis",
 }
+FIGURE_WIDTH_PANELS = 4.6  # inches of one panel's width in a grid
 PALETTE = tuple(matplotlib.colormaps["tab10"](i) for i in range(10))
 HEATMAP = "viridis"  # sequential maps for every heatmap: shares, loads, counts
 
@@ -83,7 +86,17 @@ def colors(names: Iterable[str]) -> dict[str, Any]:
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
 
 
-def colorbar(fig: Figure, mappable: Any, ax: Axes | Sequence[Axes], label: str) -> Colorbar:
+def grid_cols(n: int, most: int = 3) -> int:
+    """Columns for n panels: all in one row up to `most`, else the count from 2 to `most`
+    that leaves the fewest cells empty (the wider on a tie)."""
+    if n <= most or most < 2:
+        return max(1, min(n, most))
+    return min(range(2, most + 1), key=lambda c: (-n % c, -c))
+
+
+def colorbar(
+    fig: Figure | SubFigure, mappable: Any, ax: Axes | Sequence[Axes], label: str
+) -> Colorbar:
     """A colour bar beside `ax`; the label is required so no colour goes unexplained."""
     if not label:
         raise ValueError("label must say what the colour means")
@@ -177,10 +190,18 @@ def _tick_labels(axis: Any) -> list[Text]:
     return [t.label1 for t, loc in zip(ticks, locs, strict=False) if lo - eps <= loc <= hi + eps]
 
 
+def _figure_texts(fig: Figure | SubFigure) -> list[Text]:
+    """Titles, notes and legend texts of a figure and of its subfigures."""
+    texts = [*fig.texts, *[t for legend in fig.legends for t in legend.get_texts()]]
+    for sub in fig.subfigs:
+        texts += _figure_texts(sub)
+    return texts
+
+
 def drawn_texts(fig: Figure) -> list[Text]:
     """Texts a reader sees: figure titles and legends, and per panel its titles, axis labels,
     tick labels in view, notes and legend (3D panels: titles only)."""
-    texts = [*fig.texts, *[t for legend in fig.legends for t in legend.get_texts()]]
+    texts = _figure_texts(fig)
     for ax in fig.axes:
         texts.append(ax.title)
         if ax.name == "3d":
@@ -204,3 +225,32 @@ def text_overlaps(fig: Figure) -> list[tuple[str, str]]:
             if box_a.width and box_b.width and box_a.overlaps(box_b):
                 out.append((a, b))
     return out
+
+
+def clipped_texts(fig: Figure) -> list[str]:
+    """Drawn texts that reach past the figure's edge, i.e. that the saved PNG cuts off."""
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()
+    frame = fig.bbox.padded(1.0)  # a pixel of rounding
+    out = []
+    for t in drawn_texts(fig):
+        box = t.get_window_extent(renderer)
+        if not (frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)):
+            out.append(t.get_text())
+    return out
+
+
+def wrap(label: object, width: int = 18) -> str:
+    """A label broken at spaces into lines of about `width` characters (long words stay whole)."""
+    return textwrap.fill(str(label), width, break_long_words=False, break_on_hyphens=False)
+
+
+_MEASURE = FigureCanvasAgg(Figure(dpi=72)).get_renderer()  # one point = one pixel
+
+
+def text_inches(text: str, size: float) -> tuple[float, float]:
+    """Width and height in inches of `text` (lines split at newlines) set at `size` points."""
+    prop = FontProperties(size=size)
+    lines = str(text).split("\n")
+    width = max(_MEASURE.get_text_width_height_descent(s, prop, ismath=False)[0] for s in lines)
+    return width / 72, len(lines) * size * 1.25 / 72

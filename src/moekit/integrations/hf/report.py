@@ -79,23 +79,10 @@ class RoutingReport:
 
     def plot(self, path: str | Path, title: str = "") -> Path:
         """Heatmap layers x experts of load / uniform share (1 = even), as in the dashboard."""
-        import matplotlib
+        from moekit.viz.routing import plot_expert_load
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-
-        from moekit.viz.figure import save_figure
-
-        E = max(layer.n_experts for layer in self.layers)
-        ratio = np.full((len(self.layers), E), np.nan)
-        for i, layer in enumerate(self.layers):
-            ratio[i, : layer.n_experts] = np.asarray(layer.load) * layer.n_experts
-        fig, ax = plt.subplots(figsize=(2.5 + 0.12 * E, 1.2 + 0.3 * len(self.layers)))
-        im = ax.imshow(ratio, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
-        ax.set(xlabel="expert", ylabel="MoE layer", title=title or "expert load / uniform share")
-        fig.colorbar(im, ax=ax, label="load / uniform share")
-        return save_figure(fig, path)
+        loads = [layer.load for layer in self.layers]
+        return plot_expert_load([layer.name for layer in self.layers], loads, path, title)
 
     def to_dict(self) -> dict[str, Any]:
         return {
