@@ -16,6 +16,8 @@ def test_bytes_wait_for_whole_characters_and_chat_has_a_fixed_template():
     assert chat == "<|user|>\nhi\n<|assistant|>\n"
     assert load_codec(make_model()).__class__ is ByteCodec
     assert load_codec(make_model(vocab_size=100)) is None  # token ids only
+    # ids past 255 would decode to nothing: without its tokenizer such a model takes ids only
+    assert load_codec(make_model(vocab_size=300)) is None
 
 
 def test_a_converted_checkpoints_tokenizer_json(tmp_path):

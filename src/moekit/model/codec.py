@@ -4,7 +4,7 @@ A checkpoint that carries a tokenizer (a converted Hugging Face checkpoint, or a
 with `tokenizer.json` / `tokenizer_config.json`) is served with it: its ids, its chat template
 and its end-of-sequence ids. transformers reads it when installed (chat templates need it);
 otherwise `moekit.model.tokenizer.load_tokenizer` does, through `tokenizers` (no template).
-Byte-level models (vocab_size >= 256, ids 0..255 are bytes) read text as UTF-8 and, having no
+Byte-level models (vocab_size 256: the ids are the bytes) read text as UTF-8 and, having no
 template of their own, format chats with `BYTE_CHAT_TEMPLATE`. Decoders are incremental: a
 piece goes out once it is whole text, never half of a multi-byte character or of a word the
 tokenizer spells with several ids.
@@ -177,6 +177,6 @@ def load_codec(model: Transformer, checkpoint: str | Path | None = None) -> Code
         tokenizer = _hf_tokenizer(Path(checkpoint))
     if tokenizer is not None:
         return TokenizerCodec(tokenizer)
-    if (model.cfg.vocab_size or 0) >= 256:
+    if model.cfg.vocab_size == 256:  # UTF-8 bytes; a larger vocabulary needs its tokenizer
         return ByteCodec()
     return None
