@@ -101,7 +101,7 @@ CONFIGS = [
     ),
     dict(n_experts=8, k=3, capacity_factor=1.0, router=dict(kind="sigmoid", n_groups=2)),
     dict(n_experts=4, k=2, router=dict(kind="expert_choice")),
-    dict(n_experts=8, k=2, router=dict(kind="sinkhorn", sinkhorn_iters=5)),
+    dict(n_experts=8, k=2, router=dict(kind="sinkhorn", options={"iters": 5})),
     dict(n_experts=16, k=4, expert=dict(activation="relu")),  # dense torch backend pads
     dict(n_experts=8, k=2, capacity_factor=0.75, d_model=16, d_hidden=12, backend="grouped_mm"),
 ]

@@ -29,6 +29,7 @@ from moekit.bench.baselines import dense_equivalent, naive_loop
 from moekit.bench.registry import bench_command, option, register_bench
 from moekit.bench.report import DEFAULT_DIR, Table, write_report
 from moekit.dispatch import make_plan
+from moekit.replay import capture
 from moekit.types import ExpertWeights, Plan
 
 SHAPES: dict[str, dict[str, int]] = {
@@ -98,15 +99,7 @@ def _median_ms(fn: Callable[[], object], graph: bool) -> float:
 
     if not graph:
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g, _ = capture(fn, torch.device("cuda", torch.cuda.current_device()), warmup=2)
     ms = float(do_bench(g.replay, warmup=25, rep=100, return_mode="median"))
     del g
     return ms

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from moekit.model.transformer import Transformer
+from moekit.replay import capture
 from moekit.serve.graphs import DecodeStep
 from moekit.serve.paged import PagedKVCache, RowsView
 
@@ -22,15 +23,7 @@ PAGE = 16
 
 def graph_ms(fn: Callable[[], object], repeats: int = 200) -> float:
     """Mean milliseconds of one replay of fn captured in a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture(fn, torch.device("cuda", torch.cuda.current_device()), warmup=2)
     return replay_ms(graph, repeats)
 
 

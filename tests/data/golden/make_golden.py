@@ -49,7 +49,12 @@ LAYER_CASES: dict[str, dict] = {
     },
     "sigmoid": {
         "capacity_factor": 1.25,
-        "router": {"kind": "sigmoid", "n_groups": 2, "topk_groups": 1, "bias_update_rate": 0.01},
+        "router": {
+            "kind": "sigmoid",
+            "n_groups": 2,
+            "topk_groups": 1,
+            "options": {"bias_update_rate": 0.01},
+        },
         "expert": {"activation": "gelu"},
     },
     "expert_choice": {
@@ -58,12 +63,12 @@ LAYER_CASES: dict[str, dict] = {
     },
     "sinkhorn": {
         "capacity_factor": 1.0,
-        "router": {"kind": "sinkhorn", "sinkhorn_iters": 10},
+        "router": {"kind": "sinkhorn", "options": {"iters": 10}},
         "expert": {"activation": "silu"},
     },
     "attention": {
         "n_shared_experts": 1,
-        "router": {"kind": "attention", "attention_heads": 2, "attention_dim": 4},
+        "router": {"kind": "attention", "options": {"heads": 2, "dim": 4}},
         "expert": {"activation": "geglu", "bias": True},
     },
 }
