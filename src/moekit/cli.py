@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import re
 import sys
 import typing
@@ -89,6 +90,15 @@ def _build(config: type, ns: Namespace) -> Any:
     return config(**values)
 
 
+def version() -> str:
+    """The installed distribution's version; from a source tree, the package's own."""
+    try:
+        return importlib.metadata.version("moekit")
+    except importlib.metadata.PackageNotFoundError:
+        # moekit/__init__ ran before this module (a parent package loads first): no import edge
+        return sys.modules["moekit"].__version__
+
+
 def build_parser(argv: Sequence[str] | None = None) -> ArgumentParser:
     """`moekit` and a subcommand per registered command, groups ("bench", "convert") nesting.
 
@@ -96,6 +106,12 @@ def build_parser(argv: Sequence[str] | None = None) -> ArgumentParser:
     load (the others keep their line of help), so `moekit --help` starts fast.
     """
     parser = ArgumentParser(prog="moekit", description="Mixture-of-Experts on PyTorch.")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"moekit {version()}",
+        help="Show the version and exit.",
+    )
     levels = {(): parser.add_subcommands(dest="command")}
     known_groups = groups()
     words = None if argv is None else [w for w in argv if not w.startswith("-")]
