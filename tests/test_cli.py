@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -9,7 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+import moekit.commands
 from moekit.cli import _prepare_argv, build_parser, main
+from moekit.commands import command_spec
+from moekit.config import LEGACY_ROUTER_KEYS
+from moekit.routing import build_options
+from moekit.routing.sinkhorn import SinkhornOptions
 from moekit.train import RunConfig, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +90,33 @@ def test_unknown_key_in_yaml_is_named(tmp_path, capsys):
     assert "sequence_len" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "router, warning",
+    [
+        ("sinkhorn_iters: 5", "router.sinkhorn_iters is now router.options.iters"),
+        ("options: {iters: 5}", None),
+    ],
+)
+def test_train_reads_a_yaml_with_old_or_new_router_keys(
+    tmp_path, monkeypatch, capsys, router, warning
+):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        f"task:\n  name: signals\n  noise: 0.2\nmodel:\n  moe:\n    router:\n"
+        f"      kind: sinkhorn\n      {router}\n"
+    )
+    seen = []  # the built command config, instead of training
+    train = dataclasses.replace(command_spec("train"), run=seen.append)
+    monkeypatch.setitem(moekit.commands._COMMANDS, "train", train)
+    main(["train", str(path), "--out", str(tmp_path / "run"), "--train.steps", "3"])
+    run = seen[0].run
+    rcfg = run.model.moe.router
+    assert build_options(rcfg.kind, rcfg.options) == SinkhornOptions(iters=5)
+    assert run.task.options == {"noise": 0.2} and run.train.steps == 3  # flat task key too
+    err = capsys.readouterr().err
+    assert err == (f"moekit: warning: {path}: {warning}\n" if warning else "")
+
+
 def test_help_lists_options_with_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -92,6 +125,8 @@ def test_help_lists_options_with_defaults(capsys):
         assert option in text
     assert "default: 1000" in text  # train.steps
     assert "--task.options" in text and "text (max_bytes, val_every" in " ".join(text.split())
+    for old in [*LEGACY_ROUTER_KEYS, "task.noise", "task.max_bytes"]:  # migrated, never offered
+        assert old not in text
 
 
 def test_argv_normalisation():

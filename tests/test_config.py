@@ -10,7 +10,7 @@ import yaml
 
 import moekit
 from moekit.cli import build_parser
-from moekit.config import LEGACY_ROUTER_KEYS, RouterOptions, from_dict
+from moekit.config import LEGACY_ROUTER_KEYS, RouterOptions, from_dict, migrated
 from moekit.model import ModelConfig, Transformer
 from moekit.model.store import save_model_files
 from moekit.routing import build_options, resolve_router
@@ -218,6 +218,21 @@ def test_yaml_router_keys_old_and_new(tmp_path, router):
         run = from_dict(RunConfig, yaml.safe_load(text), "run key(s)")
     rcfg = run.model.moe.router
     assert build_options(rcfg.kind, rcfg.options) == SinkhornOptions(iters=5)
+
+
+def test_migrated_moves_old_keys_at_every_depth_and_builds_nothing():
+    router = {"kind": "sinkhorn", "sinkhorn_iters": 5}
+    old = {"task": {"name": "signals", "noise": 0.2}, "model": {"moe": {"router": router}}}
+    with pytest.warns(DeprecationWarning, match="router.sinkhorn_iters is now router.options"):
+        new = migrated(RunConfig, old)
+    assert new == {
+        "task": {"name": "signals", "options": {"noise": 0.2}},
+        "model": {"moe": {"router": {"kind": "sinkhorn", "options": {"iters": 5}}}},
+    }
+    assert router["sinkhorn_iters"] == 5  # the caller's dicts kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert RunConfig.from_dict(new) == RunConfig.from_dict(old)
 
 
 def test_one_builder_recurses_and_names_unknown_keys():

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import re
 import sys
 import typing
+import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionYesNo, ArgumentParser, Namespace
+import yaml
+from jsonargparse import ActionYesNo, ArgumentParser, Namespace, get_loader
 
 from moekit.commands import Command, command_spec, commands, groups, top_names
+from moekit.config import migrated
 from moekit.errors import missing_extra
 
 # what a user can cause and fix: printed as one line, never as a traceback
@@ -89,6 +94,15 @@ def _build(config: type, ns: Namespace) -> Any:
     return config(**values)
 
 
+def version() -> str:
+    """The installed distribution's version; from a source tree, the package's own."""
+    try:
+        return importlib.metadata.version("moekit")
+    except importlib.metadata.PackageNotFoundError:
+        # moekit/__init__ ran before this module (a parent package loads first): no import edge
+        return sys.modules["moekit"].__version__
+
+
 def build_parser(argv: Sequence[str] | None = None) -> ArgumentParser:
     """`moekit` and a subcommand per registered command, groups ("bench", "convert") nesting.
 
@@ -96,6 +110,12 @@ def build_parser(argv: Sequence[str] | None = None) -> ArgumentParser:
     load (the others keep their line of help), so `moekit --help` starts fast.
     """
     parser = ArgumentParser(prog="moekit", description="Mixture-of-Experts on PyTorch.")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"moekit {version()}",
+        help="Show the version and exit.",
+    )
     levels = {(): parser.add_subcommands(dest="command")}
     known_groups = groups()
     words = None if argv is None else [w for w in argv if not w.startswith("-")]
@@ -130,6 +150,43 @@ def _prepare_argv(argv: list[str]) -> list[str]:
     except ValueError:  # a group or an unknown name: the parser tells
         return argv
     return [argv[0], *rewrite(argv[1:])] if rewrite else argv
+
+
+def _migrate_config_files(argv: list[str]) -> list[str]:
+    """argv with each `--config FILE` of a nested config (`train`) that holds old keys (flat
+    router or task options) given as the text of the new ones; each move warned in one line."""
+    try:
+        spec = command_spec(argv[0]) if argv and not argv[0].startswith("-") else None
+    except ValueError:  # a group or an unknown name: the parser tells
+        return argv
+    fields = dataclasses.fields(spec.config) if spec else ()
+    of = next((f.metadata["nested"] for f in fields if "nested" in f.metadata), None)
+    if of is None:
+        return argv
+    out = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            out[i + 1] = _migrated_text(of, argv[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + _migrated_text(of, arg.removeprefix("--config="))
+    return out
+
+
+def _migrated_text(of: type, given: str) -> str:
+    """A config file of `of` with old keys -> YAML text of the new ones; else `given` as is."""
+    path = Path(given)
+    if not path.is_file():
+        return given
+    try:
+        data = get_loader("yaml")(path.read_text())  # read as the parser reads it
+    except yaml.YAMLError:  # the parser names what is wrong
+        return given
+    with warnings.catch_warnings(record=True) as moved:
+        warnings.simplefilter("always")
+        new = migrated(of, data)
+    for warning in moved:
+        print(f"moekit: warning: {given}: {warning.message}", file=sys.stderr)
+    return given if new == data else yaml.safe_dump(new, sort_keys=False)
 
 
 def _chosen(args: Namespace) -> tuple[Command, Namespace]:
@@ -201,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(argv) if argv is not None else sys.argv[1:]
     spec = None
     try:
-        prepared = _prepare_argv(argv)
+        prepared = _migrate_config_files(_prepare_argv(argv))
         parser = build_parser(prepared)
         for p in _parsers(parser):  # errors come back here, not as usage text and exit
             p.exit_on_error = False

@@ -49,6 +49,22 @@ def from_dict(cls: type, data: Any, what: str) -> Any:
     return cls(**data)
 
 
+def migrated(cls: type, data: Any) -> Any:
+    """`data` with the old keys of cls and of its nested configs moved to the new ones
+    (MIGRATIONS, each with its warning) and nothing built: what a parser of the new keys reads."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for migrate in MIGRATIONS.get(cls, ()):
+        data = migrate(data)
+    hints = _hints(cls)
+    for f in fields(cls):
+        target = _dataclass_of(hints[f.name])
+        if target is not None and isinstance(data.get(f.name), dict):
+            data[f.name] = migrated(target, data[f.name])
+    return data
+
+
 def build_nested(obj: Any, prefix: str = "") -> None:
     """In a frozen config's __post_init__: dataclass-typed fields given as dicts built in place.
 

@@ -13,13 +13,15 @@ from tests.integrations.hf_models import VOCAB, WORDS, hf_model, save_hf  # noqa
 from moekit.cli import main  # noqa: E402
 from moekit.integrations.hf import load_hf, load_tokenizer  # noqa: E402
 from moekit.integrations.hf.report import routing_report  # noqa: E402
+from moekit.viz.routing import plot_expert_load  # noqa: E402
 
 
 def test_counts_match_moekits_own_routing_of_the_converted_model(tmp_path):
     hf = hf_model("mixtral")
     save_hf(hf, tmp_path)
     x = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(0))
-    report = routing_report(hf, x, plot=tmp_path / "load.png", console=False)
+    report = routing_report(hf, x, console=False)
+    plot_expert_load(*report.loads(), tmp_path / "load.png")
     with torch.no_grad():
         infos = load_hf(tmp_path)(x).layers
     assert [layer.name for layer in report.layers] == [

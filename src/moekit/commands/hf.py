@@ -79,7 +79,9 @@ command(
 )
 def route_report(a: RouteReport) -> None:
     from moekit.integrations.hf.report import report_text
+    from moekit.viz.routing import plot_expert_load
 
     text = Path(a.text).read_text(encoding="utf-8")
-    report_text(a.hf_dir, text, a.seq_len, a.max_tokens, a.plot, a.device)
+    report = report_text(a.hf_dir, text, a.seq_len, a.max_tokens, a.device)
+    plot_expert_load(*report.loads(), a.plot)
     print(f"wrote {a.plot}")

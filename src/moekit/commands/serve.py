@@ -15,7 +15,7 @@ class Serve:
 
     ckpt: str = argument("checkpoint or run directory")
     host: str = option("127.0.0.1", "address to listen on")
-    port: int = option(8080, "0 (or a taken port): a free one")
+    port: int = option(8080, "0: a free port; a port that is taken is an error")
     device: str = option("auto", "auto, cpu or cuda")
     dtype: str | None = option(None, "weights: bf16, fp16, fp32")
     threads: int | None = option(None, "torch CPU threads")
@@ -28,6 +28,7 @@ class Serve:
     allow_unauthenticated: bool = option(False, "serve off loopback without keys")
     ssl_certfile: str | None = option(None, "PEM cert: serve HTTPS")
     ssl_keyfile: str | None = option(None, "PEM key of the cert")
+    served_model_name: str | None = option(None, "model name in /v1/models and answers")
     engine: dict[str, Any] = given(EngineConfig)  # --max-batch, --kv-memory, --prefill-chunk...
 
     def __post_init__(self) -> None:
@@ -60,6 +61,7 @@ def serve(args: Serve) -> None:
         ("ssl_certfile", args.ssl_certfile),
         ("ssl_keyfile", args.ssl_keyfile),
         ("allow_unauthenticated", args.allow_unauthenticated or None),
+        ("served_model_name", args.served_model_name),
     )
     options = {k: v for k, v in given if v is not None}
     EngineConfig.from_options(args.engine)  # a bad option or key: one line, before loading

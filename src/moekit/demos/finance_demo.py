@@ -68,6 +68,7 @@ def run_demo(
         load_instruments,
         run_pipeline,
     )
+    from moekit.viz.finance import make_all
 
     instruments = load_instruments(csv, tickers, start, end)
     cfg = DemoConfig()
@@ -75,4 +76,4 @@ def run_demo(
         years = tuple(test_years) if test_years else default_test_years(instruments)
         cfg = replace(cfg, walk_forward=replace(cfg.walk_forward, test_years=years))
     cfg = replace(cfg, model=replace(cfg.model, seed=seed, epochs=epochs or cfg.model.epochs))
-    return run_pipeline(instruments, cfg, out_dir, console, seeds)
+    return run_pipeline(instruments, cfg, out_dir, console, seeds, draw=make_all)

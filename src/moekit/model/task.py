@@ -27,6 +27,17 @@ class NoOptions:
     """The options of a task with nothing to configure beyond `TaskConfig`."""
 
 
+@dataclass
+class NoiseOptions:
+    """The options of a series task: observation noise on series of about unit scale."""
+
+    noise: float = 0.01  # observation noise std
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.noise < 1.0:
+            raise ValueError(f"task.options.noise={self.noise} must be in [0, 1)")
+
+
 def register_task(name: str, options: type = NoOptions) -> Callable[[type[Task]], type[Task]]:
     """Class decorator adding a task under `name`; `options` is its own config dataclass."""
     if not dataclasses.is_dataclass(options):

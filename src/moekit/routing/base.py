@@ -215,6 +215,18 @@ class Router(nn.Module):
     def select(self, logits_TE: Tensor) -> Routing:
         raise NotImplementedError
 
+    def routed(
+        self,
+        experts: Tensor,
+        weights: Tensor,
+        priority: Tensor,
+        logits_TE: Tensor,
+        probs_TE: Tensor,
+    ) -> Routing:
+        """A selection's Routing ([T, K] or [T, E] slots), weights scaled by scaling_factor."""
+        weights = weights * self.rcfg.scaling_factor
+        return Routing(experts, weights, priority=priority, logits=logits_TE, probs=probs_TE)
+
     def select_fused(self, logits_TE: Tensor, fused: FusedSelect) -> Routing | None:
         """`select` by a backend's kernel where it computes this router's choice, else None."""
         return None

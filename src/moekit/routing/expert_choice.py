@@ -53,10 +53,4 @@ class ExpertChoiceRouter(Router):
         slots_TE = torch.arange(E, device=logits_TE.device).expand(T, E)
         experts_TE = torch.where(picked_TE, slots_TE, -1)
         weights_TE = probs_TE * picked_TE
-        return Routing(
-            experts=experts_TE,
-            weights=weights_TE * self.rcfg.scaling_factor,
-            priority=probs_TE.detach(),
-            logits=logits_TE,
-            probs=probs_TE,
-        )
+        return self.routed(experts_TE, weights_TE, probs_TE.detach(), logits_TE, probs_TE)

@@ -66,12 +66,8 @@ class SigmoidRouter(Router):
         if self.training and self.options.bias_update_rate > 0:
             self._count_load(experts_TK)
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-        return Routing(
-            experts=experts_TK,
-            weights=weights_TK * self.rcfg.scaling_factor,
-            priority=biased_TE.gather(1, experts_TK),
-            logits=logits_TE,
-            probs=probs_TE,
+        return self.routed(
+            experts_TK, weights_TK, biased_TE.gather(1, experts_TK), logits_TE, probs_TE
         )
 
     @torch.no_grad()

@@ -122,10 +122,4 @@ class SinkhornRouter(Router):
         priority_TK = weights_TK.detach()
         if self.rcfg.renormalize:
             weights_TK = renormalize(weights_TK)
-        return Routing(
-            experts=experts_TK,
-            weights=weights_TK * self.rcfg.scaling_factor,
-            priority=priority_TK,
-            logits=logits_TE,
-            probs=probs_TE,
-        )
+        return self.routed(experts_TK, weights_TK, priority_TK, logits_TE, probs_TE)

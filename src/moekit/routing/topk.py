@@ -52,10 +52,4 @@ class TopKRouter(Router):
         weights_TK = top_TK
         if self.rcfg.renormalize:  # for every k: top-1 weighs 1.0, as in Mixtral
             weights_TK = renormalize(weights_TK)
-        return Routing(
-            experts=experts_TK,
-            weights=weights_TK * self.rcfg.scaling_factor,
-            priority=top_TK.detach(),
-            logits=logits_TE,
-            probs=probs_TE,
-        )
+        return self.routed(experts_TK, weights_TK, top_TK.detach(), logits_TE, probs_TE)

@@ -8,13 +8,12 @@ projected onto a random direction. Periods span 8-40 steps; amplitudes are about
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from moekit.model.task import Batch, Task, generator, register_task
+from moekit.model.task import Batch, NoiseOptions, Task, generator, register_task
 
 CATEGORIES = (
     "sine",
@@ -71,18 +70,7 @@ def make_signal(kind: str, t: Tensor, gen: torch.Generator) -> Tensor:
     return amp * (x * math.cos(angle) + y * math.sin(angle))
 
 
-@dataclass
-class SignalsOptions:
-    """Options of `signals`."""
-
-    noise: float = 0.01  # observation noise std (the signals have amplitude about 1)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.noise < 1.0:
-            raise ValueError(f"task.options.noise={self.noise} must be in [0, 1)")
-
-
-@register_task("signals", options=SignalsOptions)
+@register_task("signals", options=NoiseOptions)
 class SignalsTask(Task):
     """Input the signal up to t, predict its value at t + 1 (d_in = d_out = 1)."""
 

@@ -9,12 +9,11 @@ spread; the metric is the mean Euclidean error of the next-position forecast.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from moekit.model.task import Batch, Task, TaskConfig, generator, register_task
+from moekit.model.task import Batch, NoiseOptions, Task, TaskConfig, generator, register_task
 
 CATEGORIES = ("helix", "kepler", "lissajous3d", "lorenz", "spline")
 _LORENZ_BANK = 32  # precomputed attractor runs to cut windows from
@@ -87,18 +86,7 @@ def spline(n: int, gen: torch.Generator) -> Tensor:
     )
 
 
-@dataclass
-class TrajectoriesOptions:
-    """Options of `trajectories3d`."""
-
-    noise: float = 0.01  # observation noise std (the paths have unit spread)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.noise < 1.0:
-            raise ValueError(f"task.options.noise={self.noise} must be in [0, 1)")
-
-
-@register_task("trajectories3d", options=TrajectoriesOptions)
+@register_task("trajectories3d", options=NoiseOptions)
 class TrajectoriesTask(Task):
     """Input positions up to t, predict the position at t + 1 (d_in = d_out = 3)."""
 

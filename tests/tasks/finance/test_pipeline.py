@@ -20,6 +20,7 @@ from moekit.tasks.finance.model import (
     train_forecaster,
 )
 from moekit.tasks.finance.pipeline import DemoConfig, run_pipeline
+from moekit.viz.finance import make_all
 
 TINY = ForecastConfig(moe=forecast_moe(d_model=16, d_hidden=16), epochs=2, batch_size=256)
 WF = WalkForwardConfig(test_years=(2014,))
@@ -80,7 +81,7 @@ def test_predictions_ignore_future_data(small_universe, perturb_after) -> None:
 def test_tiny_end_to_end(small_universe, tmp_path: Path) -> None:
     cfg = DemoConfig(walk_forward=WalkForwardConfig(test_years=(2014, 2015)), model=TINY)
     console = Console(record=True, width=120)
-    res = run_pipeline(small_universe, cfg, tmp_path, console)
+    res = run_pipeline(small_universe, cfg, tmp_path, console, draw=make_all)
     text = console.export_text()
     assert "QLIKE" in text and "GARCH(1,1)" in text and "routing_heatmap" in text
     table = pd.DataFrame(res["table"]).set_index("asset_class")

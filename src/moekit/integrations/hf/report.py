@@ -77,12 +77,10 @@ class RoutingReport:
 
         (console or Console()).print(self.table())
 
-    def plot(self, path: str | Path, title: str = "") -> Path:
-        """Heatmap layers x experts of load / uniform share (1 = even), as in the dashboard."""
-        from moekit.viz.routing import plot_expert_load
-
-        loads = [layer.load for layer in self.layers]
-        return plot_expert_load([layer.name for layer in self.layers], loads, path, title)
+    def loads(self) -> tuple[list[str], list[list[float]]]:
+        """(router names, each one's expert load shares): what `moekit.viz.routing.
+        plot_expert_load` draws as a layers x experts heatmap."""
+        return [layer.name for layer in self.layers], [layer.load for layer in self.layers]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -152,12 +150,10 @@ def _batches(inputs: Any) -> Iterable[Any]:
 
 
 @torch.no_grad()
-def routing_report(
-    model: nn.Module, inputs: Any, plot: str | Path | None = None, console: Any = None
-) -> RoutingReport:
+def routing_report(model: nn.Module, inputs: Any, console: Any = None) -> RoutingReport:
     """Route `inputs` (token ids [B, S], a dict of model inputs, or an iterable of either).
 
-    Prints the table with rich (console=False prints nothing) and draws the heatmap to `plot`.
+    Prints the table with rich (console=False prints nothing); `report.loads()` is the heatmap.
     """
     routers = router_modules(model)
     if not routers:
@@ -184,8 +180,6 @@ def routing_report(
     )
     if console is not False:
         report.print(console)
-    if plot is not None:
-        report.plot(plot)
     return report
 
 
@@ -207,7 +201,6 @@ def report_text(
     text: str,
     seq_len: int = 512,
     max_tokens: int = 16384,
-    plot: str | Path | None = None,
     device: str = "auto",
     console: Any = None,
 ) -> RoutingReport:
@@ -225,4 +218,4 @@ def report_text(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     auto = _transformers().AutoModelForCausalLM
     model = auto.from_pretrained(str(hf_dir), dtype="auto").to(device)
-    return routing_report(model, text_batches(ids, seq_len, 8, device), plot, console)
+    return routing_report(model, text_batches(ids, seq_len, 8, device), console)

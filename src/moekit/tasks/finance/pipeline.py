@@ -2,8 +2,9 @@
 
 ``run_pipeline`` trains the networks with several seeds, prints each method's metrics as the
 mean over seeds with a 95% confidence interval, tests MoE against GARCH (Diebold-Mariano),
-writes ``results.json``, ``predictions.csv`` and the PNGs to ``out_dir``, and returns the
-results; ``moekit finance demo`` (``moekit.demos.finance_demo``) runs it on chosen data.
+writes ``results.json``, ``predictions.csv`` and the PNGs its `draw` makes to ``out_dir``, and
+returns the results; ``moekit finance demo`` (``moekit.demos.finance_demo``) runs it on chosen
+data and draws with ``moekit.viz.finance``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,6 @@ from moekit.tasks.finance.features import FeatureConfig, build_panel
 from moekit.tasks.finance.model import ForecastConfig
 from moekit.tasks.finance.rules import RuleConfig
 from moekit.tasks.finance.stats import dm_by_group, mean_ci
-from moekit.viz import finance as plots
 
 METHOD_NAMES = {"moe": "MoE", "dense": "Dense", "garch": "GARCH(1,1)", "persist": "Persistence"}
 
@@ -193,9 +194,13 @@ def run_pipeline(
     out_dir: str | Path,
     console: Console | None = None,
     seeds: int = 1,
+    draw: Callable[..., dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Features, walk-forward fits for `seeds` training seeds (cfg.model.seed, +1, ...),
-    metrics with confidence intervals, DM tests, plots and ``results.json``."""
+    metrics with confidence intervals, DM tests, plots and ``results.json``.
+
+    The plots are those `draw(pred, by_inst, out_dir, (qlike summary, dm, seeds))` writes
+    and names (the demo passes `moekit.viz.finance.make_all`), when `cfg.make_plots`."""
     if seeds < 1:
         raise ValueError(f"seeds={seeds} must be >= 1")
     console = console or Console()
@@ -228,8 +233,8 @@ def run_pipeline(
     agreement = routing_agreement(pred)
     signs = sign_accuracy(pred)
     plot_paths = (
-        plots.make_all(pred, by_inst, out, (summary[summary["metric"] == "qlike"], dm, seeds))
-        if cfg.make_plots
+        draw(pred, by_inst, out, (summary[summary["metric"] == "qlike"], dm, seeds))
+        if cfg.make_plots and draw is not None
         else {}
     )
     runtime = time.perf_counter() - start
