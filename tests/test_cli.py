@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 import moekit.commands
-from moekit.cli import _prepare_argv, build_parser, main
+from moekit.cli import build_parser, main
 from moekit.commands import command_spec
+from moekit.commands.argv import prepare_argv
 from moekit.config import LEGACY_ROUTER_KEYS
 from moekit.routing import build_options
 from moekit.routing.sinkhorn import SinkhornOptions
@@ -130,14 +131,14 @@ def test_help_lists_options_with_defaults(capsys):
 
 
 def test_argv_normalisation():
-    assert _prepare_argv(["train", "c.yaml", "--resume"]) == [
+    assert prepare_argv(["train", "c.yaml", "--resume"]) == [
         "train",
         "--config",
         "c.yaml",
         "--resume",
         "auto",
     ]
-    assert _prepare_argv(["plot", "x"]) == ["plot", "x"]
+    assert prepare_argv(["plot", "x"]) == ["plot", "x"]
 
 
 def test_train_eval_generate_plot_end_to_end(tmp_path):

@@ -11,31 +11,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
-import re
 import sys
 import typing
-import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
-import yaml
-from jsonargparse import ActionYesNo, ArgumentParser, Namespace, get_loader
+from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
 from moekit.commands import Command, command_spec, commands, groups, top_names
-from moekit.config import migrated
-from moekit.errors import missing_extra
-
-# what a user can cause and fix: printed as one line, never as a traceback
-USER_ERRORS = (
-    argparse.ArgumentError,
-    ValueError,  # bad values, configs and damaged checkpoints (CheckpointError) name the field
-    FileNotFoundError,
-    NotADirectoryError,
-    FileExistsError,
-    IsADirectoryError,
-    PermissionError,
-)
+from moekit.commands.argv import prepare_argv
+from moekit.commands.failures import error_line
 
 
 def _flag(name: str) -> str:
@@ -141,54 +126,6 @@ def build_parser(argv: Sequence[str] | None = None) -> ArgumentParser:
     return parser
 
 
-def _prepare_argv(argv: list[str]) -> list[str]:
-    """The argv a command's own rewrite (`train CONFIG` -> `train --config CONFIG`) gives."""
-    if not argv or argv[0].startswith("-"):
-        return argv
-    try:
-        rewrite = command_spec(argv[0]).argv
-    except ValueError:  # a group or an unknown name: the parser tells
-        return argv
-    return [argv[0], *rewrite(argv[1:])] if rewrite else argv
-
-
-def _migrate_config_files(argv: list[str]) -> list[str]:
-    """argv with each `--config FILE` of a nested config (`train`) that holds old keys (flat
-    router or task options) given as the text of the new ones; each move warned in one line."""
-    try:
-        spec = command_spec(argv[0]) if argv and not argv[0].startswith("-") else None
-    except ValueError:  # a group or an unknown name: the parser tells
-        return argv
-    fields = dataclasses.fields(spec.config) if spec else ()
-    of = next((f.metadata["nested"] for f in fields if "nested" in f.metadata), None)
-    if of is None:
-        return argv
-    out = list(argv)
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            out[i + 1] = _migrated_text(of, argv[i + 1])
-        elif arg.startswith("--config="):
-            out[i] = "--config=" + _migrated_text(of, arg.removeprefix("--config="))
-    return out
-
-
-def _migrated_text(of: type, given: str) -> str:
-    """A config file of `of` with old keys -> YAML text of the new ones; else `given` as is."""
-    path = Path(given)
-    if not path.is_file():
-        return given
-    try:
-        data = get_loader("yaml")(path.read_text())  # read as the parser reads it
-    except yaml.YAMLError:  # the parser names what is wrong
-        return given
-    with warnings.catch_warnings(record=True) as moved:
-        warnings.simplefilter("always")
-        new = migrated(of, data)
-    for warning in moved:
-        print(f"moekit: warning: {given}: {warning.message}", file=sys.stderr)
-    return given if new == data else yaml.safe_dump(new, sort_keys=False)
-
-
 def _chosen(args: Namespace) -> tuple[Command, Namespace]:
     """The command the parsed arguments name, and its own options."""
     path, key, ns, nesting = [], "command", args, groups()
@@ -208,57 +145,11 @@ def _parsers(parser: ArgumentParser) -> Iterator[ArgumentParser]:
                 yield from _parsers(sub)
 
 
-def _one_line(err: BaseException) -> str:
-    """An error message on one line; a parser's long type report cut to what was expected."""
-    text = str(err)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    given = [line for line in lines if line.startswith("Given value:")]
-    expected = re.findall(r"Expected a <class '([\w.]+)'>", text)
-    if given and expected:
-        return f"{lines[0]} expected {' or '.join(expected)}; {given[0].lower()}"
-    return " ".join(lines) or type(err).__name__
-
-
-def _no_cuda(err: Exception) -> str | None:
-    """What to say when a command asked for CUDA on a machine where torch sees none."""
-    torch = sys.modules.get("torch")
-    if (
-        torch is None
-        or not isinstance(err, AssertionError | RuntimeError)
-        or "CUDA" not in str(err)
-    ):
-        return None
-    if torch.cuda.is_available():
-        return None
-    return (
-        f"this needs a CUDA GPU and torch {torch.__version__} sees none here; "
-        "run it where there is one, or on the CPU (--device cpu, --train.device cpu)"
-    )
-
-
-def _os_error(err: OSError) -> str | None:
-    """'PATH: exists and is not a directory' where a folder was asked for and a file is there."""
-    if isinstance(err, FileExistsError | NotADirectoryError) and err.filename is not None:
-        return f"{err.filename}: exists and is not a directory (a folder is needed here)"
-    return None
-
-
-def _error_line(err: Exception, spec: Command | None, command: str | None) -> str | None:
-    """The one line for what a user can fix (a missing extra too); None for a bug."""
-    advice = missing_extra(err, command) if isinstance(err, ModuleNotFoundError) else None
-    advice = advice or _no_cuda(err) or (_os_error(err) if isinstance(err, OSError) else None)
-    if advice is not None:
-        return f"moekit: error: {advice}"
-    if spec is not None and isinstance(err, spec.refusals):
-        return f"moekit {spec.name}: error: {err}"
-    return f"moekit: error: {_one_line(err)}" if isinstance(err, USER_ERRORS) else None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(argv) if argv is not None else sys.argv[1:]
     spec = None
     try:
-        prepared = _migrate_config_files(_prepare_argv(argv))
+        prepared = prepare_argv(argv)
         parser = build_parser(prepared)
         for p in _parsers(parser):  # errors come back here, not as usage text and exit
             p.exit_on_error = False
@@ -268,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moekit: {stop}" if str(stop) else "moekit: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        line = _error_line(err, spec, argv[0] if argv else None)
+        line = error_line(err, spec, argv[0] if argv else None)
         if line is None:
             raise
         print(line, file=sys.stderr)
