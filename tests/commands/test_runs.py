@@ -4,12 +4,14 @@ import json
 import os
 
 import pytest
+from tests.tiny import tiny_run
 
 from moekit import cli
-from moekit.commands.run import run_lock
 from moekit.commands.runs import find_runs, resolve_run
 from moekit.model.store import RUN_FILE, write_checkpoint
 from moekit.train.logging import LOG_FILE
+from moekit.train.rundir import run_lock
+from moekit.train.trainer import Trainer
 
 
 def _run(root, name, model, steps_done, target, metrics=(), log_steps=None):
@@ -127,3 +129,28 @@ def test_the_word_latest_is_the_newest_run_under_moekit_out(out, monkeypatch):
     assert resolve_run("latest") == os.path.join("moekit-out", "fresh")
     assert resolve_run("some/path") == "some/path"
     assert find_runs(out)[0].name == "done"
+
+
+def test_a_trained_run_is_finished_and_eval_reads_it_as_latest(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_run("moekit-out/sig", steps=4, batch_size=4, eval_interval=2, log_interval=2)
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    row = _rows(capsys)["sig"]
+    assert (row["status"], row["steps"], row["metric"]) == ("finished", 4, "mse")
+    assert row["best"] is not None and row["checkpoints"] >= 1
+    assert cli.main(["eval", "latest"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["checkpoint"].startswith(os.path.join("moekit-out", "sig", "checkpoints"))
+
+
+def test_latest_with_no_runs_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "moekit-out").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["plot", "latest"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "moekit: error: no run directory under moekit-out\n"

@@ -7,7 +7,6 @@ while a training process holds its lock, `finished` once its steps reached train
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -15,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from moekit.commands import argument, command, group, option
-from moekit.commands.run import LOCK_FILE
 from moekit.model.manifest import verify_manifest
 from moekit.model.store import RUN_FILE, list_checkpoints
 from moekit.train.logging import LOG_FILE, read_log
+from moekit.train.rundir import is_locked
 
 group("runs", "The runs under an output folder: their status, steps, best metric, checkpoints.")
 DEFAULT_ROOT = "moekit-out"
@@ -57,20 +56,6 @@ def find_runs(root: str | Path) -> list[Path]:
         else:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
     return sorted(found)
-
-
-def is_locked(run_dir: Path) -> bool:
-    """Whether a live process holds run_dir's lock (the file itself outlives its run)."""
-    path = run_dir / LOCK_FILE
-    if not path.exists():
-        return False
-    with open(path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
 
 
 def _run_info(run_dir: Path) -> dict[str, Any]:
