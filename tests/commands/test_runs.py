@@ -21,7 +21,7 @@ def _run(root, name, model, steps_done, target, metrics=(), log_steps=None):
     info = {
         "task": "signals",
         "metric": "val_mse",
-        "params": 123,
+        "params": {"total": 123, "active": 45},
         "run": {"train": {"steps": target}},
     }
     (run_dir / RUN_FILE).write_text(json.dumps(info))
@@ -102,7 +102,7 @@ def test_show_gives_config_metrics_and_checkpoints(out, capsys):
     assert cli.main(["runs", "show", "done", "--root", str(out)]) == 0
     text = capsys.readouterr().out
     assert "status: finished, steps: 20" in text
-    assert "task=signals, metric=val_mse, params=123, steps=20" in text
+    assert "task=signals, metric=val_mse, params=123 (45 active), steps=20" in text
     assert "last train: step=20, loss=0.05" in text
     assert "last eval: step=20, val_mse=0.75" in text
     assert "step-0000010  step 10  metric 0.4  intact" in text

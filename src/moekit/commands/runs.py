@@ -213,7 +213,7 @@ def _config_lines(info: dict[str, Any]) -> list[str]:
     parts = {
         "task": info.get("task"),
         "metric": info.get("metric"),
-        "params": info.get("params"),
+        "params": _params(info.get("params")),
         "d_model": model.get("d_model"),
         "n_layers": model.get("n_layers"),
         "experts": moe.get("n_experts") if isinstance(moe, dict) else None,
@@ -224,6 +224,13 @@ def _config_lines(info: dict[str, Any]) -> list[str]:
     }
     given = {k: v for k, v in parts.items() if v is not None}
     return [f"config: {', '.join(f'{k}={v}' for k, v in given.items())}"] if given else []
+
+
+def _params(params: Any) -> Any:
+    """{'total': N, 'active': M} (run.json) -> 'N (M active)'; anything else as it is."""
+    if isinstance(params, dict) and {"total", "active"} <= params.keys():
+        return f"{params['total']} ({params['active']} active)"
+    return params
 
 
 def _intact(ckpt: Path) -> str:
