@@ -2,7 +2,7 @@ import pytest
 from tests.tiny import tiny_model
 
 from moekit.train.checkpoint import save_checkpoint
-from moekit.train.rundir import claim_run_dir, previous_run
+from moekit.train.rundir import LOCK_FILE, claim_run_dir, is_locked, previous_run, run_lock
 
 
 def _old_run(run_dir, step=40):
@@ -53,3 +53,13 @@ def test_only_the_main_process_moves(tmp_path):
     _old_run(tmp_path / "run")
     assert claim_run_dir(tmp_path / "run", None, overwrite=True, is_main=False) is None
     assert previous_run(tmp_path / "run") == "checkpoints up to step 40"
+
+
+def test_the_lock_counts_while_held_not_while_its_file_is_left(tmp_path):
+    assert not is_locked(tmp_path)
+    with run_lock(tmp_path):
+        assert is_locked(tmp_path)
+        refused = pytest.raises(ValueError, match=r"in use by another moekit run \(pid \d+\)")
+        with refused, run_lock(tmp_path):
+            pass
+    assert (tmp_path / LOCK_FILE).exists() and not is_locked(tmp_path)

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 _BUILTIN = (
     "moekit.demos.demo",
     "moekit.commands.run",
+    "moekit.commands.runs",
     "moekit.profiling",
     "moekit.sweep",
     "moekit.commands.serve",

@@ -12,13 +12,14 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from moekit.commands import argument, command, nested, option
+from moekit.commands.runs import resolve_run
 from moekit.model.sampling_rules import check_sampling
 from moekit.model.store import load_files, pick_checkpoint
 from moekit.model.transformer import Transformer
@@ -26,7 +27,7 @@ from moekit.tasks import available_tasks, build_task, task_class
 from moekit.train.checkpoint import run_config_of
 from moekit.train.config import RunConfig
 from moekit.train.metrics import evaluate_model
-from moekit.train.rundir import claim_run_dir
+from moekit.train.rundir import claim_run_dir, run_lock
 from moekit.train.trainer import Trainer
 
 DEFAULT_TEXT_PROMPT = "def "
@@ -59,37 +60,6 @@ def train_argv(rest: list[str]) -> list[str]:
         if arg == "--resume" and (i + 1 == len(rest) or rest[i + 1].startswith("--")):
             out.append("auto")
     return out
-
-
-LOCK_FILE = ".moekit.lock"
-
-
-@contextlib.contextmanager
-def run_lock(out: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold OUT/.moekit.lock while a run writes OUT: a second run into it is refused in one
-    line instead of interleaving its log and checkpoints. Released when the process ends."""
-    import fcntl
-
-    path = os.path.join(out, LOCK_FILE)
-    os.makedirs(out, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "?"
-            raise ValueError(
-                f"--out {out} is in use by another moekit run (pid {holder}): wait for it to "
-                "end, or train into another --out"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -150,13 +120,13 @@ def train(args: Train) -> dict[str, Any]:
 
 @dataclass
 class Eval:
-    path: str = argument("checkpoint or run directory")
+    path: str = argument("checkpoint or run directory; `latest`: the newest run under moekit-out")
     batch_size: int = option(64, "validation batch size")
 
 
 @command("eval", Eval, help="Evaluate a checkpoint (or a run dir's best one) on its task.")
 def evaluate_command(args: Eval) -> dict[str, Any]:
-    return evaluate(args.path, args.batch_size)
+    return evaluate(resolve_run(args.path), args.batch_size)
 
 
 def evaluate(path: str, batch_size: int = 64) -> dict[str, Any]:
@@ -256,7 +226,7 @@ def _token_text(codec: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
 
 @dataclass
 class Generate:
-    path: str = argument("checkpoint or run directory")
+    path: str = argument("checkpoint or run directory; `latest`: the newest run under moekit-out")
     prompt: str | None = option(
         None,
         "text (default 'def '); continuous models need values 'a,b,c' (vectors split by ';')",
@@ -380,7 +350,7 @@ def generate(args: Generate) -> list[str]:
     """Print samples: text for token models (the checkpoint's tokenizer, else UTF-8 bytes),
     rolled-out values for continuous ones. One sample is printed as it is generated."""
     check_generate_options(args)
-    ckpt = pick_checkpoint(args.path)
+    ckpt = pick_checkpoint(resolve_run(args.path))
     model = load_files(ckpt)
     gen = torch.Generator().manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -452,7 +422,9 @@ def _print_samples(outputs: list[str], streamed: bool) -> list[str]:
 
 @dataclass
 class Plot:
-    run_dir: str = argument("run directory (holds metrics.jsonl)")
+    run_dir: str = argument(
+        "run directory (holds metrics.jsonl); `latest`: the newest under moekit-out"
+    )
 
 
 @command(
@@ -464,5 +436,6 @@ class Plot:
 def plot(args: Plot) -> None:
     from moekit.viz import plot_run, plot_task
 
-    for path in plot_run(args.run_dir) + plot_task(args.run_dir):
+    run_dir = resolve_run(args.run_dir)
+    for path in plot_run(run_dir) + plot_task(run_dir):
         print(path)

@@ -2,17 +2,66 @@
 
 Training into a directory that holds a run (checkpoints, a metrics log or its run.json) is
 refused unless it resumes that run, or `overwrite` moves the old run aside to a timestamped
-sibling directory. Nothing is ever deleted.
+sibling directory. Nothing is ever deleted. While a run writes its directory it holds
+OUT/.moekit.lock, which `moekit runs list` reads as running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from moekit.model.store import RUN_FILE, list_checkpoints
 from moekit.train.logging import LOG_FILE
+
+LOCK_FILE = ".moekit.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold OUT/.moekit.lock while a run writes OUT: a second run into it is refused in one
+    line instead of interleaving its log and checkpoints. Released when the process ends."""
+    import fcntl  # POSIX only: imported where a run is trained or inspected
+
+    path = os.path.join(out, LOCK_FILE)
+    os.makedirs(out, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise ValueError(
+                f"--out {out} is in use by another moekit run (pid {holder}): wait for it to "
+                "end, or train into another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def is_locked(run_dir: str | Path) -> bool:
+    """Whether a live process holds run_dir's lock (the file itself outlives its run)."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK_FILE
+    if not path.exists():
+        return False
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 def previous_run(run_dir: str | Path) -> str | None:
