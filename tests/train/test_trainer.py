@@ -22,8 +22,11 @@ def test_fit_writes_logs_checkpoints_and_plots(tmp_path, make_run):
         "z_loss",
         "grad_norm",
         "tokens_per_s",
+        "step_ms",
+        "peak_mem_mib",
     ):
         assert isinstance(first[key], float), key
+    assert first["step_ms"] > 0 and first["peak_mem_mib"] > 0
     assert set(first["lr"]) == {"router", "experts", "rest"}
     assert set(first["expert_load"]) == {"0", "1"} and len(first["expert_load"]["0"]) == 4
     assert sum(first["expert_load"]["1"]) == pytest.approx(1.0, abs=1e-5)
