@@ -1,3 +1,5 @@
+import numpy as np
+import pytest
 import torch
 
 from moekit.tasks import TaskConfig, build_task
@@ -28,3 +30,13 @@ def test_loss_halves_in_a_short_run(tmp_path, train_briefly):
     task = TaskConfig(name="signals", seq_len=32, val_sequences=64)
     _, before, after = train_briefly(tmp_path, task, steps=40, lr=5e-3)
     assert after["val"]["mse"] <= 0.5 * before["mse"]
+
+
+def test_metrics_report_correlation_beside_mse_and_mae():
+    task = build_task(TaskConfig(name="signals", seq_len=20), seed=1)
+    batch = task.train_batch(0, 0, 8)
+    out = batch.y + 0.3 * torch.randn(batch.y.shape, generator=torch.Generator().manual_seed(0))
+    m = task.metrics(out, batch, ((out - batch.y) ** 2).mean())
+    want = np.corrcoef(out.reshape(-1).numpy(), batch.y.reshape(-1).numpy())[0, 1]
+    assert set(m) == {"mse", "mae", "corr"}
+    assert float(m["corr"]) == pytest.approx(want, abs=1e-5)

@@ -1,3 +1,5 @@
+import numpy as np
+import pytest
 import torch
 
 from moekit.tasks import TaskConfig, build_task
@@ -31,3 +33,15 @@ def test_loss_halves_in_a_short_run_and_3d_plot(tmp_path, train_briefly):
     assert after["val"]["mse"] <= 0.5 * before["mse"]
     assert after["val"]["err3d"] < before["err3d"]
     assert (tmp_path / "plots" / "trajectories3d.png").stat().st_size > 10_000
+
+
+def test_correlation_is_pearson_per_axis_averaged():
+    task = build_task(TaskConfig(name="trajectories3d", seq_len=16), seed=2)
+    batch = task.train_batch(0, 0, 6)
+    gen = torch.Generator().manual_seed(0)
+    out = batch.y * torch.tensor([1.0, -0.5, 2.0]) + 0.2 * torch.randn(batch.y.shape, generator=gen)
+    m = task.metrics(out, batch, ((out - batch.y) ** 2).mean())
+    pred, true = out.reshape(-1, 3).numpy(), batch.y.reshape(-1, 3).numpy()
+    want = np.mean([np.corrcoef(pred[:, d], true[:, d])[0, 1] for d in range(3)])
+    assert set(m) == {"err3d", "mse", "corr"}
+    assert float(m["corr"]) == pytest.approx(want, abs=1e-5)

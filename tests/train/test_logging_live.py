@@ -1,7 +1,10 @@
+import resource
+
+import pytest
 import torch
 
 from moekit.train.live import LiveView, load_bars
-from moekit.train.logging import RunLog, read_log
+from moekit.train.logging import RunLog, peak_memory_mib, read_log
 
 
 def test_buffered_records_are_written_once_per_flush_with_nested_tensors(tmp_path):
@@ -56,3 +59,17 @@ def test_plain_view_prints_lines_when_not_a_tty(capsys):
 def test_load_bars_height_tracks_share():
     assert load_bars([0.25, 0.25, 0.25, 0.25]) == "▄▄▄▄"
     assert load_bars([0.5, 0.5, 0.0, 0.0]) == "██  "
+
+
+def test_peak_memory_on_the_cpu_is_the_process_max_rss_in_mib():
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+    peak = peak_memory_mib(torch.device("cpu"))
+    assert rss_kib / 1024 <= peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_peak_memory_on_cuda_is_the_peak_allocation_in_mib():
+    x = torch.empty(2**20, device="cuda")  # 4 MiB
+    peak = peak_memory_mib(x.device)
+    assert peak == torch.cuda.max_memory_allocated(x.device) / 2**20 and peak >= 4

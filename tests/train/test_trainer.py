@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moekit.train import RunConfig, TrainConfig, Trainer, list_checkpoints, read_log
-from moekit.viz import plot_training
+from moekit.viz import plot_training, read_panels
 
 
 def test_fit_writes_logs_checkpoints_and_plots(tmp_path, make_run):
@@ -22,8 +22,11 @@ def test_fit_writes_logs_checkpoints_and_plots(tmp_path, make_run):
         "z_loss",
         "grad_norm",
         "tokens_per_s",
+        "step_ms",
+        "peak_mem_mib",
     ):
         assert isinstance(first[key], float), key
+    assert first["step_ms"] > 0 and first["peak_mem_mib"] > 0
     assert set(first["lr"]) == {"router", "experts", "rest"}
     assert set(first["expert_load"]) == {"0", "1"} and len(first["expert_load"]["0"]) == 4
     assert sum(first["expert_load"]["1"]) == pytest.approx(1.0, abs=1e-5)
@@ -42,6 +45,8 @@ def test_fit_writes_logs_checkpoints_and_plots(tmp_path, make_run):
         "signals_errors.png",
     }
     assert json.loads((tmp_path / "run.json").read_text())["moe_layers"] == [0, 1]
+    panels = read_panels(tmp_path / "plots" / "dashboard.png")
+    assert {"validation MSE", "peak memory"} <= set(panels)  # the task's metric, from run.json
 
 
 def test_grad_accum_averages_micro_batches(tmp_path, make_run):

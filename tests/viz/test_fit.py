@@ -206,6 +206,12 @@ def _figures():
     return {
         "dashboard moe": lambda: dashboard_figure(_records(steps=200, layers=("0", "1", "2"))),
         "dashboard dense": lambda: dashboard_figure(_records(moe=False)),
+        "dashboard metric and memory": lambda: dashboard_figure(
+            _records(steps=200, layers=("0", "1", "2"), metric="bpb", mem=True), metric="bpb"
+        ),
+        "dashboard dense metric and memory": lambda: dashboard_figure(
+            _records(moe=False, metric="mse", mem=True), metric="mse"
+        ),
         "specialisation": lambda: specialisation_figure(routing, names),
         "route-report small": lambda: expert_load_figure(
             ["m.layers.0.g", "m.layers.1.g"], [[0.4, 0.3, 0.2, 0.1]] * 2

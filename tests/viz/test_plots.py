@@ -15,22 +15,29 @@ from moekit.viz.dashboard import load_window, smooth
 from moekit.viz.style import text_overlaps
 
 
-def _records(steps=6, layers=("0", "2"), E=4, drop=0.01, moe=True):
+def _records(steps=6, layers=("0", "2"), E=4, drop=0.01, moe=True, metric=None, mem=False):
+    """A made-up run log; `metric` adds that task metric to evaluations every few steps, `mem`
+    the peak memory to the step records."""
     recs = []
     for s in range(1, steps + 1):
         load = np.roll(np.arange(1, E + 1) / (E * (E + 1) / 2), s).tolist()
         rec = {"kind": "train", "step": s, "loss": 1.0 / s, "task_loss": 0.9 / s}
         rec["tokens_per_s"] = 1000.0 + s
+        if mem:
+            rec["peak_mem_mib"] = 51_200.0 + 10 * min(s, 20)
         if moe:
             rec["aux_loss"] = 0.1 / s
             rec["expert_load"] = {layer: load for layer in layers}
             rec["dropped_fraction"] = {layer: drop * s for layer in layers}
         recs.append(rec)
+        if metric and s % max(1, steps // 5) == 0 and s < steps:
+            recs.append({"kind": "eval", "step": s, "val_loss": 0.5 / s, metric: 0.4 / s})
     recs.append(
         {
             "kind": "eval",
             "step": steps,
             "val_loss": 0.2,
+            **({metric: 0.15} if metric else {}),
             "routing": {layer: [[5, 0, 0, 1], [0, 3, 3, 0]] for layer in layers} if moe else {},
         }
     )
@@ -64,6 +71,22 @@ def test_dashboard_leaves_out_panels_without_data():
     dense = dashboard_figure(_records(moe=False))
     assert "dropped token-slots" not in [ax.get_title() for ax in dropless.axes]
     assert [ax.get_title() for ax in dense.axes] == ["loss", "throughput"]
+
+
+def test_dashboard_draws_the_task_metric_and_peak_memory_when_logged():
+    fig = dashboard_figure(_records(metric="err3d", mem=True), metric="err3d")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:2] == ["loss", "validation mean 3D error"]
+    assert "peak memory" in titles
+    metric_ax = fig.axes[1]
+    assert metric_ax.lines[0].get_ydata()[-1] == 0.15  # the last evaluation's err3d
+    # without the metric's name, or for val_loss (already in the loss panel): no such panel
+    for fig in (
+        dashboard_figure(_records(metric="err3d")),
+        dashboard_figure(_records(), metric="val_loss"),
+    ):
+        assert not any(ax.get_title().startswith("validation") for ax in fig.axes)
+        assert "peak memory" not in [ax.get_title() for ax in fig.axes]
 
 
 def test_every_colour_bar_is_labelled_and_no_text_overlaps():

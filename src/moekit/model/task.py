@@ -130,6 +130,17 @@ class Batch:
         return Batch(self.x.to(device), self.y.to(device), self.category.to(device))
 
 
+def pearson(pred_BSD: Tensor, true_BSD: Tensor) -> Tensor:
+    """Pearson correlation of forecast and truth over all positions, one per output dimension,
+    averaged over the dimensions: a scale-free score beside MSE (1 is perfect)."""
+    p_ND = pred_BSD.detach().float().reshape(-1, pred_BSD.shape[-1])
+    t_ND = true_BSD.detach().float().reshape(-1, true_BSD.shape[-1])
+    p_ND, t_ND = p_ND - p_ND.mean(0), t_ND - t_ND.mean(0)
+    cov_D = (p_ND * t_ND).sum(0)
+    scale_D = (p_ND.square().sum(0) * t_ND.square().sum(0)).sqrt().clamp_min(1e-12)
+    return (cov_D / scale_D).mean()
+
+
 def generator(seed: int, *parts: Any) -> torch.Generator:
     """A CPU generator seeded by a hash of (seed, parts): independent streams per batch."""
     digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()

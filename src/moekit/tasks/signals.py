@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moekit.model.task import Batch, NoiseOptions, Task, generator, register_task
+from moekit.model.task import Batch, NoiseOptions, Task, generator, pearson, register_task
 
 CATEGORIES = (
     "sine",
@@ -90,7 +90,11 @@ class SignalsTask(Task):
         return Batch(x=x, y=y, category=cats[:, None].expand(-1, S).contiguous())
 
     def metrics(self, out: Tensor, batch: Batch, task_loss: Tensor) -> dict[str, Tensor]:
-        return {"mse": task_loss.detach(), "mae": (out - batch.y).abs().mean().detach()}
+        return {
+            "mse": task_loss.detach(),
+            "mae": (out - batch.y).abs().mean().detach(),
+            "corr": pearson(out, batch.y),
+        }
 
     @torch.no_grad()
     def forecasts(self, model: torch.nn.Module, per_category: int = 16) -> tuple[np.ndarray, ...]:

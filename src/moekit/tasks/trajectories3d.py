@@ -13,7 +13,15 @@ import math
 import torch
 from torch import Tensor
 
-from moekit.model.task import Batch, NoiseOptions, Task, TaskConfig, generator, register_task
+from moekit.model.task import (
+    Batch,
+    NoiseOptions,
+    Task,
+    TaskConfig,
+    generator,
+    pearson,
+    register_task,
+)
 
 CATEGORIES = ("helix", "kepler", "lissajous3d", "lorenz", "spline")
 _LORENZ_BANK = 32  # precomputed attractor runs to cut windows from
@@ -134,7 +142,11 @@ class TrajectoriesTask(Task):
 
     def metrics(self, out: Tensor, batch: Batch, task_loss: Tensor) -> dict[str, Tensor]:
         err = (out.float() - batch.y).norm(dim=-1)  # [B, S] Euclidean error
-        return {"err3d": err.mean().detach(), "mse": task_loss.detach()}
+        return {
+            "err3d": err.mean().detach(),
+            "mse": task_loss.detach(),
+            "corr": pearson(out, batch.y),
+        }
 
     def rollouts(self, model: torch.nn.Module, per_category: int = 8) -> tuple[Tensor, Tensor, int]:
         """Fresh validation paths of every family and the model's rollout of their last

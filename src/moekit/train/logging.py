@@ -3,11 +3,18 @@
 Step metrics stay device tensors in a buffer; every `log_interval` steps they are copied to
 the host in one transfer (`_sync_records`) and written, so training never waits on the
 logger in between.
+
+Besides the step's own metrics, each step record carries fields set at that flush:
+`tokens_per_s`, `step_ms` (host-clock milliseconds per step over the log interval) and
+`peak_mem_mib` (`peak_memory_mib`: the device's peak allocation, or the process's max RSS on
+the CPU).
 """
 
 from __future__ import annotations
 
 import json
+import resource
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +23,15 @@ import torch
 from torch import Tensor
 
 LOG_FILE = "metrics.jsonl"
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far in MiB: CUDA's peak allocation on `device`, else the process's max
+    RSS. Neither read waits on the device."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def _collect(value: Any, out: list[Tensor]) -> None:

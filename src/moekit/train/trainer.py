@@ -53,7 +53,7 @@ from moekit.train.config import RunConfig
 from moekit.train.data import Prefetcher
 from moekit.train.health import LoadHealth
 from moekit.train.live import LiveView
-from moekit.train.logging import RunLog
+from moekit.train.logging import RunLog, peak_memory_mib
 from moekit.train.metrics import evaluate_model, model_loss
 from moekit.train.optim import build_optimizer, set_lr
 from moekit.train.parallelism import build_parallelism, resolve_device
@@ -239,10 +239,12 @@ class Trainer:
         if not records:
             return t0
         records[-1]["health"] = self.health.snapshot()  # read in the flush's one transfer
-        tokens = len(records) * self.tokens_per_step
-        rate = tokens / max(time.perf_counter() - t0, 1e-9)
+        elapsed = max(time.perf_counter() - t0, 1e-9)  # training time since the last flush
+        rate = len(records) * self.tokens_per_step / elapsed
+        step_ms = 1e3 * elapsed / len(records)
+        peak = peak_memory_mib(self.device)
         for rec in records:
-            rec["tokens_per_s"] = rate
+            rec.update(tokens_per_s=rate, step_ms=step_ms, peak_mem_mib=peak)
         self.throughput.append(rate)
         synced = self.log.flush()
         if synced:

@@ -25,7 +25,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     records = read_log(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     name = f"{info['task']} ({'MoE' if info['moe_layers'] else 'dense'})"
-    paths = [plot_dashboard(records, run_dir / "plots" / "dashboard.png", title=name)]
+    dashboard = run_dir / "plots" / "dashboard.png"
+    paths = [plot_dashboard(records, dashboard, title=name, metric=info.get("metric"))]
     evals = [r for r in records if r.get("kind") == "eval" and r.get("routing")]
     if evals:
         path = run_dir / "plots" / "specialisation.png"

@@ -1,9 +1,11 @@
-"""The training dashboard: losses, throughput, drops, load health and expert load over time.
+"""The training dashboard: losses, the task's metric, throughput, peak memory, drops, load
+health and expert load over time.
 
 A panel is drawn only when the run logged something for it: a dense model has no load
-heatmaps, a dropless one no dropped-slots panel. Per-step expert load is mostly sampling
-noise, so the heatmaps show a moving mean over a window of logged steps. The line panels
-fill the rows above; the heatmaps share the rows below, one colour scale and one colour bar.
+heatmaps, a dropless one no dropped-slots panel, an older log no peak-memory panel. Per-step
+expert load is mostly sampling noise, so the heatmaps show a moving mean over a window of
+logged steps. The line panels fill the rows above; the heatmaps share the rows below, one
+colour scale and one colour bar.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from moekit.viz.figure import save_figure
 from moekit.viz.style import FIGURE_WIDTH_PANELS, colorbar, grid_cols, hide_unused, styled
 
 COLS = 3
+# how a task's metric (its `metric` name in the eval records) reads on an axis
+METRIC_LABELS = {"mse": "MSE", "err3d": "mean 3D error", "bpb": "bits per byte"}
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -55,6 +59,12 @@ def _loss_panel(ax: Axes, train: list[dict], evals: list[dict], aux: bool) -> No
     ax.set_yscale("log")
     ax.set(title="loss", xlabel="step", ylabel="loss (log)")
     ax.legend()
+
+
+def _metric_panel(ax: Axes, evals: list[dict], metric: str) -> None:
+    label = METRIC_LABELS.get(metric, metric)
+    ax.plot(*_series(evals, metric), "o-", ms=3, color="tab:red")
+    ax.set(title=f"validation {label}", xlabel="step", ylabel=label)
 
 
 def _dropped_panel(ax: Axes, train: list[dict], layers: list[str]) -> None:
@@ -130,17 +140,25 @@ def _has_drops(train: list[dict], layers: list[str]) -> bool:
 
 
 @styled
-def dashboard_figure(records: list[dict[str, Any]], title: str = "") -> Figure:
-    """The dashboard of a run's log records (train and eval) as a Figure."""
+def dashboard_figure(
+    records: list[dict[str, Any]], title: str = "", metric: str | None = None
+) -> Figure:
+    """The dashboard of a run's log records (train and eval) as a Figure; `metric` is the
+    task's metric name (run.json's "metric"), drawn in its own panel when evaluated."""
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     layers = sorted(train[-1].get("expert_load", {}), key=int) if train else []
     aux = any(r.get("aux_loss", 0) for r in train)
-    panels = ["loss"] + (["aux"] if aux else [])
+    panels = ["loss"]
+    if metric and metric != "val_loss" and _series(evals, metric)[0]:  # val_loss: in "loss"
+        panels.append("metric")
+    panels += ["aux"] if aux else []
     if _has_drops(train, layers):
         panels.append("dropped")
     if _series(train, "tokens_per_s")[0]:
         panels.append("throughput")
+    if _series(train, "peak_mem_mib")[0]:
+        panels.append("memory")
     if any("load_entropy" in r for r in train):
         panels.append("entropy")
     if any(r["health"]["dead_experts"] for r in _flushed(train)):
@@ -158,6 +176,8 @@ def dashboard_figure(records: list[dict[str, Any]], title: str = "") -> Figure:
     for ax, panel in zip(axes.flat, panels, strict=False):
         if panel == "loss":
             _loss_panel(ax, train, evals, aux)
+        elif panel == "metric":
+            _metric_panel(ax, evals, metric or "")
         elif panel == "aux":
             ax.plot(*_series(train, "aux_loss"))
             ax.set(title="router aux loss (weighted)", xlabel="step", ylabel="aux loss")
@@ -166,6 +186,9 @@ def dashboard_figure(records: list[dict[str, Any]], title: str = "") -> Figure:
         elif panel == "throughput":
             ax.plot(*_series(train, "tokens_per_s"))
             ax.set(title="throughput", xlabel="step", ylabel="tokens/s")
+        elif panel == "memory":
+            ax.plot(*_series(train, "peak_mem_mib"))
+            ax.set(title="peak memory", xlabel="step", ylabel="MiB")
         elif panel == "entropy":
             _entropy_panel(ax, train, layers)
         else:
@@ -184,6 +207,8 @@ def dashboard_figure(records: list[dict[str, Any]], title: str = "") -> Figure:
     return fig
 
 
-def plot_dashboard(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+def plot_dashboard(
+    records: list[dict[str, Any]], path: str | Path, title: str = "", metric: str | None = None
+) -> Path:
     """One PNG from a run's log records (train and eval); returns its path."""
-    return save_figure(dashboard_figure(records, title), path)
+    return save_figure(dashboard_figure(records, title, metric), path)
