@@ -117,6 +117,12 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}={value!r} must be finite and {bound}")
 
 
+def _probability(name: str, value: float) -> None:
+    """A dropout rate: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ValueError(f"{name}={value!r} must be in [0, 1)")
+
+
 SHAPES = ("linear", "cosine")
 _SCHEDULE_TEXT = re.compile(
     r"^\s*(?P<start>\S+)\s*->\s*(?P<end>\S+)\s+over\s+(?P<steps>\d+)(?:\s+steps?)?"
@@ -303,9 +309,7 @@ class RouterConfig:
         _positive("router.scaling_factor", self.scaling_factor)
         _choice("router.pre_norm", self.pre_norm, PRE_NORMS)
         for name in ("dropout", "expert_dropout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-                raise ValueError(f"router.{name}={value!r} must be in [0, 1)")
+            _probability(f"router.{name}", getattr(self, name))
         self._check_schedules()
         if self.n_groups < 1:
             raise ValueError(f"router.n_groups={self.n_groups} must be >= 1")
@@ -365,6 +369,9 @@ class ExpertConfig:
     init: str = "normal"  # normal(std) | xavier | depth_scaled: std / sqrt(2 * n_layers) on w2
     init_std: float = 0.02
     n_layers: int = 1  # depth used by depth_scaled init
+    # training only: dropout on each expert's hidden activation (before w2); the routed
+    # experts then run expert by expert in torch, as the fused backends do not apply it
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("expert.activation", self.activation, ACTIVATIONS)
@@ -372,6 +379,7 @@ class ExpertConfig:
         _positive("expert.init_std", self.init_std)
         if self.n_layers < 1:
             raise ValueError(f"expert.n_layers={self.n_layers} must be >= 1")
+        _probability("expert.dropout", self.dropout)
 
     @property
     def gated(self) -> bool:

@@ -77,6 +77,7 @@ class Experts(nn.Module):
     def __init__(self, n_experts: int, d_model: int, d_hidden: int, cfg: ExpertConfig) -> None:
         super().__init__()
         self.activation = cfg.activation
+        self.dropout = cfg.dropout
         h1 = 2 * d_hidden if cfg.gated else d_hidden
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, h1))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
@@ -89,13 +90,18 @@ class Experts(nn.Module):
         h = x_ND @ self.w1[e]
         if self.b1 is not None:
             h = h + self.b1[e]
-        y = activate(h, self.activation) @ self.w2[e]
+        h = activate(h, self.activation)
+        if self.training and self.dropout > 0:
+            h = F.dropout(h, self.dropout)
+        y = h @ self.w2[e]
         return y + self.b2[e] if self.b2 is not None else y
 
     @property
     def fused(self) -> bool:
-        """Whether the backends compute these experts (from w1, w2, b1, b2 and activation)."""
-        return type(self).expert is Experts.expert
+        """Whether the backends compute these experts (from w1, w2, b1, b2 and activation);
+        not while training with expert dropout, which only `expert` applies."""
+        dropping = self.training and self.dropout > 0
+        return type(self).expert is Experts.expert and not dropping
 
     def per_slot(self, x_SD: Tensor, offsets_E1: Tensor) -> Tensor:
         """Unweighted outputs [S, D] of rows sorted by expert, one `expert` call per expert;

@@ -51,10 +51,11 @@ def moe_forward(moe: MoE, x: Tensor) -> tuple[Tensor, MoEInfo]:
     cfg = moe.cfg
     router = type(moe.router)
     r = cfg.router
-    if moe.training and (r.noise != "none" or r.dropout > 0 or r.expert_dropout > 0):
+    random = r.noise != "none" or r.dropout > 0 or r.expert_dropout > 0 or cfg.expert.dropout > 0
+    if moe.training and random:
         raise ValueError(
             "the reference is deterministic: call moe.eval() or use router.noise='none', "
-            "router.dropout=0 and router.expert_dropout=0"
+            "router.dropout=0, router.expert_dropout=0 and expert.dropout=0"
         )
     if router.reference is None:
         raise ValueError(
