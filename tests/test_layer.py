@@ -83,6 +83,27 @@ def test_shared_experts_and_dense_fallback_match_reference():
     assert torch.allclose(y[lost], shared_and_fallback[lost])
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.25, 3.0])
+def test_fallback_weight_scales_the_dense_fallback_as_the_reference_does(weight):
+    torch.manual_seed(3)
+    moe = make_moe("topk", 0.25, "swiglu", torch.float64, fallback="dense", fallback_weight=weight)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    (y, info, gx, grads), (y_ref, _, gx_ref, grads_ref) = against_reference(moe, x)
+    assert rel(y, y_ref) < 1e-10 and rel(gx, gx_ref) < 1e-10
+    if weight:
+        assert rel(grads["fallback.w1"], grads_ref["fallback.w1"]) < 1e-10
+    lost = ~(info.routing.experts >= 0).any(-1)
+    assert lost.any()
+    assert torch.allclose(y[lost], weight * moe.fallback(x)[lost])
+
+
+def test_fallback_weight_is_checked():
+    with pytest.raises(ValueError, match="fallback_weight"):
+        moekit.MoEConfig(fallback="dense", fallback_weight=-1.0)
+    with pytest.raises(ValueError, match="fallback_weight.*fallback='dense'"):
+        moekit.MoEConfig(fallback_weight=0.5)
+
+
 def test_renormalize_after_drop_restores_weight_sum():
     torch.manual_seed(4)
     moe = make_moe("topk", 0.5, "swiglu", torch.float64, renormalize_after_drop=True)

@@ -401,6 +401,7 @@ class MoEConfig:
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     backend: str = "auto"  # "auto" or a backend name, checked when the layer is built
     fallback: str = "zero"  # tokens that lost every expert: zero output, or a small dense FFN
+    fallback_weight: float = 1.0  # scales the dense fallback's output (fallback="dense")
     renormalize_after_drop: bool = False  # rescale a token's surviving weights to its pre-drop sum
     debug: bool = False  # NaN/inf checks on inputs (host sync; never on by default)
     track_coactivation: bool = False  # count experts chosen together into MoE.coactivation
@@ -428,6 +429,9 @@ class MoEConfig:
         if not isinstance(self.backend, str) or not self.backend:
             raise ValueError(f"backend={self.backend!r} must be 'auto' or a backend name")
         _choice("fallback", self.fallback, FALLBACKS)
+        _positive("fallback_weight", self.fallback_weight, allow_zero=True)
+        if self.fallback_weight != 1.0 and self.fallback != "dense":
+            raise ValueError(f"fallback_weight={self.fallback_weight!r} needs fallback='dense'")
         if not isinstance(self.graph_max_tokens, int) or self.graph_max_tokens < 0:
             raise ValueError(f"graph_max_tokens={self.graph_max_tokens!r} must be an integer >= 0")
         if self.dedup_threshold is not None and not 0 < self.dedup_threshold <= 1:

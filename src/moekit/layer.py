@@ -242,8 +242,14 @@ class MoE(nn.Module):
             y_TD = y_TD + shared_TD
         if self.fallback is not None:
             lost_T1 = ~plan.kept_TK.any(-1, keepdim=True)
-            y_TD = torch.where(lost_T1, y_TD + self.fallback(x_TD), y_TD)
+            y_TD = torch.where(lost_T1, y_TD + self.fallback_output(x_TD), y_TD)
         return y_TD
+
+    def fallback_output(self, x_TD: Tensor) -> Tensor:
+        """The dense fallback's output scaled by MoEConfig.fallback_weight (1: as computed)."""
+        weight = self.cfg.fallback_weight
+        y_TD = self.fallback(x_TD)
+        return y_TD if weight == 1.0 else y_TD * weight
 
     def stages(self, x_TD: Tensor) -> tuple[Tensor, Routing, Plan, dict[str, Tensor]]:
         """The forward on x_TD [T, D], one line: (y_TD, routing, plan as used, extra metrics)."""

@@ -90,7 +90,8 @@ def moe_forward(moe: MoE, x: Tensor) -> tuple[Tensor, MoEInfo]:
         if moe.shared is not None:
             y_t = y_t + moe.shared(xs[t : t + 1])[0]
         if moe.fallback is not None and not any(keep[t]):
-            y_t = y_t + moe.fallback(xs[t : t + 1])[0]
+            y_fb = moe.fallback(xs[t : t + 1])[0]
+            y_t = y_t + (y_fb if cfg.fallback_weight == 1.0 else cfg.fallback_weight * y_fb)
         rows.append(y_t.to(x.dtype))
     y = torch.stack(rows) if T else xs.new_zeros(0, cfg.d_model)
 
