@@ -21,7 +21,7 @@ from typing import Any
 from moekit.types import ACTIVATIONS, GATED_ACTIVATIONS, capacity
 
 NOISES = ("none", "gaussian", "gumbel", "jitter")
-PRE_NORMS = ("none", "rms")
+PRE_NORMS = ("none", "rms", "layer")
 # options a router schedule may anneal: capacity_factor is MoEConfig's, the rest RouterConfig's
 SCHEDULED = ("temperature", "noise_std", "capacity_factor")
 INITS = ("normal", "xavier", "depth_scaled")
@@ -269,7 +269,9 @@ class RouterConfig:
     noise: str = "none"  # training-only: none | gaussian | gumbel (on logits) | jitter (on x)
     noise_std: float = 1.0
     dropout: float = 0.0  # training only: dropout on the router's input (experts see x as is)
-    pre_norm: str = "none"  # "rms": RMSNorm (with its own weight) of the router's input
+    # the router's input norm: "rms" (RMSNorm, own weight) or "layer" (LayerNorm, own weight
+    # and bias); experts see x as is
+    pre_norm: str = "none"
     # training only: each chosen slot is dropped with this probability and the survivors'
     # weights are scaled by 1 / (1 - p), so a token's expected output is unchanged
     expert_dropout: float = 0.0

@@ -4,7 +4,8 @@ Every fast path (backends, kernels, parallel layers) is tested against `moe_forw
 It reads the layer's parameters but shares none of its routing or dispatch code: routing
 comes from the router class's own `reference` (`moekit.reference_routing` for the built-in
 ones). It is deterministic (no noise, no dropout) and never updates buffers such as the
-sigmoid bias. The router's input norm (RouterConfig.pre_norm) is applied here, token by token.
+sigmoid bias. The router's input norm (RouterConfig.pre_norm: RMSNorm or LayerNorm) is applied
+here, token by token.
 """
 
 from __future__ import annotations
@@ -33,16 +34,21 @@ def _capacity_keep(
 
 
 def _router_input(router: Router, xs: Tensor) -> Tensor:
-    """What the router reads: x, or with RouterConfig.pre_norm x_t / rms(x_t) * weight per token."""
+    """What the router reads: x, or per token x_t / rms(x_t) * weight (pre_norm "rms") or
+    (x_t - mean) / std(x_t) * weight + bias (pre_norm "layer")."""
     if router.norm is None:
         return xs
     dtype = router_dtype(xs.dtype)
     weight, eps = router.norm.weight.to(dtype), router.norm.eps
+    layer = router.rcfg.pre_norm == "layer"
     rows = []
     for t in range(xs.shape[0]):
         x_t = xs[t].to(dtype)
+        if layer:
+            x_t = x_t - x_t.sum() / x_t.numel()
         rms = torch.sqrt((x_t * x_t).sum() / x_t.numel() + eps)
-        rows.append(x_t / rms * weight)
+        y_t = x_t / rms * weight
+        rows.append(y_t + router.norm.bias.to(dtype) if layer else y_t)
     return torch.stack(rows) if rows else xs.to(dtype)
 
 
