@@ -24,7 +24,7 @@ NOISES = ("none", "gaussian", "gumbel", "jitter")
 PRE_NORMS = ("none", "rms", "layer")
 # options a router schedule may anneal: capacity_factor is MoEConfig's, the rest RouterConfig's
 SCHEDULED = ("temperature", "noise_std", "capacity_factor")
-INITS = ("normal", "xavier", "depth_scaled")
+INITS = ("normal", "xavier", "depth_scaled", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 FALLBACKS = ("zero", "dense")
 
 
@@ -368,7 +368,9 @@ class ExpertConfig:
     kind: str = "mlp"  # a registered expert class (`moekit.register_expert`), checked when built
     activation: str = "swiglu"
     bias: bool = False
-    init: str = "normal"  # normal(std) | xavier | depth_scaled: std / sqrt(2 * n_layers) on w2
+    # normal(init_std) | depth_scaled: init_std / sqrt(2 * n_layers) on w2 | xavier (uniform),
+    # xavier_normal, kaiming_uniform, kaiming_normal: from each expert matrix's fans
+    init: str = "normal"
     init_std: float = 0.02
     n_layers: int = 1  # depth used by depth_scaled init
     # training only: dropout on each expert's hidden activation (before w2); the routed
