@@ -1,6 +1,7 @@
 """The layer against `moekit.reference` for every router, capacity mode and activation."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -102,6 +103,25 @@ def test_fallback_weight_is_checked():
         moekit.MoEConfig(fallback="dense", fallback_weight=-1.0)
     with pytest.raises(ValueError, match="fallback_weight.*fallback='dense'"):
         moekit.MoEConfig(fallback_weight=0.5)
+
+
+@pytest.mark.parametrize("kind", ROUTERS)
+@pytest.mark.parametrize("capacity_factor", [None, 0.75, 1.5])
+def test_capacity_is_reported_when_slots_can_drop(kind, capacity_factor):
+    """metrics["capacity"] is C = ceil(cf * T * k / E) as a float32 scalar, as the reference
+    reports it; dropless layers (and expert choice, which sizes its own) have no such key."""
+    torch.manual_seed(7)
+    moe = make_moe(kind, capacity_factor, "swiglu", torch.float64)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    info = moe(x)[1]
+    info_ref = moekit.reference.moe_forward(moe, x)[1]
+    if capacity_factor is None or kind == "expert_choice":
+        assert "capacity" not in info.metrics and "capacity" not in info_ref.metrics
+        return
+    C = math.ceil(capacity_factor * 15 * moe.cfg.k / moe.cfg.n_experts)
+    assert info.metrics["capacity"].shape == () and info.metrics["capacity"].item() == C
+    assert info.metrics["capacity"].dtype == torch.float32
+    assert torch.equal(info.metrics["capacity"], info_ref.metrics["capacity"])
 
 
 def test_renormalize_after_drop_restores_weight_sum():

@@ -102,5 +102,5 @@ def moe_forward(moe: MoE, x: Tensor) -> tuple[Tensor, MoEInfo]:
     y = torch.stack(rows) if T else xs.new_zeros(0, cfg.d_model)
 
     kept = torch.tensor(keep, dtype=torch.bool, device=xs.device).reshape(T, K)
-    info = MoEInfo(routing, kept, used, cfg.router, lead)
+    info = MoEInfo(routing, kept, used, cfg.router, lead, capacity=capacity)
     return y.reshape(*lead, cfg.d_model), info
