@@ -1,6 +1,7 @@
 """The layer against `moekit.reference` for every router, capacity mode and activation."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -81,6 +82,46 @@ def test_shared_experts_and_dense_fallback_match_reference():
     lost = ~(info.routing.experts >= 0).any(-1)
     shared_and_fallback = moe.shared(x) + moe.fallback(x)
     assert torch.allclose(y[lost], shared_and_fallback[lost])
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.25, 3.0])
+def test_fallback_weight_scales_the_dense_fallback_as_the_reference_does(weight):
+    torch.manual_seed(3)
+    moe = make_moe("topk", 0.25, "swiglu", torch.float64, fallback="dense", fallback_weight=weight)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    (y, info, gx, grads), (y_ref, _, gx_ref, grads_ref) = against_reference(moe, x)
+    assert rel(y, y_ref) < 1e-10 and rel(gx, gx_ref) < 1e-10
+    if weight:
+        assert rel(grads["fallback.w1"], grads_ref["fallback.w1"]) < 1e-10
+    lost = ~(info.routing.experts >= 0).any(-1)
+    assert lost.any()
+    assert torch.allclose(y[lost], weight * moe.fallback(x)[lost])
+
+
+def test_fallback_weight_is_checked():
+    with pytest.raises(ValueError, match="fallback_weight"):
+        moekit.MoEConfig(fallback="dense", fallback_weight=-1.0)
+    with pytest.raises(ValueError, match="fallback_weight.*fallback='dense'"):
+        moekit.MoEConfig(fallback_weight=0.5)
+
+
+@pytest.mark.parametrize("kind", ROUTERS)
+@pytest.mark.parametrize("capacity_factor", [None, 0.75, 1.5])
+def test_capacity_is_reported_when_slots_can_drop(kind, capacity_factor):
+    """metrics["capacity"] is C = ceil(cf * T * k / E) as a float32 scalar, as the reference
+    reports it; dropless layers (and expert choice, which sizes its own) have no such key."""
+    torch.manual_seed(7)
+    moe = make_moe(kind, capacity_factor, "swiglu", torch.float64)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    info = moe(x)[1]
+    info_ref = moekit.reference.moe_forward(moe, x)[1]
+    if capacity_factor is None or kind == "expert_choice":
+        assert "capacity" not in info.metrics and "capacity" not in info_ref.metrics
+        return
+    C = math.ceil(capacity_factor * 15 * moe.cfg.k / moe.cfg.n_experts)
+    assert info.metrics["capacity"].shape == () and info.metrics["capacity"].item() == C
+    assert info.metrics["capacity"].dtype == torch.float32
+    assert torch.equal(info.metrics["capacity"], info_ref.metrics["capacity"])
 
 
 def test_renormalize_after_drop_restores_weight_sum():

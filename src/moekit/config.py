@@ -21,10 +21,10 @@ from typing import Any
 from moekit.types import ACTIVATIONS, GATED_ACTIVATIONS, capacity
 
 NOISES = ("none", "gaussian", "gumbel", "jitter")
-PRE_NORMS = ("none", "rms")
+PRE_NORMS = ("none", "rms", "layer")
 # options a router schedule may anneal: capacity_factor is MoEConfig's, the rest RouterConfig's
 SCHEDULED = ("temperature", "noise_std", "capacity_factor")
-INITS = ("normal", "xavier", "depth_scaled")
+INITS = ("normal", "xavier", "depth_scaled", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 FALLBACKS = ("zero", "dense")
 
 
@@ -115,6 +115,12 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
     if not ok or (isinstance(value, float) and not math.isfinite(value)):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}={value!r} must be finite and {bound}")
+
+
+def _probability(name: str, value: float) -> None:
+    """A dropout rate: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ValueError(f"{name}={value!r} must be in [0, 1)")
 
 
 SHAPES = ("linear", "cosine")
@@ -263,7 +269,9 @@ class RouterConfig:
     noise: str = "none"  # training-only: none | gaussian | gumbel (on logits) | jitter (on x)
     noise_std: float = 1.0
     dropout: float = 0.0  # training only: dropout on the router's input (experts see x as is)
-    pre_norm: str = "none"  # "rms": RMSNorm (with its own weight) of the router's input
+    # the router's input norm: "rms" (RMSNorm, own weight) or "layer" (LayerNorm, own weight
+    # and bias); experts see x as is
+    pre_norm: str = "none"
     # training only: each chosen slot is dropped with this probability and the survivors'
     # weights are scaled by 1 / (1 - p), so a token's expected output is unchanged
     expert_dropout: float = 0.0
@@ -303,9 +311,7 @@ class RouterConfig:
         _positive("router.scaling_factor", self.scaling_factor)
         _choice("router.pre_norm", self.pre_norm, PRE_NORMS)
         for name in ("dropout", "expert_dropout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-                raise ValueError(f"router.{name}={value!r} must be in [0, 1)")
+            _probability(f"router.{name}", getattr(self, name))
         self._check_schedules()
         if self.n_groups < 1:
             raise ValueError(f"router.n_groups={self.n_groups} must be >= 1")
@@ -362,9 +368,14 @@ class ExpertConfig:
     kind: str = "mlp"  # a registered expert class (`moekit.register_expert`), checked when built
     activation: str = "swiglu"
     bias: bool = False
-    init: str = "normal"  # normal(std) | xavier | depth_scaled: std / sqrt(2 * n_layers) on w2
+    # normal(init_std) | depth_scaled: init_std / sqrt(2 * n_layers) on w2 | xavier (uniform),
+    # xavier_normal, kaiming_uniform, kaiming_normal: from each expert matrix's fans
+    init: str = "normal"
     init_std: float = 0.02
     n_layers: int = 1  # depth used by depth_scaled init
+    # training only: dropout on each expert's hidden activation (before w2); the routed
+    # experts then run expert by expert in torch, as the fused backends do not apply it
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("expert.activation", self.activation, ACTIVATIONS)
@@ -372,6 +383,7 @@ class ExpertConfig:
         _positive("expert.init_std", self.init_std)
         if self.n_layers < 1:
             raise ValueError(f"expert.n_layers={self.n_layers} must be >= 1")
+        _probability("expert.dropout", self.dropout)
 
     @property
     def gated(self) -> bool:
@@ -393,6 +405,7 @@ class MoEConfig:
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     backend: str = "auto"  # "auto" or a backend name, checked when the layer is built
     fallback: str = "zero"  # tokens that lost every expert: zero output, or a small dense FFN
+    fallback_weight: float = 1.0  # scales the dense fallback's output (fallback="dense")
     renormalize_after_drop: bool = False  # rescale a token's surviving weights to its pre-drop sum
     debug: bool = False  # NaN/inf checks on inputs (host sync; never on by default)
     track_coactivation: bool = False  # count experts chosen together into MoE.coactivation
@@ -420,6 +433,9 @@ class MoEConfig:
         if not isinstance(self.backend, str) or not self.backend:
             raise ValueError(f"backend={self.backend!r} must be 'auto' or a backend name")
         _choice("fallback", self.fallback, FALLBACKS)
+        _positive("fallback_weight", self.fallback_weight, allow_zero=True)
+        if self.fallback_weight != 1.0 and self.fallback != "dense":
+            raise ValueError(f"fallback_weight={self.fallback_weight!r} needs fallback='dense'")
         if not isinstance(self.graph_max_tokens, int) or self.graph_max_tokens < 0:
             raise ValueError(f"graph_max_tokens={self.graph_max_tokens!r} must be an integer >= 0")
         if self.dedup_threshold is not None and not 0 < self.dedup_threshold <= 1:

@@ -18,13 +18,24 @@ from moekit.config import ExpertConfig
 from moekit.types import activate
 
 
+def _fan_scale(init: str, w: Tensor) -> float:
+    """One expert matrix w [..., fan_in, fan_out] (x @ w): the std of a normal init, the bound
+    of a uniform one. Glorot over fan_in + fan_out, He over fan_in with the ReLU gain sqrt(2)."""
+    fan = w.shape[-2] + w.shape[-1] if init.startswith("xavier") else w.shape[-2]
+    return math.sqrt((2.0 if init.endswith("normal") else 6.0) / fan)
+
+
 def init_expert_weights(w1: Tensor, w2: Tensor, cfg: ExpertConfig) -> None:
-    """normal(init_std); xavier (fan-in/out of one expert); depth_scaled shrinks w2 by sqrt(2L)."""
+    """normal(init_std); depth_scaled shrinks w2 by sqrt(2L); xavier / kaiming (uniform or
+    normal) from the fans of one expert's matrix."""
     with torch.no_grad():
-        if cfg.init == "xavier":
+        if cfg.init.startswith(("xavier", "kaiming")):
             for w in (w1, w2):
-                bound = math.sqrt(6.0 / (w.shape[-2] + w.shape[-1]))
-                w.uniform_(-bound, bound)
+                scale = _fan_scale(cfg.init, w)
+                if cfg.init.endswith("normal"):
+                    w.normal_(std=scale)
+                else:
+                    w.uniform_(-scale, scale)
             return
         w1.normal_(std=cfg.init_std)
         scale = 1.0 / math.sqrt(2.0 * cfg.n_layers) if cfg.init == "depth_scaled" else 1.0
@@ -77,6 +88,7 @@ class Experts(nn.Module):
     def __init__(self, n_experts: int, d_model: int, d_hidden: int, cfg: ExpertConfig) -> None:
         super().__init__()
         self.activation = cfg.activation
+        self.dropout = cfg.dropout
         h1 = 2 * d_hidden if cfg.gated else d_hidden
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, h1))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
@@ -89,13 +101,18 @@ class Experts(nn.Module):
         h = x_ND @ self.w1[e]
         if self.b1 is not None:
             h = h + self.b1[e]
-        y = activate(h, self.activation) @ self.w2[e]
+        h = activate(h, self.activation)
+        if self.training and self.dropout > 0:
+            h = F.dropout(h, self.dropout)
+        y = h @ self.w2[e]
         return y + self.b2[e] if self.b2 is not None else y
 
     @property
     def fused(self) -> bool:
-        """Whether the backends compute these experts (from w1, w2, b1, b2 and activation)."""
-        return type(self).expert is Experts.expert
+        """Whether the backends compute these experts (from w1, w2, b1, b2 and activation);
+        not while training with expert dropout, which only `expert` applies."""
+        dropping = self.training and self.dropout > 0
+        return type(self).expert is Experts.expert and not dropping
 
     def per_slot(self, x_SD: Tensor, offsets_E1: Tensor) -> Tensor:
         """Unweighted outputs [S, D] of rows sorted by expert, one `expert` call per expert;

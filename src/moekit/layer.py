@@ -33,7 +33,9 @@ class MoEInfo:
     """What a forward pass reports besides y, each part computed when first read.
 
     aux_loss: scalar, already weighted by the router config. metrics: tensors (expert_load [E],
-    dropped_fraction, router_entropy, router_z, unweighted loss parts...). routing: experts
+    dropped_fraction, router_entropy, router_z, unweighted loss parts, and `capacity`, the
+    per-expert C, only when a capacity factor drops slots: a dropless layer has no C, and a
+    0 would read as "no room"). routing: experts
     [T, K] (-1 in dropped / empty slots) and weights [T, K] as actually used.
 
     Inference that reads none of them pays nothing: at decode sizes the losses and metrics
@@ -48,6 +50,7 @@ class MoEInfo:
         router: RouterConfig,
         lead: tuple[int, ...],
         extra: dict[str, Tensor] | None = None,
+        capacity: int | None = None,
     ) -> None:
         self._routed = routed  # as the router chose, before capacity drops
         self._kept_TK = kept_TK
@@ -55,6 +58,7 @@ class MoEInfo:
         self._router = router
         self._lead = lead
         self._extra = extra or {}
+        self._capacity = capacity
         self._losses: dict[str, Tensor] | None = None
         self._aux: Tensor | None = None
         self._metrics: dict[str, Tensor] | None = None
@@ -79,6 +83,9 @@ class MoEInfo:
             E = self._routed.logits.shape[-1]
             self._metrics = routing_metrics(self._routed, self._kept_TK, E, self.losses)
             self._metrics.update(self._extra)
+            if self._capacity is not None:  # float32 like the other metrics; a fill, no copy
+                C = float(self._capacity)
+                self._metrics["capacity"] = torch.full((), C, device=self._kept_TK.device)
         return self._metrics
 
     @property
@@ -242,8 +249,14 @@ class MoE(nn.Module):
             y_TD = y_TD + shared_TD
         if self.fallback is not None:
             lost_T1 = ~plan.kept_TK.any(-1, keepdim=True)
-            y_TD = torch.where(lost_T1, y_TD + self.fallback(x_TD), y_TD)
+            y_TD = torch.where(lost_T1, y_TD + self.fallback_output(x_TD), y_TD)
         return y_TD
+
+    def fallback_output(self, x_TD: Tensor) -> Tensor:
+        """The dense fallback's output scaled by MoEConfig.fallback_weight (1: as computed)."""
+        weight = self.cfg.fallback_weight
+        y_TD = self.fallback(x_TD)
+        return y_TD if weight == 1.0 else y_TD * weight
 
     def stages(self, x_TD: Tensor) -> tuple[Tensor, Routing, Plan, dict[str, Tensor]]:
         """The forward on x_TD [T, D], one line: (y_TD, routing, plan as used, extra metrics)."""
@@ -270,7 +283,9 @@ class MoE(nn.Module):
                 info = MoEInfo(Routing(*parts), kept_TK, weights_TK, self.cfg.router, lead)
                 return y_TD.reshape(*lead, self.cfg.d_model), info
         y_TD, routing, plan, extra = self.stages(x_TD)
-        info = MoEInfo(routing, plan.kept_TK, plan.weights_TK, self.cfg.router, lead, extra)
+        info = MoEInfo(
+            routing, plan.kept_TK, plan.weights_TK, self.cfg.router, lead, extra, plan.capacity
+        )
         return y_TD.reshape(*lead, self.cfg.d_model), info
 
     @torch.no_grad()

@@ -4,7 +4,8 @@ Every fast path (backends, kernels, parallel layers) is tested against `moe_forw
 It reads the layer's parameters but shares none of its routing or dispatch code: routing
 comes from the router class's own `reference` (`moekit.reference_routing` for the built-in
 ones). It is deterministic (no noise, no dropout) and never updates buffers such as the
-sigmoid bias. The router's input norm (RouterConfig.pre_norm) is applied here, token by token.
+sigmoid bias. The router's input norm (RouterConfig.pre_norm: RMSNorm or LayerNorm) is applied
+here, token by token.
 """
 
 from __future__ import annotations
@@ -33,16 +34,21 @@ def _capacity_keep(
 
 
 def _router_input(router: Router, xs: Tensor) -> Tensor:
-    """What the router reads: x, or with RouterConfig.pre_norm x_t / rms(x_t) * weight per token."""
+    """What the router reads: x, or per token x_t / rms(x_t) * weight (pre_norm "rms") or
+    (x_t - mean) / std(x_t) * weight + bias (pre_norm "layer")."""
     if router.norm is None:
         return xs
     dtype = router_dtype(xs.dtype)
     weight, eps = router.norm.weight.to(dtype), router.norm.eps
+    layer = router.rcfg.pre_norm == "layer"
     rows = []
     for t in range(xs.shape[0]):
         x_t = xs[t].to(dtype)
+        if layer:
+            x_t = x_t - x_t.sum() / x_t.numel()
         rms = torch.sqrt((x_t * x_t).sum() / x_t.numel() + eps)
-        rows.append(x_t / rms * weight)
+        y_t = x_t / rms * weight
+        rows.append(y_t + router.norm.bias.to(dtype) if layer else y_t)
     return torch.stack(rows) if rows else xs.to(dtype)
 
 
@@ -51,10 +57,11 @@ def moe_forward(moe: MoE, x: Tensor) -> tuple[Tensor, MoEInfo]:
     cfg = moe.cfg
     router = type(moe.router)
     r = cfg.router
-    if moe.training and (r.noise != "none" or r.dropout > 0 or r.expert_dropout > 0):
+    random = r.noise != "none" or r.dropout > 0 or r.expert_dropout > 0 or cfg.expert.dropout > 0
+    if moe.training and random:
         raise ValueError(
             "the reference is deterministic: call moe.eval() or use router.noise='none', "
-            "router.dropout=0 and router.expert_dropout=0"
+            "router.dropout=0, router.expert_dropout=0 and expert.dropout=0"
         )
     if router.reference is None:
         raise ValueError(
@@ -89,10 +96,11 @@ def moe_forward(moe: MoE, x: Tensor) -> tuple[Tensor, MoEInfo]:
         if moe.shared is not None:
             y_t = y_t + moe.shared(xs[t : t + 1])[0]
         if moe.fallback is not None and not any(keep[t]):
-            y_t = y_t + moe.fallback(xs[t : t + 1])[0]
+            y_fb = moe.fallback(xs[t : t + 1])[0]
+            y_t = y_t + (y_fb if cfg.fallback_weight == 1.0 else cfg.fallback_weight * y_fb)
         rows.append(y_t.to(x.dtype))
     y = torch.stack(rows) if T else xs.new_zeros(0, cfg.d_model)
 
     kept = torch.tensor(keep, dtype=torch.bool, device=xs.device).reshape(T, K)
-    info = MoEInfo(routing, kept, used, cfg.router, lead)
+    info = MoEInfo(routing, kept, used, cfg.router, lead, capacity=capacity)
     return y.reshape(*lead, cfg.d_model), info

@@ -16,12 +16,15 @@ def _rcfg(kind="topk", **kw):
 
 
 # the input norm changes the math in eval too: the oracle applies it token by token
+@pytest.mark.parametrize("pre_norm", ["rms", "layer"])
 @pytest.mark.parametrize("kind", ["topk", "sigmoid", "attention", "sinkhorn"])
-def test_pre_norm_matches_the_reference_with_gradients(kind):
+def test_pre_norm_matches_the_reference_with_gradients(kind, pre_norm):
     torch.manual_seed(0)
-    moe = make_moe(_rcfg(kind, pre_norm="rms"))
+    moe = make_moe(_rcfg(kind, pre_norm=pre_norm))
     with torch.no_grad():
         moe.router.norm.weight.uniform_(0.5, 1.5)  # not the identity
+        if pre_norm == "layer":
+            moe.router.norm.bias.uniform_(-0.5, 0.5)
     x = torch.randn(2, 5, 8, dtype=torch.float64) * 3.0
     layer, ref = against_reference(moe, x)
     assert rel(layer.y, ref.y) < 1e-12
@@ -33,13 +36,32 @@ def test_pre_norm_matches_the_reference_with_gradients(kind):
         assert rel(layer.grads[name], grad) < 1e-10, name
 
 
-def test_pre_norm_makes_routing_scale_invariant():
+@pytest.mark.parametrize("pre_norm", ["rms", "layer"])
+def test_pre_norm_makes_routing_scale_invariant(pre_norm):
     torch.manual_seed(1)
-    moe = make_moe(_rcfg(pre_norm="rms"))
+    moe = make_moe(_rcfg(pre_norm=pre_norm))
     x = torch.randn(6, 8, dtype=torch.float64)
     small, large = moe.router(x * 100.0), moe.router(x * 1000.0)  # eps negligible
     assert torch.equal(small.experts, large.experts)
     torch.testing.assert_close(small.weights, large.weights, rtol=1e-6, atol=0)
+
+
+def test_layer_pre_norm_is_torchs_layer_norm_with_its_own_weight_and_bias():
+    """The router reads LayerNorm(x) (shift invariant too), float32 from bf16 input."""
+    torch.manual_seed(3)
+    moe = make_moe(_rcfg(pre_norm="layer"), dtype=torch.float32)
+    assert {"router.norm.weight", "router.norm.bias"} <= set(moe.state_dict())
+    ln = torch.nn.LayerNorm(8)
+    with torch.no_grad():
+        moe.router.norm.weight.uniform_(0.5, 1.5)
+        moe.router.norm.bias.uniform_(-0.5, 0.5)
+        ln.load_state_dict(moe.router.norm.state_dict())
+    x = torch.randn(6, 8)
+    routing = moe.router(x.bfloat16())
+    assert routing.logits.dtype == torch.float32
+    expected = F.linear(ln(x.bfloat16().float()), moe.router.weight)
+    torch.testing.assert_close(routing.logits, expected)
+    assert torch.equal(moe.router(x + 5.0).experts, moe.router(x).experts)
 
 
 def test_no_options_no_new_parameters():
@@ -99,7 +121,7 @@ def test_reference_refuses_training_with_dropout():
 @pytest.mark.parametrize(
     "kw, field",
     [({"dropout": 1.0}, "router.dropout"), ({"expert_dropout": -0.1}, "router.expert_dropout"),
-     ({"pre_norm": "layer"}, "router.pre_norm"),
+     ({"pre_norm": "batch"}, "router.pre_norm"),
      ({"schedules": {"tau": "1 -> 2 over 3"}}, "router.schedules key"),
      ({"schedules": {"temperature": "1 -> 0 over 3"}}, "router.schedules.temperature.end"),
      ({"schedules": {"temperature": "fast"}}, "router.schedules.temperature"),

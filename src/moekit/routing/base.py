@@ -97,6 +97,26 @@ class InputNorm(nn.Module):
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+class LayerInputNorm(nn.Module):
+    """LayerNorm of the router's input (own weight and bias), in router precision."""
+
+    eps = 1e-5
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.bias = nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        dtype = router_dtype(x_TD.dtype)
+        w, b = self.weight.to(dtype), self.bias.to(dtype)
+        return F.layer_norm(x_TD.to(dtype), w.shape, w, b, self.eps)
+
+
+# RouterConfig.pre_norm -> the router's input norm ("none": no module)
+INPUT_NORMS: dict[str, type[nn.Module]] = {"rms": InputNorm, "layer": LayerInputNorm}
+
+
 def drop_slots(routing: Routing, p: float) -> Routing:
     """Expert dropout: each chosen slot is emptied with probability p, survivors scaled 1/(1-p)."""
     keep_TK = torch.rand(routing.experts.shape, device=routing.experts.device) >= p
@@ -138,7 +158,8 @@ class Router(nn.Module):
         self.k = cfg.k
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         nn.init.normal_(self.weight, std=cfg.expert.init_std)
-        self.norm = InputNorm(cfg.d_model) if cfg.router.pre_norm == "rms" else None
+        norm = INPUT_NORMS.get(cfg.router.pre_norm)
+        self.norm = norm(cfg.d_model) if norm is not None else None
         # scheduled options live here, never in the config every block shares: they start at
         # each schedule's end (what a trained model serves with) until `set_step` moves them
         schedules = cfg.router.schedules or {}
